@@ -1,0 +1,133 @@
+"""The tmem checkpoint plugin (entry point ``tmem``): thin hook implementations.
+
+The work is in :mod:`xend_tmem.tmem`; per-save state lives in
+``session.plugin_state["tmem"]`` so one registered plugin serves concurrent
+saves and restores.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional
+
+from xend_tmem.codec.tmemchunk import MARKERS
+from xend_tmem.tmem.restore import TmemRestorer
+from xend_tmem.tmem.save import TmemSaveJob, TmemSizes
+from xend_tmem.tmem.settings import parse_settings
+
+from . import hookimpl
+
+NAME = "tmem"
+
+
+def _settings(session):
+    return parse_settings(session.settings.get(NAME))
+
+
+@hookimpl
+def checkpoint_configure(settings: Mapping[str, Mapping[str, Any]]) -> None:
+    parse_settings(settings.get(NAME))
+
+
+# -- save -------------------------------------------------------------------------
+
+@hookimpl
+def checkpoint_save_setup(session) -> None:
+    session.plugin_state[NAME] = TmemSaveJob(session, _settings(session))
+
+
+@hookimpl
+def checkpoint_save_before_header(session) -> None:
+    session.plugin_state[NAME].before_header()
+
+
+@hookimpl
+def checkpoint_save_before_rounds(session) -> None:
+    session.plugin_state[NAME].before_rounds()
+
+
+@hookimpl
+def checkpoint_save_after_round(session, round) -> None:
+    session.plugin_state[NAME].after_round(round)
+
+
+@hookimpl
+def checkpoint_save_pending(session):
+    return session.plugin_state[NAME].pending()
+
+
+@hookimpl
+def checkpoint_save_after_suspend(session) -> None:
+    session.plugin_state[NAME].after_suspend()
+
+
+@hookimpl
+def checkpoint_save_done(session, outcome) -> None:
+    job = session.plugin_state.pop(NAME, None)
+    if job is not None:
+        job.done(outcome)
+    else:
+        # setup failed before the job existed; SAVE_END is harmless without a save
+        session.hv.save_end(session.domid)
+
+
+# -- restore ----------------------------------------------------------------------
+
+@hookimpl
+def checkpoint_restore_markers() -> List[int]:
+    return list(MARKERS)
+
+
+@hookimpl
+def checkpoint_restore_setup(session) -> None:
+    session.plugin_state[NAME] = TmemRestorer(session.hv, session.domid)
+
+
+@hookimpl
+def checkpoint_restore_chunk(session, marker: int, reader, offset: int) -> Optional[bool]:
+    if marker not in MARKERS:
+        return None
+    session.plugin_state[NAME].read_chunk(reader, marker, offset)
+    return True
+
+
+@hookimpl
+def checkpoint_restore_done(session, outcome) -> None:
+    restorer: Optional[TmemRestorer] = session.plugin_state.get(NAME)
+    if restorer is None:
+        return
+    if outcome.ok:
+        restorer.finish()
+    else:
+        restorer.abort()
+    session.report[NAME] = {"pages": restorer.pages, "invalidations": restorer.invalidations,
+                            "tmem_bytes": restorer.bytes,
+                            "frozen": bool(restorer.client and restorer.client.frozen)}
+
+
+# -- migration pre-flight ------------------------------------------------------------
+
+@hookimpl
+def checkpoint_migrate_offer(hv, domid: int) -> Optional[Dict[str, Any]]:
+    sizes = TmemSizes(hv, domid)
+    if not sizes.pools:
+        return None
+    return {NAME: {"version": sizes.version, "pools": sizes.pools,
+                   "persistent_pages": sizes.persistent_pages, "page_size": 4096}}
+
+
+@hookimpl
+def checkpoint_migrate_check(hv, offer: Mapping[str, Any]) -> Optional[str]:
+    mine = offer.get(NAME)
+    if not mine:
+        return None
+    try:
+        version = int(mine["version"])
+        pages = int(mine["persistent_pages"])
+    except (KeyError, TypeError, ValueError):
+        return "malformed tmem pre-flight offer"
+    if version != hv.tmem_version():
+        return (f"domain's tmem is spec version {version}; this host's hypervisor speaks "
+                f"version {hv.tmem_version()}")
+    free = hv.tmem_free_pages()
+    if pages > free:
+        return f"domain has {pages} persistent tmem pages; this host has room for {free}"
+    return None

@@ -1,0 +1,224 @@
+"""Bounded, offset-tracking binary I/O over files, pipes and sockets.
+
+Readers of untrusted streams must know the offset of every field (for error
+messages) and must never allocate more than the data actually seen, so the
+reader grows its buffer only as bytes arrive, in steps of at most ``CHUNK``.
+"""
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO
+
+from .errors import StreamError
+
+CHUNK = 1 << 20          # largest single read from the underlying file
+_U32 = struct.Struct("<I")
+_S32 = struct.Struct("<i")
+_U64 = struct.Struct("<Q")
+
+
+class StreamReader:
+    """Buffered reader with a running offset.
+
+    ``buf``/``pos``/``end`` are public so codecs can scan records in place
+    (zero-copy) after :meth:`fill`; they must call :meth:`skip` for what they used.
+    """
+
+    def __init__(self, f: BinaryIO, offset: int = 0) -> None:
+        self._f = f
+        self._readinto = getattr(f, "readinto", None)
+        self.buf = bytearray(CHUNK)
+        self.pos = 0
+        self.end = 0
+        self._base = offset          # stream offset of buf[0]
+        self._eof = False
+
+    # -- position ---------------------------------------------------------
+    @property
+    def offset(self) -> int:
+        """Stream offset of the next unread byte."""
+        return self._base + self.pos
+
+    @property
+    def available(self) -> int:
+        return self.end - self.pos
+
+    # -- buffer management -------------------------------------------------
+    def fill(self, n: int) -> int:
+        """Make at least ``n`` bytes available unless the stream ends first.
+
+        Returns the number of bytes available (may be < n only at EOF). The
+        buffer grows by at most CHUNK per read, so a huge ``n`` costs memory
+        only as fast as the peer actually sends data.
+        """
+        if self.end - self.pos >= n or self._eof:
+            return self.end - self.pos
+        if self.pos:
+            # compact: move unread bytes to the front
+            rest = self.end - self.pos
+            if rest:
+                self.buf[:rest] = self.buf[self.pos:self.end]
+            self._base += self.pos
+            self.pos, self.end = 0, rest
+        while self.end < n and not self._eof:
+            want = min(max(n - self.end, CHUNK), CHUNK)
+            if len(self.buf) < self.end + want:
+                self.buf.extend(bytes(self.end + want - len(self.buf)))
+            got = self._read_into(self.end, want)
+            if not got:
+                self._eof = True
+                break
+            self.end += got
+        return self.end - self.pos
+
+    def _read_into(self, at: int, n: int) -> int:
+        mv = memoryview(self.buf)[at:at + n]
+        try:
+            if self._readinto is not None:
+                got = self._readinto(mv)
+                return got or 0
+            data = self._f.read(n)
+            if not data:
+                return 0
+            mv[:len(data)] = data
+            return len(data)
+        finally:
+            mv.release()
+
+    def skip(self, n: int) -> None:
+        """Consume ``n`` bytes already made available by :meth:`fill`."""
+        self.pos += n
+
+    def at_eof(self) -> bool:
+        return self.fill(1) == 0
+
+    # -- exact reads ------------------------------------------------------
+    def _need(self, n: int, field: str) -> None:
+        if self.fill(n) < n:
+            raise StreamError(f"stream ends {self.available} bytes into a {n}-byte field",
+                              offset=self.offset, field=field)
+
+    def read_exact(self, n: int, field: str) -> bytes:
+        if n <= CHUNK:
+            self._need(n, field)
+            data = bytes(self.buf[self.pos:self.pos + n])
+            self.pos += n
+            return data
+        out = bytearray()
+        start = self.offset
+        while len(out) < n:
+            step = min(CHUNK, n - len(out))
+            if self.fill(step) < step:
+                raise StreamError(f"stream ends {len(out) + self.available} bytes into a "
+                                  f"{n}-byte field", offset=start, field=field)
+            out += self.buf[self.pos:self.pos + step]
+            self.pos += step
+        return bytes(out)
+
+    def discard(self, n: int, field: str) -> None:
+        """Skip ``n`` bytes without keeping them (bounded memory)."""
+        start = self.offset
+        left = n
+        while left:
+            step = min(CHUNK, left)
+            got = self.fill(step)
+            if got == 0:
+                raise StreamError(f"stream ends {n - left} bytes into a {n}-byte field",
+                                  offset=start, field=field)
+            step = min(step, got)
+            self.pos += step
+            left -= step
+
+    def u32(self, field: str) -> int:
+        self._need(4, field)
+        v = _U32.unpack_from(self.buf, self.pos)[0]
+        self.pos += 4
+        return v
+
+    def s32(self, field: str) -> int:
+        self._need(4, field)
+        v = _S32.unpack_from(self.buf, self.pos)[0]
+        self.pos += 4
+        return v
+
+    def u64(self, field: str) -> int:
+        self._need(8, field)
+        v = _U64.unpack_from(self.buf, self.pos)[0]
+        self.pos += 8
+        return v
+
+    def ulong(self, width: int, field: str) -> int:
+        return self.u32(field) if width == 4 else self.u64(field)
+
+    def peek(self, n: int) -> bytes:
+        """Up to ``n`` upcoming bytes without consuming them."""
+        got = self.fill(n)
+        return bytes(self.buf[self.pos:self.pos + min(n, got)])
+
+
+class StreamWriter:
+    """Coalesces small writes; passes large buffers straight through.
+
+    Tracks the offset so a writer can say where a chunk went.
+    """
+
+    def __init__(self, f: BinaryIO, offset: int = 0, bufsize: int = CHUNK) -> None:
+        self._f = f
+        self._buf = bytearray()
+        self._bufsize = bufsize
+        self.offset = offset
+
+    def write(self, data) -> None:
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        self.offset += n
+        if n >= 65536:
+            if self._buf:
+                self._flush_buf()
+            self._write_all(data)
+            return
+        self._buf += data
+        if len(self._buf) >= self._bufsize:
+            self._flush_buf()
+
+    def u32(self, v: int) -> None:
+        self.write(_U32.pack(v))
+
+    def s32(self, v: int) -> None:
+        self.write(_S32.pack(v))
+
+    def u64(self, v: int) -> None:
+        self.write(_U64.pack(v))
+
+    def ulong(self, width: int, v: int) -> None:
+        self.write(_U32.pack(v) if width == 4 else _U64.pack(v))
+
+    def _write_all(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        while mv.nbytes:
+            n = self._f.write(mv)
+            if n is None:          # non-blocking raw file wrote nothing
+                n = 0
+            mv = mv[n:]
+
+    def _flush_buf(self) -> None:
+        buf, self._buf = self._buf, bytearray()
+        self._write_all(buf)
+
+    def flush(self) -> None:
+        if self._buf:
+            self._flush_buf()
+        fl = getattr(self._f, "flush", None)
+        if fl is not None:
+            fl()
+
+
+def ensure_reader(f) -> StreamReader:
+    """Accept either a file object or an existing :class:`StreamReader`."""
+    return f if isinstance(f, StreamReader) else StreamReader(f)
+
+
+def ensure_writer(f) -> StreamWriter:
+    return f if isinstance(f, StreamWriter) else StreamWriter(f)
+
+
+__all__ = ["StreamReader", "StreamWriter", "ensure_reader", "ensure_writer", "CHUNK"]

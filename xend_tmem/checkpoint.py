@@ -1,0 +1,326 @@
+"""The checkpoint path: the phase order of a save and of a restore.
+
+This host knows the xend image, the libxc legacy stream and page rounds with
+log-dirty; it knows nothing about tmem. Plugins join only through the hooks of
+:mod:`xend_tmem.hooks.hookspecs`. Every phase that acquires something (a
+suspended guest, log-dirty mode, a partly restored domain, the plugins' setup)
+is released in a ``finally`` on success, error and cancel alike.
+
+Live rounds follow Xen 4.0's ``xc_domain_save``: round 1 sends every page,
+later rounds re-send pages dirtied meanwhile, and iteration stops when a round
+sent fewer than 50 pages, after 29 rounds, or after 3 x p2m_size pages.
+"""
+from __future__ import annotations
+
+import time
+from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
+
+from .binio import StreamReader, StreamWriter
+from .codec import image, legacy, sxp
+from .errors import PluginError, StreamError, XendTmemError
+from .plugins import CheckpointHooks
+from .session import Outcome, ProgressFn, RestoreSession, RoundStats, SaveSession, _no_progress
+
+PAGE = 4096
+BATCH = 1024                 # pages per batch (Xen's MAX_BATCH_SIZE)
+MAX_ITERS = 29
+MAX_FACTOR = 3
+MIN_ROUND_PAGES = 50
+VCPU_CTX_SIZE = 5168         # x86-64 PV vcpu context
+
+
+def _raise_done_errors(phase: str, errors: List[Tuple[str, BaseException]],
+                       outcome: Outcome) -> None:
+    """A done phase that failed: surface it unless an earlier error is on its way."""
+    if not errors:
+        return
+    if outcome.ok:
+        name, exc = errors[0]
+        if isinstance(exc, XendTmemError):
+            raise exc
+        raise PluginError(f"checkpoint plugin '{name}' failed in {phase}: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    # the original error wins; note the cleanup failures on it
+    notes = "; ".join(f"{n}: {e}" for n, e in errors)
+    if hasattr(outcome.error, "add_note"):
+        outcome.error.add_note(f"also failed during {phase}: {notes}")
+
+
+def domain_sxp(info) -> str:
+    """The domain's configuration as xend's SXP ``(domain ...)`` text."""
+    config = dict(info.config or {})
+    config.setdefault("name", info.name)
+    config.setdefault("memory", info.memory_mib)
+    config.setdefault("vcpus", info.vcpus)
+    config.setdefault("image", {"linux": {}} if info.guest == "pv" else {"hvm": {}})
+    return sxp.to_string(sxp.from_mapping("domain", config))
+
+
+# ---------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------
+
+class _Saver:
+    """State of one save while it runs (rounds, counters); not shared."""
+
+    def __init__(self, session: SaveSession, hooks: CheckpointHooks) -> None:
+        self.s = session
+        self.hooks = hooks
+        self.hv = session.hv
+        self.w = session.out
+        self.rounds = 0
+        self.pages_sent = 0
+        self.ram_bytes = 0
+        self.started = time.monotonic()
+        self.suspended_at: Optional[float] = None
+        self.total_estimate: Optional[int] = None
+
+    def progress(self, phase: str) -> None:
+        self.s.progress(phase, self.w.offset, self.total_estimate)
+
+    def send_pages(self, pfns: Sequence[int], phase: str) -> None:
+        hv, domid, w, width = self.hv, self.s.domid, self.w, self.s.width
+        for i in range(0, len(pfns), BATCH):
+            self.s.check_cancel()
+            batch = pfns[i:i + BATCH]
+            data = hv.read_pages(domid, batch)
+            before = w.offset
+            legacy.write_page_batch(w, width, batch, None, data)
+            self.pages_sent += len(batch)
+            self.ram_bytes += w.offset - before
+            self.progress(phase)
+
+    def rounds_live(self) -> None:
+        s, hv, hooks = self.s, self.hv, self.hooks
+        p2m = s.p2m_size
+        to_send: Sequence[int] = range(p2m)
+        sent_total = 0
+        while True:
+            self.rounds += 1
+            t0 = time.monotonic()
+            b0 = self.w.offset
+            self.send_pages(to_send, "rounds")
+            sent_total += len(to_send)
+            elapsed = max(time.monotonic() - t0, 1e-6)
+            s.bandwidth_bps = (self.w.offset - b0) / elapsed if self.w.offset > b0 else s.bandwidth_bps
+            stats = RoundStats(number=self.rounds, pages_sent=len(to_send),
+                               bytes_sent=self.w.offset - b0, elapsed_s=elapsed,
+                               bandwidth_bps=s.bandwidth_bps or 0.0, ram_pages=p2m)
+            before_hooks = self.w.offset
+            hooks.save_after_round(s, stats)
+            plugin_bytes = self.w.offset - before_hooks
+            pending = hooks.save_pending(s)
+            to_send = hv.read_and_clear_dirty(s.domid)
+            converged = (stats.converged and plugin_bytes < MIN_ROUND_PAGES * PAGE
+                         and pending.before_suspend == 0)
+            if (converged or self.rounds >= MAX_ITERS
+                    or sent_total > MAX_FACTOR * p2m):
+                s.log.info("domain %d: stopping after round %d (%d pages sent this round, "
+                           "%d dirty)", s.domid, self.rounds, stats.pages_sent, len(to_send))
+                return
+
+    def suspend(self) -> None:
+        self.progress("suspend")
+        self.hv.suspend(self.s.domid)
+        self.s.suspended = True
+        self.suspended_at = time.monotonic()
+
+    def tail(self) -> None:
+        s, hv, w = self.s, self.hv, self.w
+        vcpus = hv.online_vcpus(s.domid)
+        legacy.write_vcpu_info(w, max(vcpus) if vcpus else 0, vcpus)
+        legacy.write_end(w)
+        contexts = [hv.get_vcpu_context(s.domid, v) for v in vcpus]
+        legacy.write_pv_tail(w, s.width, [], contexts, hv.get_shared_info(s.domid))
+        self.progress("tail")
+
+
+def save_domain(hv, domid: int, out: BinaryIO, *, hooks: CheckpointHooks, live: bool,
+                checkpoint: bool = False, progress: Optional[ProgressFn] = None,
+                cancel=None, width: int = 8) -> Dict[str, object]:
+    """Write ``domid`` as a xend image to ``out``; returns the report.
+
+    On success the domain is left suspended (the caller destroys it) unless
+    ``checkpoint`` asks for it to keep running. On any failure it is resumed
+    and the error re-raised; plugins' done phase runs in every case.
+    """
+    info = hv.domain_info(domid)
+    w = out if isinstance(out, StreamWriter) else StreamWriter(out)
+    session = SaveSession(hv=hv, domid=domid, live=live, out=w, p2m_size=hv.p2m_size(domid),
+                          width=width, settings=hooks.settings,
+                          progress=progress or _no_progress, cancel=cancel)
+    saver = _Saver(session, hooks)
+    outcome = Outcome()
+    logdirty = False
+    setup_ran = False
+    try:
+        if not live:
+            saver.suspend()
+        setup_ran = True
+        hooks.save_setup(session)
+        pending = hooks.save_pending(session)
+        saver.total_estimate = (session.p2m_size * (PAGE + width) + pending.before_suspend
+                                + pending.after_suspend)
+        image.write_header(w, domain_sxp(info))
+        hooks.save_before_header(session)
+        legacy.write_p2m_size(w, session.p2m_size, width, markers=sorted(hooks.restore_markers()))
+        legacy.write_pv_ext_info(w, width, VCPU_CTX_SIZE)
+        frames = legacy.p2m_frame_count(session.p2m_size, 8)
+        legacy.write_p2m_frame_list(w, width, range(frames))
+        hooks.save_before_rounds(session)
+        if live:
+            hv.enable_logdirty(domid)
+            logdirty = True
+            saver.rounds_live()
+            saver.suspend()
+            hooks.save_after_suspend(session)
+            legacy.write_tsc_info(w, 0, 0, 0, 0)
+            last = hv.read_and_clear_dirty(domid)
+            saver.rounds += 1
+            saver.send_pages(last, "rounds")
+        else:
+            legacy.write_tsc_info(w, 0, 0, 0, 0)
+            hooks.save_after_suspend(session)
+            saver.rounds = 1
+            saver.send_pages(range(session.p2m_size), "rounds")
+        saver.tail()
+        w.flush()
+    except BaseException as exc:
+        outcome = Outcome(exc)
+        raise
+    finally:
+        try:
+            if setup_ran:
+                errors = hooks.save_done(session, outcome)
+            else:
+                errors = []
+        finally:
+            if logdirty:
+                _quietly(hv.disable_logdirty, domid)
+            if not outcome.ok or checkpoint:
+                _quietly(hv.resume, domid)
+                session.suspended = False
+        _raise_done_errors("checkpoint_save_done", errors, outcome)
+    now = time.monotonic()
+    return {
+        "bytes": w.offset,
+        "rounds": saver.rounds,
+        "pages_sent": saver.pages_sent,
+        "downtime_s": round(now - saver.suspended_at, 6) if saver.suspended_at else 0.0,
+        "elapsed_s": round(now - saver.started, 6),
+        "live": live,
+        "plugins": session.report,
+    }
+
+
+def _quietly(fn, *args) -> None:
+    """Release steps must not mask the error that is already propagating."""
+    try:
+        fn(*args)
+    except XendTmemError:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# restore
+# ---------------------------------------------------------------------------
+
+def _config_int(config: Dict[str, object], key: str, default: int, header_offset: int) -> int:
+    value = config.get(key, default)
+    try:
+        out = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise StreamError(f"domain config has {key} {value!r}, not a number",
+                          offset=header_offset, field=f"config {key}") from None
+    if out <= 0:
+        raise StreamError(f"domain config has {key} {out}", offset=header_offset,
+                          field=f"config {key}")
+    return out
+
+
+def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = False,
+                   name: Optional[str] = None, progress: Optional[ProgressFn] = None,
+                   width: int = 8, cancel=None) -> Tuple[int, Dict[str, object]]:
+    """Read a xend image and build the domain; returns ``(domid, report)``.
+
+    A failure removes the half-built domain (plugins remove what they made in
+    their done phase first) and re-raises.
+    """
+    progress = progress or _no_progress
+    r = inp if isinstance(inp, StreamReader) else StreamReader(inp)
+    started = time.monotonic()
+    header = image.read_header(r)
+    config = sxp.to_mapping(header.config)
+    dom_name = name or str(config.get("name") or "restored")
+    memory = _config_int(config, "memory", 0, 16)
+    vcpus = _config_int(config, "vcpus", 1, 16)
+    if header.guest != "pv":
+        raise StreamError("HVM images are readable but this hypervisor restores PV guests only",
+                          offset=16, field="config image")
+    domid = hv.create_domain_shell(dom_name, memory * 256, vcpus, config)
+    session = RestoreSession(hv=hv, domid=domid, reader=r, settings=hooks.settings,
+                             progress=progress)
+    outcome = Outcome()
+    p2m_expected = memory * 256
+    counters = {"pages": 0}
+
+    def on_pages(pfns, types, data, offset) -> None:
+        if cancel is not None and cancel.is_set():
+            from .errors import Cancelled
+            raise Cancelled("cancelled")
+        bad = [p for p in pfns if p >= p2m_expected]
+        if bad:
+            raise StreamError(f"page batch names pfn {bad[0]} beyond p2m_size {p2m_expected}",
+                              offset=offset, field="pfn", value=bad[0])
+        hv.write_pages(domid, pfns, data)
+        counters["pages"] += len(pfns)
+        progress("restore", r.offset, None)
+
+    def dispatch(reader, marker, offset) -> None:
+        if not hooks.restore_chunk(session, marker, reader, offset):
+            raise StreamError(f"no checkpoint plugin handled chunk {marker}", offset=offset,
+                              field="chunk id", value=marker)
+
+    handlers = {m: dispatch for m in hooks.restore_markers()}
+    try:
+        hooks.restore_setup(session)
+        reader = legacy.LegacyReader(r, width=width, guest="pv", handlers=handlers,
+                                     on_pages=on_pages)
+        stream_header = reader.read_header()
+        if stream_header.p2m_size != p2m_expected:
+            raise StreamError(f"p2m_size {stream_header.p2m_size} does not match the config's "
+                              f"memory ({memory} MiB = {p2m_expected} pages)",
+                              offset=stream_header.offset, field="p2m_size",
+                              value=stream_header.p2m_size)
+        body = reader.read_body()
+        tail = reader.read_tail(body)
+        for vcpu, ctx in tail.vcpu_contexts:
+            if vcpu >= vcpus:
+                raise StreamError(f"vcpu {vcpu} context for a domain with {vcpus} vcpus",
+                                  field="vcpu context", value=vcpu)
+            hv.set_vcpu_context(domid, vcpu, ctx)
+        hv.set_shared_info(domid, tail.shared_info)
+        if not r.at_eof():
+            raise StreamError("data after the end of the image", offset=r.offset)
+    except BaseException as exc:
+        outcome = Outcome(exc)
+        raise
+    finally:
+        try:
+            errors = hooks.restore_done(session, outcome)
+        finally:
+            if not outcome.ok:
+                _quietly(hv.destroy_domain, domid)
+        if errors and outcome.ok:
+            _quietly(hv.destroy_domain, domid)
+        _raise_done_errors("checkpoint_restore_done", errors, outcome)
+    if not paused:
+        hv.unpause(domid)
+    return domid, {
+        "bytes": r.offset,
+        "pages": counters["pages"],
+        "elapsed_s": round(time.monotonic() - started, 6),
+        "domid": domid,
+        "name": dom_name,
+        "plugins": session.report,
+    }

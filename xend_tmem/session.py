@@ -1,0 +1,98 @@
+"""What a checkpoint hook sees: the save/restore session and per-phase records.
+
+The host creates one session per save or restore and passes it to every hook;
+plugins keep their per-session state in ``session.plugin_state[<name>]`` so one
+plugin object serves concurrent saves, and put what the user should see in
+``session.report[<name>]``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional
+
+from .binio import StreamReader, StreamWriter
+from .errors import Cancelled
+
+ProgressFn = Callable[[str, int, Optional[int]], None]
+
+log = logging.getLogger("xend_tmem")
+
+
+def _no_progress(phase: str, done: int, total: Optional[int]) -> None:
+    return None
+
+
+@dataclass
+class Outcome:
+    """How a save or restore ended; handed to the done phase."""
+
+    error: Optional[BaseException] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def cancelled(self) -> bool:
+        return isinstance(self.error, (KeyboardInterrupt, Cancelled))
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """One completed live page round, as the host measured it."""
+
+    number: int            # 1-based
+    pages_sent: int        # RAM pages sent in this round
+    bytes_sent: int        # stream bytes written in this round (RAM only)
+    elapsed_s: float       # wall time of this round
+    bandwidth_bps: float   # measured stream bandwidth so far (bytes/s)
+    ram_pages: int         # p2m_size
+
+    @property
+    def converged(self) -> bool:
+        """Xen's own test: fewer than 50 pages sent in this round."""
+        return self.pages_sent < 50
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Bytes a plugin still has to send (QEMU's ``state_pending``), split by when."""
+
+    before_suspend: int = 0
+    after_suspend: int = 0
+
+
+@dataclass
+class SaveSession:
+    hv: Any                         # DomainControl + TmemControl
+    domid: int
+    live: bool
+    out: StreamWriter
+    p2m_size: int
+    width: int = 8
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    progress: ProgressFn = _no_progress
+    cancel: Optional[threading.Event] = None
+    bandwidth_bps: Optional[float] = None   # measured during rounds
+    suspended: bool = False
+    plugin_state: Dict[str, Any] = field(default_factory=dict)
+    report: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    log: logging.Logger = log
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("cancelled")
+
+
+@dataclass
+class RestoreSession:
+    hv: Any
+    domid: int
+    reader: StreamReader
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    progress: ProgressFn = _no_progress
+    plugin_state: Dict[str, Any] = field(default_factory=dict)
+    report: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    log: logging.Logger = log

@@ -1,0 +1,106 @@
+"""Restoring a domain's tmem from ``-5`` and ``-6`` chunks into the hypervisor.
+
+Fixes over Xen's ``xc_tmem_restore``: weight and cap are restored as saved
+(T1); a client saved FROZEN is frozen only after the last ``-6`` has been
+applied, at the end of the restore (T2/H7); the stream is validated before
+anything is created from it (T5); and a failed restore removes the client it
+created.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+from ..binio import StreamReader
+from ..codec import tmemchunk as tc
+from ..errors import HypervisorError, StreamError
+
+MAX_PAGE_SIZE = 4096        # x86 Xen creates pools with pagebits 0 only
+
+
+class TmemRestorer:
+    """A :class:`~xend_tmem.codec.tmemchunk.ChunkVisitor` that applies what it reads."""
+
+    def __init__(self, hv, domid: int, max_page_size: int = MAX_PAGE_SIZE) -> None:
+        self.hv = hv
+        self.domid = domid
+        self.max_page_size = max_page_size
+        self.order = tc.ChunkOrder()
+        self.created = False
+        self.client: Optional[tc.ClientRecord] = None
+        self.pools: Dict[int, tc.PoolRecord] = {}
+        self.pages = 0
+        self.invalidations = 0
+        self.bytes = 0
+
+    # -- chunk entry points ------------------------------------------------------
+    def read_chunk(self, reader: StreamReader, marker: int, offset: int) -> None:
+        start = reader.offset
+        self.order.see(marker, offset)
+        if marker == tc.MARKER_TMEM:
+            self.order.client = tc.read_tmem(reader, self, max_page_size=self.max_page_size,
+                                             marker_offset=offset)
+        else:
+            tc.read_extra(reader, self.order.version, self,
+                          max_pools=self.order.client.max_pools, marker_offset=offset)
+        self.bytes += reader.offset - start + 4
+
+    # -- visitor ----------------------------------------------------------------
+    def client(self, rec: tc.ClientRecord, offset: int) -> None:
+        hv, domid = self.hv, self.domid
+        version = hv.save_get_version(domid)
+        max_pools = hv.save_get_maxpools(domid)
+        if rec.version != version:
+            raise StreamError(f"stream carries tmem spec version {rec.version}; this "
+                              f"hypervisor speaks version {version}", offset=offset + 4,
+                              field="version", value=rec.version)
+        if rec.max_pools > max_pools:
+            raise StreamError(f"stream allows {rec.max_pools} pools; this hypervisor "
+                              f"{max_pools}", offset=offset + 8, field="max_pools",
+                              value=rec.max_pools)
+        hv.restore_begin(domid)
+        self.created = True
+        self.client = rec
+        if rec.compress:
+            hv.set_compress(domid, True)
+        hv.set_weight(domid, rec.weight)     # T1: as saved, not 0
+        hv.set_cap(domid, rec.cap)
+
+    def pool(self, rec: tc.PoolRecord, offset: int) -> None:
+        try:
+            self.hv.restore_new_pool(self.domid, rec.pool_id, rec.flags, rec.uuid)
+        except HypervisorError as exc:
+            raise StreamError(f"cannot recreate pool {rec.pool_id}: {exc}", offset=offset,
+                              field="pool_id", value=rec.pool_id) from exc
+        self.pools[rec.pool_id] = rec
+
+    def pages(self, pool: tc.PoolRecord, records: memoryview, count: int, offset: int) -> None:
+        self.hv.restore_put_pages(self.domid, pool.pool_id, records, count)
+        self.pages += count
+
+    def pool_end(self, pool: tc.PoolRecord, received: int, terminated: bool) -> None:
+        return None
+
+    def invalidations(self, entries: Sequence[Tuple[int, tc.OID, int]], offset: int) -> None:
+        hv, domid = self.hv, self.domid
+        for pool_id, oid, index in entries:
+            if pool_id not in self.pools:
+                raise StreamError(f"invalidation names pool {pool_id}, which the tmem chunk "
+                                  "did not define", offset=offset, field="invalidation pool_id",
+                                  value=pool_id)
+            hv.restore_flush_page(domid, pool_id, oid, index)
+        self.invalidations += len(entries)
+
+    def end(self, marker: int, offset: int) -> None:
+        return None
+
+    # -- completion ----------------------------------------------------------------
+    def finish(self) -> None:
+        """After the whole stream: freeze last, so every page and flush got in (T2/H7)."""
+        if self.client is not None and self.client.frozen:
+            self.hv.freeze(self.domid)
+
+    def abort(self) -> None:
+        """Remove the partly restored client (no-op if none was created)."""
+        if self.created:
+            self.created = False
+            self.hv.destroy(self.domid)

@@ -1,0 +1,234 @@
+"""Saving a domain's tmem: the ``-5`` chunk from the hypervisor's walk, the
+``-6`` invalidation log, and the plan that decides when each goes.
+
+Fixes over Xen's ``xc_tmem_save``: SAVE_END after every save that called
+SAVE_BEGIN, live or not (T10); a walk that runs short is ended with the
+terminator rather than desynchronising (T3); an all-ones OID is refused (T4);
+the spec version is written into every v1 pool's flags (H4); and the
+invalidation log is sent in parts without re-sending what already went.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional
+
+from ..binio import StreamWriter
+from ..codec import tmemchunk as tc
+from ..session import Pending, RoundStats, SaveSession
+from . import policy
+from .settings import TmemSettings
+
+INV_BATCH = 4096
+
+
+class TmemSizes:
+    """Read-only look at the client before anything is frozen."""
+
+    def __init__(self, hv, domid: int) -> None:
+        self.version = hv.save_get_version(domid)
+        self.max_pools = hv.save_get_maxpools(domid)
+        self.pools = 0
+        self.persistent_pages = 0
+        self.persistent_bytes = 0
+        for pool_id in range(min(self.max_pools, tc.MAX_POOLS)):
+            flags = hv.save_get_pool_flags(domid, pool_id)
+            if flags is None:
+                continue
+            self.pools += 1
+            if flags & tc.POOL_PERSIST:
+                n = hv.save_get_pool_npages(domid, pool_id)
+                size = tc.PAGE_SIZE_BASE << ((flags >> tc.POOL_PAGEBITS_SHIFT) & 0xF)
+                self.persistent_pages += n
+                self.persistent_bytes += n * tc.record_size(self.version, size)
+
+
+class TmemWriter:
+    """Writes the chunks for one save; the hypervisor holds the cursors."""
+
+    def __init__(self, hv, domid: int, live: bool) -> None:
+        self.hv = hv
+        self.domid = domid
+        self.live = live
+        self.version: Optional[int] = None
+        self.max_pools = tc.MAX_POOLS
+        self.begun = False        # SAVE_BEGIN was issued (SAVE_END owed)
+        self.started = False      # SAVE_BEGIN said there is something to save
+        self.froze_at: Optional[float] = None
+        self.inv_sent = 0
+        self.pages = 0
+        self.bytes = 0
+        self.chunk_written = False
+
+    def begin(self) -> bool:
+        self.begun = True
+        self.started = bool(self.hv.save_begin(self.domid, self.live))
+        if self.started:
+            self.froze_at = time.monotonic()
+        return self.started
+
+    def write_tmem(self, w: StreamWriter) -> None:
+        hv, domid = self.hv, self.domid
+        start = w.offset
+        version = hv.save_get_version(domid)
+        if version not in tc.VERSIONS:
+            raise ValueError(f"hypervisor reports tmem spec version {version}")
+        self.version = version
+        max_pools = hv.save_get_maxpools(domid)
+        self.max_pools = max_pools
+        client = tc.ClientRecord(version, max_pools, hv.save_get_client_flags(domid),
+                                 hv.save_get_client_weight(domid), hv.save_get_client_cap(domid))
+        tc.write_client(w, client)
+        for pool_id in range(min(max_pools, tc.MAX_POOLS)):
+            flags = hv.save_get_pool_flags(domid, pool_id)
+            if flags is None:
+                continue
+            if version == 1 and not flags >> tc.POOL_VERSION_SHIFT:
+                flags |= 1 << tc.POOL_VERSION_SHIFT       # H4: report the version bits
+            persistent = bool(flags & tc.POOL_PERSIST)
+            n_pages = hv.save_get_pool_npages(domid, pool_id) if persistent else 0
+            pool = tc.PoolRecord(pool_id, flags, n_pages, tuple(hv.save_get_pool_uuid(domid, pool_id)))
+            tc.write_pool(w, pool)
+            self._write_pages(w, pool)
+        tc.write_pool_list_end(w)
+        self.chunk_written = True
+        self.bytes += w.offset - start
+
+    def _write_pages(self, w: StreamWriter, pool: tc.PoolRecord) -> None:
+        version = self.version
+        per_batch = max(1, tc.BATCH_BYTES // tc.record_size(version, pool.page_size))
+        sent = 0
+        while sent < pool.n_pages:
+            count, records = self.hv.save_get_pages(self.domid, pool.pool_id,
+                                                    min(per_batch, pool.n_pages - sent))
+            if not count:
+                break
+            tc.write_page_records(w, version, records, count, pool.page_size, pool.pool_id)
+            sent += count
+        if sent < pool.n_pages:
+            tc.write_pages_end(w, version)       # T3: end the list, keep the stream in step
+        self.pages += sent
+
+    def write_extra(self, w: StreamWriter, *, always: bool) -> int:
+        """Send the log entries not sent yet as one ``-6`` chunk (if any, or ``always``)."""
+        hv, domid = self.hv, self.domid
+        first = hv.save_get_invs(domid, self.inv_sent, INV_BATCH)
+        if not first and not always:
+            return 0
+        start = w.offset
+
+        def entries():
+            batch = first
+            while batch:
+                yield from batch
+                self.inv_sent += len(batch)
+                batch = hv.save_get_invs(domid, self.inv_sent, INV_BATCH)
+
+        n = tc.write_extra(w, self.version if self.version is not None else 1, entries())
+        self.bytes += w.offset - start
+        return n
+
+    def end(self) -> None:
+        if self.begun:
+            self.begun = False
+            self.hv.save_end(self.domid)
+
+
+class TmemSaveJob:
+    """The tmem side of one save, phase by phase, following the chosen plan."""
+
+    def __init__(self, session: SaveSession, settings: TmemSettings) -> None:
+        self.session = session
+        self.settings = settings
+        self.writer = TmemWriter(session.hv, session.domid, session.live)
+        self.sizes = TmemSizes(session.hv, session.domid)
+        self.decision: Optional[policy.Decision] = None
+        self.plan = "non-live"
+        self.reason = "the guest is suspended for the whole save"
+        self.sent_ram_pages = 0
+        self.suspended_at: Optional[float] = None
+        self.late_reason = ""
+        self.report: Dict[str, Any] = session.report.setdefault("tmem", {})
+        if session.live:
+            bw = settings.bandwidth_bps
+            self.decision = policy.decide(policy.PolicyInputs(
+                tmem_bytes=self.sizes.persistent_bytes,
+                ram_bytes=session.p2m_size * 4096,
+                downtime_limit_s=settings.downtime_limit_s,
+                bandwidth_bps=bw), settings.plan)
+            self.plan, self.reason = self.decision.plan, self.decision.reason
+        if settings.layout == "seed":
+            self.plan = "precopy" if session.live else "non-live"
+            if session.live:
+                self.reason = "seed layout: tmem goes before p2m_size"
+        session.log.info("domain %d: tmem plan %s: %s", session.domid, self.plan, self.reason)
+        self._update_report()
+
+    # -- phases ---------------------------------------------------------------
+    def _send_tmem(self) -> None:
+        w = self.session.out
+        self.session.progress("tmem", w.offset, None)
+        if self.writer.begin():
+            self.writer.write_tmem(w)
+        self.session.progress("tmem", w.offset, None)
+
+    def before_header(self) -> None:
+        if self.settings.layout == "seed":
+            self._send_tmem()
+
+    def before_rounds(self) -> None:
+        if self.settings.layout == "seed":
+            return
+        if not self.session.live or self.plan == "precopy":
+            self._send_tmem()
+
+    def after_round(self, stats: RoundStats) -> None:
+        self.sent_ram_pages += stats.pages_sent
+        if self.plan == "late-freeze" and not self.writer.begun:
+            why = policy.late_freeze_due(stats.converged, stats.number, self.sent_ram_pages,
+                                         stats.ram_pages)
+            if why:
+                self.late_reason = f"tmem sent after round {stats.number} ({why})"
+                self._send_tmem()
+        if self.writer.started and self.session.live:
+            self.writer.write_extra(self.session.out, always=False)
+
+    def pending(self) -> Pending:
+        if self.writer.begun:
+            return Pending(0, 0)
+        if self.plan == "late-freeze":
+            return Pending(self.sizes.persistent_bytes, 0)
+        return Pending(0, self.sizes.persistent_bytes)
+
+    def after_suspend(self) -> None:
+        self.suspended_at = time.monotonic()
+        if not self.writer.begun and self.session.live:
+            if self.plan == "late-freeze":
+                self.late_reason = "tmem sent after suspend (rounds ended first)"
+            self._send_tmem()
+        if self.writer.started and self.session.live:
+            # Xen writes -6 after a -5 on every live save, empty or not.
+            self.writer.write_extra(self.session.out, always=True)
+
+    def done(self, outcome) -> None:
+        try:
+            self.writer.end()     # T10: SAVE_END on every path, live or not
+        finally:
+            self._update_report()
+
+    def _update_report(self) -> None:
+        wr = self.writer
+        frozen = 0.0
+        if wr.froze_at is not None:
+            until = self.suspended_at if (self.session.live and self.suspended_at) else wr.froze_at
+            frozen = max(0.0, until - wr.froze_at)
+        reason = self.reason + (f"; {self.late_reason}" if self.late_reason else "")
+        self.report.update({
+            "plan": self.plan,
+            "reason": reason,
+            "tmem_bytes": wr.bytes,
+            "pages": wr.pages,
+            "invalidations": wr.inv_sent,
+            "frozen_s": round(frozen, 6),
+            "persistent_pages_at_start": self.sizes.persistent_pages,
+            "pools": self.sizes.pools,
+        })

@@ -1,0 +1,62 @@
+"""The tmem plugin's section of the toolstack configuration (``tmem:``).
+
+xend had no tmem keys; these are new, named in xend's dashed style.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from ..errors import ConfigError
+
+LAYOUTS = ("released", "seed")
+PLANS = ("auto", "precopy", "late-freeze", "after-suspend")
+
+DEFAULTS = {
+    "layout": "released",
+    "plan": "auto",
+    "downtime-limit-ms": 300,
+    "bandwidth-mbps": 0,
+}
+
+
+@dataclass(frozen=True)
+class TmemSettings:
+    layout: str = "released"          # where -5 goes: after the header, or before p2m_size
+    plan: str = "auto"                # live-migration plan, or auto (policy.py)
+    downtime_limit_s: float = 0.3
+    bandwidth_bps: Optional[float] = None   # None: measure during the rounds
+
+
+def parse_settings(section: Optional[Mapping[str, Any]], where: str = "tmem") -> TmemSettings:
+    """Validate the ``tmem:`` mapping; errors name the key."""
+    if section is None:
+        section = {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(section).__name__}")
+    unknown = sorted(set(section) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(DEFAULTS)})")
+    values = {**DEFAULTS, **section}
+    layout = values["layout"]
+    if layout not in LAYOUTS:
+        raise ConfigError(f"{where}.layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    plan = values["plan"]
+    if plan not in PLANS:
+        raise ConfigError(f"{where}.plan: expected one of {', '.join(PLANS)}, got {plan!r}")
+    if layout == "seed" and plan not in ("auto", "precopy"):
+        raise ConfigError(f"{where}.plan: the seed layout sends tmem first, so the plan "
+                          f"must be precopy (or auto), got {plan!r}")
+    downtime = _number(values["downtime-limit-ms"], f"{where}.downtime-limit-ms", minimum=1)
+    bandwidth = _number(values["bandwidth-mbps"], f"{where}.bandwidth-mbps", minimum=0)
+    return TmemSettings(layout=layout, plan="precopy" if layout == "seed" else plan,
+                        downtime_limit_s=downtime / 1000.0,
+                        bandwidth_bps=(bandwidth * 1e6 / 8) if bandwidth else None)
+
+
+def _number(value: Any, key: str, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{key}: must be at least {minimum}, got {value}")
+    return float(value)
