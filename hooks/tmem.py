@@ -98,9 +98,9 @@ def checkpoint_restore_done(session, outcome) -> None:
         restorer.finish()
     else:
         restorer.abort()
-    session.report[NAME] = {"pages": restorer.pages, "invalidations": restorer.invalidations,
+    session.report[NAME] = {"pages": restorer.page_count, "invalidations": restorer.invalidation_count,
                             "tmem_bytes": restorer.bytes,
-                            "frozen": bool(restorer.client and restorer.client.frozen)}
+                            "frozen": bool(restorer.saved and restorer.saved.frozen)}
 
 
 # -- migration pre-flight ------------------------------------------------------------

@@ -90,7 +90,8 @@ class _Saver:
             self.ram_bytes += w.offset - before
             self.progress(phase)
 
-    def rounds_live(self) -> None:
+    def rounds_live(self) -> List[int]:
+        """Iterate until Xen's stop rule; returns the pages still dirty."""
         s, hv, hooks = self.s, self.hv, self.hooks
         p2m = s.p2m_size
         to_send: Sequence[int] = range(p2m)
@@ -117,7 +118,7 @@ class _Saver:
                     or sent_total > MAX_FACTOR * p2m):
                 s.log.info("domain %d: stopping after round %d (%d pages sent this round, "
                            "%d dirty)", s.domid, self.rounds, stats.pages_sent, len(to_send))
-                return
+                return list(to_send)
 
     def suspend(self) -> None:
         self.progress("suspend")
@@ -171,11 +172,11 @@ def save_domain(hv, domid: int, out: BinaryIO, *, hooks: CheckpointHooks, live: 
         if live:
             hv.enable_logdirty(domid)
             logdirty = True
-            saver.rounds_live()
+            dirty = saver.rounds_live()
             saver.suspend()
             hooks.save_after_suspend(session)
             legacy.write_tsc_info(w, 0, 0, 0, 0)
-            last = hv.read_and_clear_dirty(domid)
+            last = sorted(set(dirty).union(hv.read_and_clear_dirty(domid)))
             saver.rounds += 1
             saver.send_pages(last, "rounds")
         else:
@@ -189,15 +190,14 @@ def save_domain(hv, domid: int, out: BinaryIO, *, hooks: CheckpointHooks, live: 
         outcome = Outcome(exc)
         raise
     finally:
+        errors: List[Tuple[str, BaseException]] = []
         try:
             if setup_ran:
                 errors = hooks.save_done(session, outcome)
-            else:
-                errors = []
         finally:
             if logdirty:
                 _quietly(hv.disable_logdirty, domid)
-            if not outcome.ok or checkpoint:
+            if not outcome.ok or errors or checkpoint:
                 _quietly(hv.resume, domid)
                 session.suspended = False
         _raise_done_errors("checkpoint_save_done", errors, outcome)

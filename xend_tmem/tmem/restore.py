@@ -26,10 +26,10 @@ class TmemRestorer:
         self.max_page_size = max_page_size
         self.order = tc.ChunkOrder()
         self.created = False
-        self.client: Optional[tc.ClientRecord] = None
+        self.saved: Optional[tc.ClientRecord] = None
         self.pools: Dict[int, tc.PoolRecord] = {}
-        self.pages = 0
-        self.invalidations = 0
+        self.page_count = 0
+        self.invalidation_count = 0
         self.bytes = 0
 
     # -- chunk entry points ------------------------------------------------------
@@ -59,7 +59,7 @@ class TmemRestorer:
                               value=rec.max_pools)
         hv.restore_begin(domid)
         self.created = True
-        self.client = rec
+        self.saved = rec
         if rec.compress:
             hv.set_compress(domid, True)
         hv.set_weight(domid, rec.weight)     # T1: as saved, not 0
@@ -75,7 +75,7 @@ class TmemRestorer:
 
     def pages(self, pool: tc.PoolRecord, records: memoryview, count: int, offset: int) -> None:
         self.hv.restore_put_pages(self.domid, pool.pool_id, records, count)
-        self.pages += count
+        self.page_count += count
 
     def pool_end(self, pool: tc.PoolRecord, received: int, terminated: bool) -> None:
         return None
@@ -88,7 +88,7 @@ class TmemRestorer:
                                   "did not define", offset=offset, field="invalidation pool_id",
                                   value=pool_id)
             hv.restore_flush_page(domid, pool_id, oid, index)
-        self.invalidations += len(entries)
+        self.invalidation_count += len(entries)
 
     def end(self, marker: int, offset: int) -> None:
         return None
@@ -96,7 +96,7 @@ class TmemRestorer:
     # -- completion ----------------------------------------------------------------
     def finish(self) -> None:
         """After the whole stream: freeze last, so every page and flush got in (T2/H7)."""
-        if self.client is not None and self.client.frozen:
+        if self.saved is not None and self.saved.frozen:
             self.hv.freeze(self.domid)
 
     def abort(self) -> None:

@@ -1,0 +1,324 @@
+"""The toolstack configuration: xend's settings, in YAML, plus the checkpoint plugins.
+
+xend read ``/etc/xen/xend-config.sxp``; this toolstack reads the same settings, under
+the same key names and with the same defaults (SPEC §9), from a YAML mapping at
+``$XEND_CONFIG`` or ``/etc/xen/xend-config.yaml``. A missing *default* file means
+all defaults (xend behaved the same); a file named explicitly must exist.
+
+Keys xend never had: ``xend-unix-socket``, ``xend-pid-file``, ``xend-state-dir`` (so a
+test or a second daemon can run unprivileged in a temporary directory),
+``hypervisor`` (the backend and its tmem), ``checkpoint-plugins`` (entry-point names
+of the enabled plugins) and one section per plugin, passed through untouched for
+the plugin to validate. Anything else, and any value of the wrong type, is a
+:class:`~xend_tmem.errors.ConfigError` naming the file and the key, so the daemon
+can refuse to start with one clear line instead of misbehaving later.
+
+Relative paths are taken relative to the configuration file's directory, so a
+config file and the state it names can move together.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Pattern, Tuple
+
+import yaml
+
+from .errors import ConfigError
+
+ENV_VAR = "XEND_CONFIG"
+DEFAULT_PATH = "/etc/xen/xend-config.yaml"
+BACKENDS = ("sim",)
+LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_TRUE = ("yes", "y", "1", "on", "true", "t")
+_FALSE = ("no", "n", "0", "off", "false", "f")
+
+
+@dataclass(frozen=True)
+class HypervisorSettings:
+    """The ``hypervisor:`` section: which backend the daemon owns and its tmem."""
+
+    backend: str = "sim"
+    tmem_version: int = 1
+    tmem_capacity_mb: int = 1024
+    seed: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ToolstackConfig:
+    """Everything the daemon and its relocation server are configured with."""
+
+    path: Optional[str] = None
+    unix_xmlrpc_server: bool = True
+    unix_socket: str = "/var/run/xend/xmlrpc.sock"
+    pid_file: str = "/var/run/xend.pid"
+    state_dir: str = "/var/lib/xend"
+    logfile: str = "/var/log/xen/xend.log"
+    loglevel: str = "DEBUG"
+    relocation_server: bool = False
+    relocation_port: int = 8002
+    relocation_address: str = ""
+    relocation_hosts_allow: Tuple[str, ...] = ()
+    relocation_ssl_server: bool = False
+    relocation_ssl_port: int = 8003
+    relocation_ssl_key_file: Optional[str] = None
+    relocation_ssl_cert_file: Optional[str] = None
+    relocation_ssl: bool = False
+    hypervisor: HypervisorSettings = field(default_factory=HypervisorSettings)
+    checkpoint_plugins: Tuple[str, ...] = ("tmem",)
+    plugin_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def hosts_allow_patterns(self) -> List[Pattern[str]]:
+        """Compiled ``xend-relocation-hosts-allow`` patterns (empty list = allow all)."""
+        return [re.compile(p) for p in self.relocation_hosts_allow]
+
+
+# -- value checkers: each returns the converted value or raises ValueError(problem) --
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+    raise ValueError(f"expected a boolean (yes/no, y/n, 1/0, on/off, true/false, t/f), got {value!r}")
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def _port(value: Any) -> int:
+    try:
+        port = _int(value)
+    except ValueError:
+        raise ValueError(f"expected a TCP port number 0-65535, got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"expected a TCP port number 0-65535, got {port}")
+    return port
+
+
+def _str(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"expected a string, got {value!r}")
+
+
+def _loglevel(value: Any) -> str:
+    level = _str(value).strip().upper()
+    if level == "WARN":
+        level = "WARNING"
+    if level not in LOGLEVELS:
+        raise ValueError(f"expected one of {', '.join(LOGLEVELS)}, got {value!r}")
+    return level
+
+
+def _hosts_allow(value: Any) -> Tuple[str, ...]:
+    """xend's space-separated regular expressions; a YAML list is accepted too."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        patterns = value.split()
+    elif isinstance(value, list) and all(isinstance(p, str) for p in value):
+        patterns = [p for p in value if p]
+    else:
+        raise ValueError(f"expected space-separated regular expressions, got {value!r}")
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ValueError(f"bad regular expression {p!r}: {exc}") from None
+    return tuple(patterns)
+
+
+def _plugin_list(value: Any) -> Tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = value.split()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of plugin names, got {value!r}")
+    return tuple(value)
+
+
+# key -> (attribute, checker, is_path)
+_KEYS: Dict[str, Tuple[str, Callable[[Any], Any], bool]] = {
+    "xend-unix-xmlrpc-server": ("unix_xmlrpc_server", _bool, False),
+    "xend-unix-socket": ("unix_socket", _str, True),
+    "xend-pid-file": ("pid_file", _str, True),
+    "xend-state-dir": ("state_dir", _str, True),
+    "logfile": ("logfile", _str, True),
+    "loglevel": ("loglevel", _loglevel, False),
+    "xend-relocation-server": ("relocation_server", _bool, False),
+    "xend-relocation-port": ("relocation_port", _port, False),
+    "xend-relocation-address": ("relocation_address", _str, False),
+    "xend-relocation-hosts-allow": ("relocation_hosts_allow", _hosts_allow, False),
+    "xend-relocation-ssl-server": ("relocation_ssl_server", _bool, False),
+    "xend-relocation-ssl-port": ("relocation_ssl_port", _port, False),
+    "xend-relocation-server-ssl-key-file": ("relocation_ssl_key_file", _str, True),
+    "xend-relocation-server-ssl-cert-file": ("relocation_ssl_cert_file", _str, True),
+    "xend-relocation-ssl": ("relocation_ssl", _bool, False),
+    "checkpoint-plugins": ("checkpoint_plugins", _plugin_list, False),
+}
+_REQUIRED_PATHS = ("xend-unix-socket", "xend-pid-file", "xend-state-dir", "logfile")
+
+
+def _hypervisor(value: Any, where: str) -> HypervisorSettings:
+    if value is None:
+        return HypervisorSettings()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: hypervisor: expected a mapping, got {value!r}")
+    out: Dict[str, Any] = {}
+    for key, raw in value.items():
+        name = f"hypervisor.{key}"
+        if key == "backend":
+            backend = raw if isinstance(raw, str) else None
+            if backend not in BACKENDS:
+                raise ConfigError(f"{where}: {name}: unknown backend {raw!r} "
+                                  f"(supported: {', '.join(BACKENDS)})")
+            out["backend"] = backend
+        elif key == "tmem-version":
+            try:
+                version = _int(raw)
+            except ValueError:
+                version = -1
+            if version not in (0, 1):
+                raise ConfigError(f"{where}: {name}: expected tmem spec version 0 or 1, got {raw!r}")
+            out["tmem_version"] = version
+        elif key == "tmem-capacity-mb":
+            try:
+                mb = _int(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {name}: {exc}") from None
+            if mb < 0:
+                raise ConfigError(f"{where}: {name}: expected a size in MiB >= 0, got {mb}")
+            out["tmem_capacity_mb"] = mb
+        elif key == "seed":
+            if raw is not None:
+                try:
+                    raw = _int(raw)
+                except ValueError as exc:
+                    raise ConfigError(f"{where}: {name}: {exc}") from None
+            out["seed"] = raw
+        else:
+            raise ConfigError(f"{where}: {name}: unknown key "
+                              "(known: backend, tmem-version, tmem-capacity-mb, seed)")
+    return HypervisorSettings(**out)
+
+
+def _installed_plugin_names() -> List[str]:
+    from .plugins import installed_plugins
+    return sorted(installed_plugins())
+
+
+def parse_toolstack_config(data: Any, path: Optional[str] = None) -> ToolstackConfig:
+    """Validate an already-loaded YAML document read from ``path`` (named in errors;
+    relative paths in it are resolved against its directory)."""
+    where = path or "<config>"
+    base_dir = os.path.dirname(os.path.abspath(path)) if path else None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings at the top level, "
+                          f"got {type(data).__name__}")
+    values: Dict[str, Any] = {}
+    plugin_sections: Dict[str, Any] = {}
+    unknown: List[str] = []
+    for key, raw in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: {key!r}: setting names must be strings")
+        if key in _KEYS:
+            attr, check, is_path = _KEYS[key]
+            try:
+                value = check(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {key}: {exc}") from None
+            if is_path:
+                if not value and key in _REQUIRED_PATHS:
+                    raise ConfigError(f"{where}: {key}: expected a path, got an empty value")
+                if value and base_dir is not None:
+                    value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+                if not value:
+                    value = None    # an optional path left empty: not set
+            values[attr] = value
+        elif key == "hypervisor":
+            values["hypervisor"] = _hypervisor(raw, where)
+        else:
+            plugin_sections[key] = raw
+    enabled = values.get("checkpoint_plugins", ToolstackConfig.checkpoint_plugins)
+    if plugin_sections:
+        known = set(enabled) | set(_installed_plugin_names())
+        for key, raw in plugin_sections.items():
+            if key not in known:
+                unknown.append(key)
+                continue
+            if raw is None:
+                raw = {}
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{where}: {key}: the plugin's section must be a mapping, "
+                                  f"got {raw!r}")
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting {unknown[0]!r}"
+                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    values["plugin_settings"] = {k: dict(v or {}) for k, v in plugin_sections.items()}
+    if values.get("relocation_ssl_server"):
+        for key in ("xend-relocation-server-ssl-key-file", "xend-relocation-server-ssl-cert-file"):
+            if not values.get(_KEYS[key][0]):
+                raise ConfigError(f"{where}: {key}: required when xend-relocation-ssl-server is on")
+    return ToolstackConfig(path=path, **values)
+
+
+def config_path(path: Optional[str] = None) -> Tuple[str, bool]:
+    """The file to read and whether it must exist (explicit or from the environment)."""
+    if path:
+        return path, True
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return env, True
+    return DEFAULT_PATH, False
+
+
+def load_toolstack_config(path: Optional[str] = None) -> ToolstackConfig:
+    """Read and validate the toolstack configuration.
+
+    :param path: an explicit file; ``None`` means ``$XEND_CONFIG``, else the default
+        path, whose absence means "all defaults".
+    Raises :class:`ConfigError` naming the file and key for anything wrong.
+    """
+    path, required = config_path(path)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if not required:
+            return ToolstackConfig()
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    return parse_toolstack_config(data, os.path.abspath(path))
+
+
+__all__ = ["ToolstackConfig", "HypervisorSettings", "load_toolstack_config",
+           "parse_toolstack_config", "config_path", "ENV_VAR", "DEFAULT_PATH"]

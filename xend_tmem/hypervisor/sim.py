@@ -1,0 +1,1308 @@
+"""The simulated hypervisor: the embedded default backend of the toolstack.
+
+Implements :class:`~xend_tmem.hypervisor.interface.DomainControl` and
+:class:`~xend_tmem.hypervisor.interface.TmemControl` in pure Python with the
+tmem semantics of SPEC §7 and *none* of Xen's defects (H1-H4, H7, T10): the
+walk returns every page in put order, SAVE_END resets all cursors, pool flags
+carry the spec version, frozen restores refuse cleanly without side effects.
+
+Guest RAM is one anonymous mmap per domain (committed lazily by the OS); tmem
+pages live in :class:`~xend_tmem.hypervisor.pagestore.PageStore` segments in
+wire layout, so GiBs of tmem cost no Python object per page. A guest side
+(``guest_*`` methods and a seeded workload played by :meth:`tick`) lets tests
+and the demo exercise the freeze / invalidation rules while a save runs.
+
+Shared pools: a pool created shared with the uuid of another domain's shared
+pool *joins* it: both clients reference the same storage. The freeze and
+live-save rules are applied per pool over all its sharers (a new page is
+refused while any sharer is frozen; an overwrite fails while any sharer runs
+a live save), and a deletion is logged for every sharer running a live save,
+so each sharer's save stays exact. Xen looked only at the acting client; for
+a private pool (the common case) both rules coincide.
+
+Every public method takes one re-entrant lock: the daemon calls in from
+several threads and the workload thread ticks domains concurrently.
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import random
+import struct
+import threading
+import time
+import zlib
+from array import array
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from ..domconfig import DomainConfig, TmemSpec, WorkloadSpec
+from ..errors import HypervisorError, NoSuchDomain
+from .interface import (CLIENT_COMPRESS, CLIENT_FROZEN, EFROZEN, MAX_POOLS, OID,
+                        POOL_PAGEBITS_MASK, POOL_PAGEBITS_SHIFT, POOL_PERSIST,
+                        POOL_PRECOMPRESSED, POOL_SHARED, POOL_VERSION_MASK,
+                        POOL_VERSION_SHIFT, DomainInfo)
+from .pagestore import PageStore
+
+PAGE_SIZE = 4096
+PAGES_PER_MIB = 256
+VCPU_CONTEXT_SIZE = 5168          # x86-64 PV vcpu_guest_context
+VCPU_CONTEXT_SIZES = (5168, 2800)  # x86-64 and x86-32 PV guests
+SHARED_INFO_SIZE = 4096
+MAX_P2M = 1 << 28                 # 1 TiB of guest pages
+MAX_SHELL_VCPUS = 512
+DOM0_MEMORY_MIB = 1024
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+ALL_CLIENTS = -1                  # Xen's TMEM_CLI_ID_NULL: admin ops on every client
+MAX_TICK_OPS = 100_000            # per kind and tick: a late tick cannot stall the host
+WORKLOAD_OID_BASE = 1 << 48       # workload objects, clear of config and bulk OIDs
+WORKLOAD_OBJECT_PAGES = 64
+POOL_RESERVED = 0xFFFFFFFF & ~(POOL_PERSIST | POOL_SHARED | POOL_PRECOMPRESSED
+                               | POOL_PAGEBITS_MASK | POOL_VERSION_MASK)
+
+_STAMP = struct.Struct("<QQ")
+# Guest RAM is written in full (stamped at creation, or by a restore): prefault
+# it in one go where the platform can, which is several times cheaper than a
+# fault per page.
+_RAM_MAP_ARGS = ({"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE}
+                 if hasattr(mmap, "MAP_POPULATE") else {})
+
+
+def _fmt_oid(version: int, oid: Sequence[int]) -> str:
+    if version == 0:
+        return f"0x{oid[0]:016x}"
+    return f"0x{oid[0]:016x}:0x{oid[1]:016x}:0x{oid[2]:016x}"
+
+
+class _Pool:
+    __slots__ = ("persistent", "shared", "precompressed", "pagebits", "uuid", "store",
+                 "sharers", "announce_pages")
+
+    def __init__(self, version: int, persistent: bool, shared: bool, pagebits: int,
+                 uuid: Tuple[int, int], precompressed: bool = False) -> None:
+        self.persistent = persistent
+        self.shared = shared
+        self.precompressed = precompressed
+        self.pagebits = pagebits
+        self.uuid = uuid
+        self.store = PageStore(version, PAGE_SIZE << pagebits)
+        self.sharers: List[_Client] = []
+        self.announce_pages: Optional[int] = None
+
+    @property
+    def version(self) -> int:
+        return self.store.version
+
+    @property
+    def units(self) -> int:
+        """4 KiB units one page occupies (capacity accounting)."""
+        return 1 << self.pagebits
+
+    def flags(self) -> int:
+        return ((POOL_PERSIST if self.persistent else 0) | (POOL_SHARED if self.shared else 0)
+                | (POOL_PRECOMPRESSED if self.precompressed else 0)
+                | (self.pagebits << POOL_PAGEBITS_SHIFT)
+                | (self.version << POOL_VERSION_SHIFT))
+
+
+class _Client:
+    __slots__ = ("domid", "version", "weight", "cap", "compress", "frozen", "pools",
+                 "saving", "live", "pre_frozen", "walks", "invlog", "inv_pos")
+
+    def __init__(self, domid: int, version: int) -> None:
+        self.domid = domid
+        self.version = version
+        self.weight = 0
+        self.cap = 0
+        self.compress = False
+        self.frozen = False
+        self.pools: List[Optional[_Pool]] = [None] * MAX_POOLS
+        self.saving = False
+        self.live = False
+        self.pre_frozen = False
+        self.walks: Dict[int, List] = {}            # pool id -> [key snapshot, position]
+        self.invlog: List[Tuple[int, OID, int]] = []
+        self.inv_pos = 0
+
+    def slot_of(self, pool: _Pool) -> int:
+        for i, p in enumerate(self.pools):
+            if p is pool:
+                return i
+        return -1
+
+
+class _Domain:
+    __slots__ = ("domid", "name", "memory_mib", "vcpus", "p2m", "ram", "paused", "suspended",
+                 "dirty", "vcpu_ctx", "shared_info", "config", "cpu_time", "client", "stats",
+                 "workload", "rng", "acc", "wl_next", "ram_gen", "is_dom0")
+
+    def __init__(self, domid: int, name: str, memory_mib: int, vcpus: int, p2m: int,
+                 ram: Optional[mmap.mmap], config: Dict[str, object]) -> None:
+        self.domid = domid
+        self.name = name
+        self.memory_mib = memory_mib
+        self.vcpus = vcpus
+        self.p2m = p2m
+        self.ram = ram
+        self.paused = False
+        self.suspended = False
+        self.dirty: Optional[set] = None
+        self.vcpu_ctx: List[bytes] = []
+        self.shared_info = bytes(SHARED_INFO_SIZE)
+        self.config = config
+        self.cpu_time = 0.0
+        self.client: Optional[_Client] = None
+        self.stats = {"swap_fallbacks": 0, "tmem_puts": 0, "tmem_gets": 0, "tmem_flushes": 0,
+                      "ram_writes": 0}
+        self.workload: Optional[WorkloadSpec] = None
+        self.rng = random.Random(0)
+        self.acc = [0.0, 0.0, 0.0, 0.0]
+        self.wl_next = 0
+        self.ram_gen = 0
+        self.is_dom0 = False
+
+    @property
+    def running(self) -> bool:
+        return not (self.paused or self.suspended)
+
+
+class SimHypervisor:
+    """Pure-Python hypervisor with domains, guest RAM and tmem (see module doc).
+
+    ``tmem_version`` is the hypervisor's tmem spec version (0: Xen 4.0.0-4.0.1,
+    1: 4.0.2+); ``tmem_capacity_pages`` bounds the tmem held by all clients in
+    4 KiB pages; ``trace`` (a list) receives one line per tmem control op in the
+    vectors' ``xen-restore.trace`` format; ``seed`` varies every workload.
+    """
+
+    def __init__(self, tmem_version: int = 1, tmem_capacity_pages: int = 1 << 22,
+                 trace: Optional[list] = None, seed: Optional[int] = None) -> None:
+        if tmem_version not in (0, 1):
+            raise ValueError(f"tmem_version must be 0 or 1, not {tmem_version!r}")
+        self._version = tmem_version
+        self._capacity = tmem_capacity_pages
+        self._trace = trace
+        self._seed = 0 if seed is None else seed
+        self._lock = threading.RLock()
+        self._used = 0                       # tmem held, in 4 KiB units
+        dom0 = _Domain(0, "Domain-0", DOM0_MEMORY_MIB, 1, 0, None,
+                       {"name": "Domain-0", "memory": DOM0_MEMORY_MIB, "vcpus": 1})
+        dom0.is_dom0 = True
+        self._domains: Dict[int, _Domain] = {0: dom0}
+        self._next_domid = 1
+        self._wl_thread: Optional[threading.Thread] = None
+        self._wl_stop = threading.Event()
+
+    # =====================================================================
+    # internals
+    # =====================================================================
+    def _t(self, line: str) -> None:
+        self._trace.append(line)  # type: ignore[union-attr]
+
+    def _dom(self, domid: int) -> _Domain:
+        d = self._domains.get(domid) if isinstance(domid, int) else None
+        if d is None:
+            raise NoSuchDomain(domid)
+        return d
+
+    def _guest_dom(self, domid: int, op: str) -> _Domain:
+        """A domain with guest memory (not domain 0)."""
+        d = self._dom(domid)
+        if d.is_dom0:
+            raise HypervisorError(op, "domain 0 is the control domain")
+        return d
+
+    def _client(self, domid: int, op: str) -> _Client:
+        c = self._dom(domid).client
+        if c is None:
+            raise HypervisorError(op, f"domain {domid} has no tmem client")
+        return c
+
+    def _clients(self, domid: int, op: str) -> List[_Client]:
+        if domid == ALL_CLIENTS:
+            return [d.client for _, d in sorted(self._domains.items()) if d.client is not None]
+        return [self._client(domid, op)]
+
+    @staticmethod
+    def _slot(pool_id: int, op: str) -> int:
+        if isinstance(pool_id, bool) or not isinstance(pool_id, int) or not 0 <= pool_id < MAX_POOLS:
+            raise HypervisorError(op, f"pool id {pool_id!r} is not a slot 0..{MAX_POOLS - 1}")
+        return pool_id
+
+    def _pool(self, c: _Client, pool_id: int, op: str) -> _Pool:
+        p = c.pools[self._slot(pool_id, op)]
+        if p is None:
+            raise HypervisorError(op, f"domain {c.domid} has no pool {pool_id}")
+        return p
+
+    @staticmethod
+    def _key(pool: _Pool, oid: Sequence[int], index: int, op: str) -> bytes:
+        try:
+            a, b, c = oid
+            ok = all(isinstance(w, int) and 0 <= w <= U64_MAX for w in (a, b, c))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise HypervisorError(op, f"OID {oid!r} is not three u64")
+        if not isinstance(index, int) or not 0 <= index <= U32_MAX:
+            raise HypervisorError(op, f"index {index!r} is not a u32")
+        if pool.version == 0 and (b or c):
+            raise HypervisorError(op, f"a spec-version-0 client takes one-word OIDs, got "
+                                      f"{_fmt_oid(1, oid)}")
+        return pool.store.make_key((a, b, c), index)
+
+    @staticmethod
+    def _check_data(pool: _Pool, data, op: str) -> None:
+        if len(data) != pool.store.page_size:
+            raise HypervisorError(op, f"page data is {len(data)} bytes, the pool's pages are "
+                                      f"{pool.store.page_size}")
+
+    def _room(self, units: int, op: str) -> None:
+        if self._used + units > self._capacity:
+            raise HypervisorError(op, f"tmem is full ({self._used} of {self._capacity} pages "
+                                      f"used, {units} more needed)")
+
+    def _delete(self, pool: _Pool, key: bytes) -> bool:
+        """Delete one page; log it for every sharer running a live save (SPEC §7)."""
+        if not pool.store.delete(key):
+            return False
+        self._used -= pool.units
+        if pool.persistent:
+            for c in pool.sharers:
+                if c.saving and c.live:
+                    oid, index = pool.store.parse_key(key)
+                    c.invlog.append((c.slot_of(pool), oid, index))
+        return True
+
+    @staticmethod
+    def _any_frozen(pool: _Pool) -> bool:
+        return any(c.frozen for c in pool.sharers)
+
+    @staticmethod
+    def _any_live(pool: _Pool) -> bool:
+        return any(c.saving and c.live for c in pool.sharers)
+
+    def _attach_pool(self, c: _Client, slot: int, persistent: bool, shared: bool, pagebits: int,
+                     uuid: Tuple[int, int], precompressed: bool, op: str) -> _Pool:
+        """Put a pool into ``c``'s empty ``slot``: a new one, or the existing shared
+        pool of another domain with the same uuid."""
+        pool: Optional[_Pool] = None
+        if shared:
+            for d in self._domains.values():
+                oc = d.client
+                if oc is None:
+                    continue
+                for i, p in enumerate(oc.pools):
+                    if p is None or not p.shared or p.uuid != uuid:
+                        continue
+                    if oc is c:
+                        raise HypervisorError(op, f"shared pool uuid {uuid[0]:#x},{uuid[1]:#x} is "
+                                                  f"already this client's pool {i}")
+                    if (p.persistent, p.pagebits, p.version) != (persistent, pagebits, c.version):
+                        raise HypervisorError(op, f"shared pool uuid {uuid[0]:#x},{uuid[1]:#x} "
+                                                  f"exists with other attributes (domain "
+                                                  f"{oc.domid} pool {i})")
+                    pool = p
+                    break
+                if pool is not None:
+                    break
+        if pool is None:
+            pool = _Pool(c.version, persistent, shared, pagebits, uuid, precompressed)
+        c.pools[slot] = pool
+        pool.sharers.append(c)
+        return pool
+
+    def _detach_pool(self, c: _Client, slot: int) -> None:
+        pool = c.pools[slot]
+        if pool is None:
+            return
+        c.pools[slot] = None
+        c.walks.pop(slot, None)
+        pool.sharers.remove(c)
+        if not pool.sharers:
+            self._used -= pool.store.clear() * pool.units
+
+    def _drop_client(self, d: _Domain) -> None:
+        c = d.client
+        if c is None:
+            return
+        for slot in range(MAX_POOLS):
+            self._detach_pool(c, slot)
+        d.client = None
+
+    def _put(self, d: _Domain, c: _Client, pool: _Pool, key: bytes, data) -> bool:
+        """A guest put under SPEC §7's rules; False = the guest keeps the page itself."""
+        d.stats["tmem_puts"] += 1
+        if key in pool.store:
+            if pool.persistent and self._any_live(pool):
+                self._delete(pool, key)          # only shrinks during a live save
+            else:
+                pool.store.put(key, data)
+                return True
+        elif not (self._any_frozen(pool) or self._used + pool.units > self._capacity):
+            pool.store.put(key, data)
+            self._used += pool.units
+            return True
+        d.stats["swap_fallbacks"] += 1
+        return False
+
+    def _walk(self, domid: int, pool_id: int, op: str) -> Tuple[_Pool, Optional[List]]:
+        c = self._client(domid, op)
+        if not c.saving:
+            raise HypervisorError(op, f"no save of domain {domid} is running")
+        pool = self._pool(c, pool_id, op)
+        return pool, c.walks.get(pool_id)
+
+    def _alloc_ram(self, p2m: int, op: str) -> mmap.mmap:
+        if isinstance(p2m, bool) or not isinstance(p2m, int) or not 1 <= p2m <= MAX_P2M:
+            raise HypervisorError(op, f"p2m size {p2m!r} is not 1..{MAX_P2M} pages")
+        try:
+            return mmap.mmap(-1, p2m * PAGE_SIZE, **_RAM_MAP_ARGS)
+        except (OSError, ValueError, OverflowError) as e:
+            raise HypervisorError(op, f"cannot allocate {p2m} pages of guest RAM: {e}") from None
+
+    def _check_name(self, name: str, op: str, exclude: Optional[int] = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise HypervisorError(op, f"bad domain name {name!r}")
+        for d in self._domains.values():
+            if d.name == name and d.domid != exclude:
+                raise HypervisorError(op, f"a domain named '{name}' already exists (id {d.domid})")
+
+    def _new_domain(self, name: str, memory_mib: int, vcpus: int, p2m: int, ram: mmap.mmap,
+                    config: Dict[str, object]) -> _Domain:
+        d = _Domain(self._next_domid, name, memory_mib, vcpus, p2m, ram, config)
+        self._next_domid += 1
+        self._domains[d.domid] = d
+        return d
+
+    @staticmethod
+    def _runs(pfns: Sequence[int], limit: int, op: str) -> List[Tuple[int, int]]:
+        """Contiguous runs ``(first_pfn, count)`` of ``pfns``, range-checked."""
+        runs: List[Tuple[int, int]] = []
+        start = prev = -2
+        for pfn in pfns:
+            if not 0 <= pfn < limit:
+                raise HypervisorError(op, f"pfn {pfn:#x} is outside the domain's {limit} pages")
+            if pfn == prev + 1:
+                prev = pfn
+                continue
+            if start >= 0:
+                runs.append((start, prev - start + 1))
+            start = prev = pfn
+        if start >= 0:
+            runs.append((start, prev - start + 1))
+        return runs
+
+    # =====================================================================
+    # domains built from configuration, lookup, workloads
+    # =====================================================================
+    def create_domain(self, config: DomainConfig) -> int:
+        """Build a running domain from a loaded domain config (RAM, vcpus, tmem)."""
+        op = "create_domain"
+        with self._lock:
+            self._check_name(config.name, op)
+            p2m = config.memory * PAGES_PER_MIB
+            ram = self._alloc_ram(p2m, op)
+            d = self._new_domain(config.name, config.memory, config.vcpus, p2m, ram,
+                                 config.to_dict())
+            try:
+                tag = zlib.crc32(config.name.encode())
+                with memoryview(ram) as raw, raw.cast("Q") as words:
+                    step = PAGE_SIZE // 8
+                    words[0::step] = array("Q", range(p2m))
+                    words[1::step] = array("Q", [tag]) * p2m
+                d.vcpu_ctx = [hashlib.shake_256(f"{config.name}:vcpu{i}".encode())
+                              .digest(VCPU_CONTEXT_SIZE) for i in range(config.vcpus)]
+                d.shared_info = hashlib.shake_256(f"{config.name}:shared_info".encode()) \
+                    .digest(SHARED_INFO_SIZE)
+                self._set_workload(d, config.workload)
+                if config.tmem is not None:
+                    self._build_tmem(d, config.tmem, op)
+            except BaseException:
+                self._drop_client(d)
+                del self._domains[d.domid]
+                raise
+            return d.domid
+
+    def _build_tmem(self, d: _Domain, spec: TmemSpec, op: str) -> None:
+        self._room(sum(p.total_pages << p.pagebits for p in spec.pools), op)
+        c = _Client(d.domid, spec.version)
+        c.compress, c.weight, c.cap = spec.client.compress, spec.client.weight, spec.client.cap
+        d.client = c
+        for ps in spec.pools:
+            pool = self._attach_pool(c, ps.id, ps.persistent, ps.shared, ps.pagebits, ps.uuid,
+                                     False, op)
+            if ps.announce_pages is not None:
+                pool.announce_pages = ps.announce_pages
+            store = pool.store
+            for page in ps.pages:
+                if store.put(store.make_key(page.oid, page.index), page.data(store.page_size)):
+                    self._used += pool.units
+            if ps.bulk is not None:
+                for count, records in ps.bulk.records(ps.id, c.version, store.page_size):
+                    keys = store.record_keys(records, count)
+                    self._used += store.put_records(records, keys) * pool.units
+        c.frozen = spec.client.frozen            # pages first, freeze last (T2)
+
+    def _set_workload(self, d: _Domain, spec: Optional[WorkloadSpec]) -> None:
+        d.workload = spec if spec is not None and spec.active else None
+        seed = spec.seed if spec is not None else 0
+        d.rng = random.Random(f"xend-tmem workload sim={self._seed} seed={seed} name={d.name}")
+        d.acc = [0.0, 0.0, 0.0, 0.0]
+
+    def set_workload(self, domid: int, spec: Optional[WorkloadSpec]) -> None:
+        """Give a domain (e.g. a restored one) a workload; None stops it."""
+        with self._lock:
+            self._set_workload(self._guest_dom(domid, "set_workload"), spec)
+
+    def lookup(self, dom: Union[str, int]) -> int:
+        """Domain id from an id or a name (``xm``'s DOM argument)."""
+        with self._lock:
+            if isinstance(dom, int) and not isinstance(dom, bool):
+                return self._dom(dom).domid
+            if isinstance(dom, str):
+                if dom.isdigit():
+                    d = self._domains.get(int(dom))
+                    if d is not None:
+                        return d.domid
+                for d in self._domains.values():
+                    if d.name == dom:
+                        return d.domid
+            raise NoSuchDomain(dom)
+
+    def tick(self, domid: int, seconds: float) -> None:
+        """Play ``seconds`` of the domain's workload (only while it runs).
+
+        Rates accumulate fractional operations across ticks; each kind is capped
+        at MAX_TICK_OPS per call so one late tick cannot stall the host.
+        """
+        with self._lock:
+            d = self._dom(domid)
+            if d.is_dom0 or not d.running or seconds <= 0:
+                return
+            d.cpu_time += seconds
+            w = d.workload
+            if w is None:
+                return
+            counts = []
+            rates = (w.ram_dirty_pages_per_s, w.tmem_puts_per_s, w.tmem_gets_per_s,
+                     w.tmem_flushes_per_s)
+            for i, rate in enumerate(rates):
+                d.acc[i] += rate * seconds
+                n = int(d.acc[i])
+                d.acc[i] -= n
+                counts.append(min(n, MAX_TICK_OPS))
+            rng = d.rng
+            ram, dirty = d.ram, d.dirty
+            for _ in range(counts[0]):
+                pfn = rng.randrange(d.p2m)
+                d.ram_gen += 1
+                _STAMP.pack_into(ram, pfn * PAGE_SIZE + 16, d.ram_gen, rng.getrandbits(64))
+                if dirty is not None:
+                    dirty.add(pfn)
+            d.stats["ram_writes"] += counts[0]
+            c = d.client
+            pools = [p for p in c.pools if p is not None] if c is not None else []
+            if not pools:
+                return
+            for _ in range(counts[1]):
+                pool = rng.choice(pools)
+                key = pool.store.random_key(rng) if rng.random() < 0.5 else None
+                if key is None:
+                    k = d.wl_next
+                    d.wl_next += 1
+                    key = pool.store.make_key(
+                        (WORKLOAD_OID_BASE + k // WORKLOAD_OBJECT_PAGES, 0, 0),
+                        k % WORKLOAD_OBJECT_PAGES)
+                self._put(d, c, pool, key, rng.randbytes(pool.store.page_size))
+            for _ in range(counts[2]):
+                pool = rng.choice(pools)
+                d.stats["tmem_gets"] += 1
+                key = pool.store.random_key(rng)
+                if key is not None:
+                    pool.store.get(key)
+            for _ in range(counts[3]):
+                pool = rng.choice(pools)
+                d.stats["tmem_flushes"] += 1
+                key = pool.store.random_key(rng)
+                if key is not None:
+                    self._delete(pool, key)
+
+    def start_workloads(self, interval: float = 0.01) -> None:
+        """Tick every running domain from a daemon thread with real elapsed time."""
+        with self._lock:
+            if self._wl_thread is not None and self._wl_thread.is_alive():
+                return
+            self._wl_stop.clear()
+            t = threading.Thread(target=self._workload_loop, args=(interval,),
+                                 name="sim-workload", daemon=True)
+            self._wl_thread = t
+            t.start()
+
+    def stop_workloads(self) -> None:
+        t = self._wl_thread
+        self._wl_stop.set()
+        if t is not None:
+            t.join(timeout=5)
+        self._wl_thread = None
+
+    def _workload_loop(self, interval: float) -> None:
+        last = time.monotonic()
+        while not self._wl_stop.wait(interval):
+            now = time.monotonic()
+            elapsed, last = now - last, now
+            with self._lock:
+                ids = [d.domid for d in self._domains.values()
+                       if not d.is_dom0 and d.running and d.workload is not None]
+            for domid in ids:
+                try:
+                    self.tick(domid, elapsed)
+                except NoSuchDomain:
+                    pass                         # destroyed meanwhile
+
+    def guest_stats(self, domid: int) -> Dict[str, int]:
+        """Guest-side counters: tmem_puts (attempts), swap_fallbacks (puts refused,
+        the guest kept the page itself), tmem_gets, tmem_flushes, ram_writes."""
+        with self._lock:
+            return dict(self._dom(domid).stats)
+
+    def ram_digest(self, domid: int) -> str:
+        """sha256 of the domain's whole RAM (save/restore verification)."""
+        with self._lock:
+            d = self._guest_dom(domid, "ram_digest")
+            h = hashlib.sha256()
+            step = 16 << 20
+            for off in range(0, d.p2m * PAGE_SIZE, step):
+                h.update(d.ram[off:off + step])
+            return h.hexdigest()
+
+    # =====================================================================
+    # DomainControl
+    # =====================================================================
+    def domain_info(self, domid: int) -> DomainInfo:
+        with self._lock:
+            d = self._dom(domid)
+            return DomainInfo(domid=d.domid, name=d.name, memory_mib=d.memory_mib, vcpus=d.vcpus,
+                              running=d.running, paused=d.paused, shutdown=d.suspended,
+                              cpu_time=d.cpu_time, config=dict(d.config))
+
+    def list_domains(self) -> List[DomainInfo]:
+        with self._lock:
+            return [self.domain_info(i) for i in sorted(self._domains)]
+
+    def create_domain_shell(self, name: str, p2m_size: int, vcpus: int,
+                            config: Optional[Dict[str, object]] = None) -> int:
+        op = "create_domain_shell"
+        with self._lock:
+            self._check_name(name, op)
+            if isinstance(vcpus, bool) or not isinstance(vcpus, int) \
+                    or not 1 <= vcpus <= MAX_SHELL_VCPUS:
+                raise HypervisorError(op, f"vcpu count {vcpus!r} is not 1..{MAX_SHELL_VCPUS}")
+            ram = self._alloc_ram(p2m_size, op)
+            memory = -(-p2m_size // PAGES_PER_MIB)
+            cfg: Dict[str, object] = {"memory": memory, "vcpus": vcpus}
+            cfg.update(config or {})
+            cfg["name"] = name
+            d = self._new_domain(name, memory, vcpus, p2m_size, ram, cfg)
+            d.paused = True
+            d.vcpu_ctx = [bytes(VCPU_CONTEXT_SIZE)] * vcpus
+            return d.domid
+
+    def destroy_domain(self, domid: int) -> None:
+        with self._lock:
+            d = self._guest_dom(domid, "destroy_domain")
+            self._drop_client(d)
+            del self._domains[domid]
+
+    def rename_domain(self, domid: int, name: str) -> None:
+        with self._lock:
+            d = self._guest_dom(domid, "rename_domain")
+            self._check_name(name, "rename_domain", exclude=domid)
+            d.name = name
+            d.config["name"] = name
+
+    def pause(self, domid: int) -> None:
+        with self._lock:
+            self._guest_dom(domid, "pause").paused = True
+
+    def unpause(self, domid: int) -> None:
+        with self._lock:
+            self._guest_dom(domid, "unpause").paused = False
+
+    def suspend(self, domid: int) -> None:
+        with self._lock:
+            self._guest_dom(domid, "suspend").suspended = True
+
+    def resume(self, domid: int) -> None:
+        with self._lock:
+            self._guest_dom(domid, "resume").suspended = False
+
+    def p2m_size(self, domid: int) -> int:
+        with self._lock:
+            return self._guest_dom(domid, "p2m_size").p2m
+
+    def read_pages(self, domid: int, pfns: Sequence[int]) -> bytes:
+        with self._lock:
+            d = self._guest_dom(domid, "read_pages")
+            ram = d.ram
+            parts = [ram[s * PAGE_SIZE:(s + n) * PAGE_SIZE]
+                     for s, n in self._runs(pfns, d.p2m, "read_pages")]
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def write_pages(self, domid: int, pfns: Sequence[int], data: bytes) -> None:
+        op = "write_pages"
+        with self._lock:
+            d = self._guest_dom(domid, op)
+            if len(data) != len(pfns) * PAGE_SIZE:
+                raise HypervisorError(op, f"{len(data)} bytes of data for {len(pfns)} pages")
+            runs = self._runs(pfns, d.p2m, op)
+            ram = d.ram
+            with memoryview(data) as src:
+                pos = 0
+                for s, n in runs:
+                    ram[s * PAGE_SIZE:(s + n) * PAGE_SIZE] = src[pos:pos + n * PAGE_SIZE]
+                    pos += n * PAGE_SIZE
+
+    def enable_logdirty(self, domid: int) -> None:
+        with self._lock:
+            self._guest_dom(domid, "enable_logdirty").dirty = set()
+
+    def disable_logdirty(self, domid: int) -> None:
+        with self._lock:
+            self._guest_dom(domid, "disable_logdirty").dirty = None
+
+    def read_and_clear_dirty(self, domid: int) -> List[int]:
+        with self._lock:
+            d = self._guest_dom(domid, "read_and_clear_dirty")
+            if d.dirty is None:
+                raise HypervisorError("read_and_clear_dirty",
+                                      f"log-dirty mode is off for domain {domid}")
+            pfns = sorted(d.dirty)
+            d.dirty = set()
+            return pfns
+
+    def online_vcpus(self, domid: int) -> List[int]:
+        with self._lock:
+            return list(range(self._guest_dom(domid, "online_vcpus").vcpus))
+
+    def _vcpu(self, d: _Domain, vcpu: int, op: str) -> int:
+        if not isinstance(vcpu, int) or not 0 <= vcpu < d.vcpus:
+            raise HypervisorError(op, f"domain {d.domid} has no vcpu {vcpu!r}")
+        return vcpu
+
+    def get_vcpu_context(self, domid: int, vcpu: int) -> bytes:
+        with self._lock:
+            d = self._guest_dom(domid, "get_vcpu_context")
+            return d.vcpu_ctx[self._vcpu(d, vcpu, "get_vcpu_context")]
+
+    def set_vcpu_context(self, domid: int, vcpu: int, data: bytes) -> None:
+        op = "set_vcpu_context"
+        with self._lock:
+            d = self._guest_dom(domid, op)
+            i = self._vcpu(d, vcpu, op)
+            if len(data) not in VCPU_CONTEXT_SIZES:
+                raise HypervisorError(op, f"a vcpu context is {VCPU_CONTEXT_SIZES[0]} or "
+                                          f"{VCPU_CONTEXT_SIZES[1]} bytes, got {len(data)}")
+            d.vcpu_ctx[i] = bytes(data)
+
+    def get_shared_info(self, domid: int) -> bytes:
+        with self._lock:
+            return self._guest_dom(domid, "get_shared_info").shared_info
+
+    def set_shared_info(self, domid: int, data: bytes) -> None:
+        op = "set_shared_info"
+        with self._lock:
+            d = self._guest_dom(domid, op)
+            if len(data) != SHARED_INFO_SIZE:
+                raise HypervisorError(op, f"shared info is {SHARED_INFO_SIZE} bytes, got {len(data)}")
+            d.shared_info = bytes(data)
+
+    # =====================================================================
+    # TmemControl: save
+    # =====================================================================
+    def save_begin(self, domid: int, live: bool) -> bool:
+        op = "SAVE_BEGIN"
+        with self._lock:
+            c = self._dom(domid).client
+            if c is None or not any(p is not None for p in c.pools):
+                if self._trace is not None:
+                    self._t(f"{op} cli={domid} arg1={int(bool(live))} rc=0")
+                return False
+            if c.saving:
+                raise HypervisorError(op, f"a save of domain {domid} is already running")
+            c.pre_frozen = c.frozen
+            c.frozen = True
+            c.saving = True
+            c.live = bool(live)
+            c.invlog = []
+            c.inv_pos = 0
+            c.walks = {i: [p.store.snapshot(), 0] for i, p in enumerate(c.pools)
+                       if p is not None and p.persistent}
+            if self._trace is not None:
+                self._t(f"{op} cli={domid} arg1={int(c.live)} rc=1")
+            return True
+
+    def save_get_version(self, domid: int) -> int:
+        with self._lock:
+            c = self._dom(domid).client
+            rc = c.version if c is not None else self._version
+            if self._trace is not None:
+                self._t(f"SAVE_GET_VERSION cli={domid} rc={rc}")
+            return rc
+
+    def save_get_maxpools(self, domid: int) -> int:
+        with self._lock:
+            self._dom(domid)
+            if self._trace is not None:
+                self._t(f"SAVE_GET_MAXPOOLS cli={domid} rc={MAX_POOLS}")
+            return MAX_POOLS
+
+    def save_get_client_weight(self, domid: int) -> int:
+        with self._lock:
+            rc = self._client(domid, "SAVE_GET_CLIENT_WEIGHT").weight
+            if self._trace is not None:
+                self._t(f"SAVE_GET_CLIENT_WEIGHT cli={domid} rc={rc}")
+            return rc
+
+    def save_get_client_cap(self, domid: int) -> int:
+        with self._lock:
+            rc = self._client(domid, "SAVE_GET_CLIENT_CAP").cap
+            if self._trace is not None:
+                self._t(f"SAVE_GET_CLIENT_CAP cli={domid} rc={rc}")
+            return rc
+
+    def save_get_client_flags(self, domid: int) -> int:
+        with self._lock:
+            c = self._client(domid, "SAVE_GET_CLIENT_FLAGS")
+            frozen = c.pre_frozen if c.saving else c.frozen
+            rc = (CLIENT_COMPRESS if c.compress else 0) | (CLIENT_FROZEN if frozen else 0)
+            if self._trace is not None:
+                self._t(f"SAVE_GET_CLIENT_FLAGS cli={domid} rc={rc}")
+            return rc
+
+    def save_get_pool_flags(self, domid: int, pool_id: int) -> Optional[int]:
+        op = "SAVE_GET_POOL_FLAGS"
+        with self._lock:
+            c = self._client(domid, op)
+            p = c.pools[self._slot(pool_id, op)]
+            rc = p.flags() if p is not None else None
+            if self._trace is not None:
+                self._t(f"{op} pool={pool_id} cli={domid} "
+                        f"rc={'-1' if rc is None else f'0x{rc:08x}'}")
+            return rc
+
+    def save_get_pool_npages(self, domid: int, pool_id: int) -> int:
+        op = "SAVE_GET_POOL_NPAGES"
+        with self._lock:
+            p = self._pool(self._client(domid, op), pool_id, op)
+            if not p.persistent:
+                rc = 0
+            elif p.announce_pages is not None:
+                rc = p.announce_pages
+            else:
+                rc = len(p.store)
+            if self._trace is not None:
+                self._t(f"{op} pool={pool_id} cli={domid} rc={rc}")
+            return rc
+
+    def save_get_pool_uuid(self, domid: int, pool_id: int) -> Tuple[int, int]:
+        op = "SAVE_GET_POOL_UUID"
+        with self._lock:
+            p = self._pool(self._client(domid, op), pool_id, op)
+            if self._trace is not None:
+                self._t(f"{op} pool={pool_id} cli={domid} "
+                        f"uuid=0x{p.uuid[0]:016x},0x{p.uuid[1]:016x} rc=0")
+            return p.uuid
+
+    def save_get_next_page(self, domid: int, pool_id: int) -> Optional[Tuple[OID, int, bytes]]:
+        op = "SAVE_GET_NEXT_PAGE"
+        with self._lock:
+            pool, walk = self._walk(domid, pool_id, op)
+            count = 0
+            if walk is not None:
+                walk[1], count, record = pool.store.collect(walk[0], walk[1], 1)
+            if not count:
+                if self._trace is not None:
+                    self._t(f"{op} pool={pool_id} cli={domid} rc=0")
+                return None
+            hl = pool.store.header_len
+            oid, index = pool.store.parse_key(record[:hl])
+            data = record[hl:]
+            if self._trace is not None:
+                self._t(f"{op} pool={pool_id} cli={domid} oid={_fmt_oid(pool.version, oid)} "
+                        f"index={index} len={len(data)} crc32=0x{zlib.crc32(data):08x} rc=1")
+            return oid, index, data
+
+    def save_get_pages(self, domid: int, pool_id: int, max_pages: int) -> Tuple[int, bytes]:
+        op = "SAVE_GET_PAGES"
+        with self._lock:
+            pool, walk = self._walk(domid, pool_id, op)
+            if not isinstance(max_pages, int) or max_pages < 0:
+                raise HypervisorError(op, f"max_pages {max_pages!r} is not a count")
+            if walk is None or not max_pages:
+                return 0, b""
+            walk[1], count, records = pool.store.collect(walk[0], walk[1], max_pages)
+            if self._trace is not None:
+                self._trace_records("SAVE_GET_NEXT_PAGE", pool, pool_id, domid, records, count)
+                if not count:
+                    self._t(f"SAVE_GET_NEXT_PAGE pool={pool_id} cli={domid} rc=0")
+            return count, records
+
+    def _trace_records(self, op: str, pool: _Pool, pool_id: int, domid: int, records,
+                       count: int) -> None:
+        store = pool.store
+        rs, hl = store.record_size, store.header_len
+        with memoryview(records) as mv:
+            for i in range(count):
+                rec = mv[i * rs:(i + 1) * rs]
+                oid, index = store.parse_key(rec[:hl])
+                self._t(f"{op} pool={pool_id} cli={domid} oid={_fmt_oid(pool.version, oid)} "
+                        f"index={index} len={store.page_size} "
+                        f"crc32=0x{zlib.crc32(rec[hl:]):08x} rc=1")
+
+    def save_get_next_inv(self, domid: int) -> Optional[Tuple[int, OID, int]]:
+        op = "SAVE_GET_NEXT_INV"
+        with self._lock:
+            c = self._client(domid, op)
+            if c.inv_pos >= len(c.invlog):
+                c.inv_pos = 0                    # Xen: the call after the last restarts
+                if self._trace is not None:
+                    self._t(f"{op} cli={domid} rc=0")
+                return None
+            entry = c.invlog[c.inv_pos]
+            c.inv_pos += 1
+            if self._trace is not None:
+                self._t(f"{op} pool={entry[0]} cli={domid} oid={_fmt_oid(c.version, entry[1])} "
+                        f"index={entry[2]} rc=1")
+            return entry
+
+    def save_get_invs(self, domid: int, start: int, max_count: int) -> List[Tuple[int, OID, int]]:
+        op = "SAVE_GET_INVS"
+        with self._lock:
+            c = self._client(domid, op)
+            if not isinstance(start, int) or start < 0 or not isinstance(max_count, int) \
+                    or max_count < 0:
+                raise HypervisorError(op, f"bad range start={start!r} max={max_count!r}")
+            out = c.invlog[start:start + max_count]
+            if self._trace is not None:
+                self._t(f"{op} cli={domid} start={start} max={max_count} rc={len(out)}")
+            return out
+
+    def save_end(self, domid: int) -> None:
+        with self._lock:
+            c = self._dom(domid).client
+            if c is None or not c.saving:
+                return
+            c.frozen = c.pre_frozen
+            c.saving = c.live = False
+            c.invlog = []
+            c.inv_pos = 0
+            c.walks = {}
+            if self._trace is not None:
+                self._t(f"SAVE_END cli={domid} rc=0")
+
+    # =====================================================================
+    # TmemControl: restore
+    # =====================================================================
+    # Each op builds its trace line only when tracing and logs the outcome:
+    # rc as Xen would return it, or -code for a refusal (-1000 for EFROZEN).
+
+    def _trace_refusal(self, line: str, e: HypervisorError) -> None:
+        if self._trace is not None:
+            self._t(f"{line} rc={-e.code if e.code > 0 else e.code}")
+
+    def _oid_text(self, domid: int, oid) -> str:
+        c = self._domains[domid].client
+        try:
+            return _fmt_oid(c.version if c is not None else self._version, oid)
+        except (TypeError, IndexError, ValueError):
+            return repr(oid)
+
+    def restore_begin(self, domid: int) -> None:
+        op = "RESTORE_BEGIN"
+        with self._lock:
+            d = self._dom(domid)
+            if d.client is not None:
+                e = HypervisorError(op, f"domain {domid} already has a tmem client")
+                self._trace_refusal(f"{op} cli={domid}", e)
+                raise e
+            d.client = _Client(domid, self._version)
+            if self._trace is not None:
+                self._t(f"{op} cli={domid} rc=1")
+
+    def restore_new_pool(self, domid: int, pool_id: int, flags: int, uuid: Tuple[int, int]) -> int:
+        op = "RESTORE_NEW"
+        with self._lock:
+            self._dom(domid)
+            try:
+                pool_id = self._new_pool_checked(domid, pool_id, flags, uuid, op)
+            except HypervisorError as e:
+                if self._trace is not None:
+                    self._trace_refusal(self._new_pool_line(domid, pool_id, flags, uuid), e)
+                raise
+            if self._trace is not None:
+                self._t(f"{self._new_pool_line(domid, pool_id, flags, uuid)} rc={pool_id}")
+            return pool_id
+
+    @staticmethod
+    def _new_pool_line(domid: int, pool_id, flags, uuid) -> str:
+        try:
+            u = f"0x{uuid[0] & U64_MAX:016x},0x{uuid[1] & U64_MAX:016x}"
+            f = f"0x{flags & 0xFFFFFFFF:08x}"
+        except (TypeError, IndexError, KeyError):
+            u, f = repr(uuid), repr(flags)
+        return f"RESTORE_NEW pool={pool_id} cli={domid} flags={f} uuid={u}"
+
+    def _new_pool_checked(self, domid: int, pool_id: int, flags: int, uuid, op: str) -> int:
+        c = self._client(domid, op)
+        if c.saving:
+            raise HypervisorError(op, f"a save of domain {domid} is running")
+        self._slot(pool_id, op)
+        if c.pools[pool_id] is not None:
+            raise HypervisorError(op, f"pool slot {pool_id} is in use")
+        if isinstance(flags, bool) or not isinstance(flags, int) or not 0 <= flags <= U32_MAX:
+            raise HypervisorError(op, f"pool flags {flags!r} are not a u32")
+        version = (flags & POOL_VERSION_MASK) >> POOL_VERSION_SHIFT
+        if version and version != c.version:
+            raise HypervisorError(op, f"pool flags {flags:#010x} carry spec version {version}; "
+                                      f"this hypervisor speaks {c.version}")
+        if flags & POOL_RESERVED:
+            raise HypervisorError(op, f"pool flags {flags:#010x} set reserved bits "
+                                      f"{flags & POOL_RESERVED:#010x}")
+        pagebits = (flags & POOL_PAGEBITS_MASK) >> POOL_PAGEBITS_SHIFT
+        if pagebits:
+            raise HypervisorError(op, f"pool page size {PAGE_SIZE << pagebits} bytes (pagebits "
+                                      f"{pagebits}): x86 holds 4096-byte pages only")
+        try:
+            u0, u1 = uuid
+            ok = all(isinstance(u, int) and 0 <= u <= U64_MAX for u in (u0, u1))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise HypervisorError(op, f"uuid {uuid!r} is not two u64")
+        self._attach_pool(c, pool_id, bool(flags & POOL_PERSIST), bool(flags & POOL_SHARED), 0,
+                          (u0, u1), bool(flags & POOL_PRECOMPRESSED), op)
+        return pool_id
+
+    def _restore_pool(self, domid: int, pool_id: int, op: str) -> _Pool:
+        """The pool a restore op targets; EFROZEN, with nothing done, while the
+        client is frozen (Xen's H7 flushed anyway)."""
+        c = self._client(domid, op)
+        if c.frozen:
+            raise HypervisorError(op, f"domain {domid}'s tmem client is frozen", code=EFROZEN)
+        return self._pool(c, pool_id, op)
+
+    def restore_put_page(self, domid: int, pool_id: int, oid: OID, index: int, data: bytes) -> None:
+        op = "RESTORE_PUT_PAGE"
+        with self._lock:
+            self._dom(domid)
+            line = ""
+            if self._trace is not None:
+                line = (f"{op} pool={pool_id} cli={domid} oid={self._oid_text(domid, oid)} "
+                        f"index={index} len={len(data)} crc32=0x{zlib.crc32(data):08x}")
+            try:
+                pool = self._restore_pool(domid, pool_id, op)
+                key = self._key(pool, oid, index, op)
+                self._check_data(pool, data, op)
+                if key not in pool.store:
+                    self._room(pool.units, op)
+            except HypervisorError as e:
+                self._trace_refusal(line, e)
+                raise
+            if pool.store.put(key, data):
+                self._used += pool.units
+            if self._trace is not None:
+                self._t(f"{line} rc=1")
+
+    def restore_put_pages(self, domid: int, pool_id: int, records, count: int) -> None:
+        op = "RESTORE_PUT_PAGE"
+        with self._lock:
+            self._dom(domid)
+            with memoryview(records) as raw, raw.cast("B") as flat:
+                try:
+                    pool = self._restore_pool(domid, pool_id, op)
+                    store = pool.store
+                    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                        raise HypervisorError(op, f"record count {count!r} is not a count")
+                    need = count * store.record_size
+                    if flat.nbytes < need:
+                        raise HypervisorError(op, f"{count} records of {store.record_size} bytes "
+                                                  f"need {need} bytes, got {flat.nbytes}")
+                    with flat[:need] as body:
+                        keys = store.record_keys(body, count)
+                        self._room(store.count_new(keys) * pool.units, op)
+                        self._used += store.put_records(body, keys) * pool.units
+                        if self._trace is not None:
+                            self._trace_records(op, pool, pool_id, domid, body, count)
+                except HypervisorError as e:
+                    self._trace_refusal(f"{op} pool={pool_id} cli={domid} count={count}", e)
+                    raise
+
+    def restore_flush_page(self, domid: int, pool_id: int, oid: OID, index: int) -> None:
+        op = "RESTORE_FLUSH_PAGE"
+        with self._lock:
+            self._dom(domid)
+            line = ""
+            if self._trace is not None:
+                line = (f"{op} pool={pool_id} cli={domid} oid={self._oid_text(domid, oid)} "
+                        f"index={index}")
+            try:
+                pool = self._restore_pool(domid, pool_id, op)
+                key = self._key(pool, oid, index, op)
+            except HypervisorError as e:
+                self._trace_refusal(line, e)
+                raise
+            self._delete(pool, key)              # a missing page is fine
+            if self._trace is not None:
+                self._t(f"{line} rc=1")
+
+    # =====================================================================
+    # TmemControl: client settings and admin ops (domid -1 = every client)
+    # =====================================================================
+    def _set(self, op: str, domid: int, value: int, attr: str) -> None:
+        with self._lock:
+            for c in self._clients(domid, op):
+                setattr(c, attr, value)
+            if self._trace is not None:
+                self._t(f"{op} cli={domid} arg1={int(value)} rc=0")
+
+    @staticmethod
+    def _u32(op: str, value: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U32_MAX:
+            raise HypervisorError(op, f"{value!r} is not a u32")
+        return value
+
+    def set_weight(self, domid: int, weight: int) -> None:
+        self._set("SET_WEIGHT", domid, self._u32("SET_WEIGHT", weight), "weight")
+
+    def set_cap(self, domid: int, cap: int) -> None:
+        self._set("SET_CAP", domid, self._u32("SET_CAP", cap), "cap")
+
+    def set_compress(self, domid: int, compress: bool) -> None:
+        self._set("SET_COMPRESS", domid, bool(compress), "compress")
+
+    def freeze(self, domid: int) -> None:
+        with self._lock:
+            for c in self._clients(domid, "FREEZE"):
+                c.frozen = True
+            if self._trace is not None:
+                self._t(f"FREEZE cli={domid} rc=0")
+
+    def thaw(self, domid: int) -> None:
+        with self._lock:
+            for c in self._clients(domid, "THAW"):
+                c.frozen = False
+            if self._trace is not None:
+                self._t(f"THAW cli={domid} rc=0")
+
+    def destroy(self, domid: int) -> None:
+        """Drop the client(s) and their pools; a domain without a client is fine."""
+        with self._lock:
+            if domid == ALL_CLIENTS:
+                doms = [d for d in self._domains.values() if d.client is not None]
+            else:
+                doms = [self._dom(domid)]
+            for d in doms:
+                self._drop_client(d)
+            if self._trace is not None:
+                self._t(f"DESTROY cli={domid} rc=0")
+
+    def flush(self, domid: int, pages: int) -> int:
+        """Drop up to ``pages`` ephemeral pages, oldest first; returns how many."""
+        with self._lock:
+            left = max(0, pages)
+            done = 0
+            for c in self._clients(domid, "FLUSH"):
+                for pool in c.pools:
+                    if pool is None or pool.persistent or not left:
+                        continue
+                    for key in pool.store.oldest(left):
+                        self._delete(pool, key)
+                        done += 1
+                        left -= 1
+            if self._trace is not None:
+                self._t(f"FLUSH cli={domid} arg1={pages} rc={done}")
+            return done
+
+    def tmem_list(self, domid: Optional[int], long: bool = False) -> str:
+        """A readable account of tmem, as ``xm tmem-list``; ``long`` adds pools."""
+        with self._lock:
+            if domid is None or domid == ALL_CLIENTS:
+                doms = [d for _, d in sorted(self._domains.items()) if d.client is not None]
+                lines = [f"tmem: spec version {self._version}, {self._used} of {self._capacity} "
+                         f"pages used, {self.tmem_free_pages()} free"]
+            else:
+                doms = [self._dom(domid)]
+                lines = []
+            for d in doms:
+                c = d.client
+                if c is None:
+                    lines.append(f"client {d.domid} ({d.name}): no tmem client")
+                    continue
+                pools = [(i, p) for i, p in enumerate(c.pools) if p is not None]
+                s = d.stats
+                lines.append(
+                    f"client {d.domid} ({d.name}): version={c.version} weight={c.weight} "
+                    f"cap={c.cap} compress={int(c.compress)} frozen={int(c.frozen)} "
+                    f"saving={'live' if c.saving and c.live else int(c.saving)} "
+                    f"pools={len(pools)} pages={sum(len(p.store) for _, p in pools)} "
+                    f"puts={s['tmem_puts']} gets={s['tmem_gets']} flushes={s['tmem_flushes']} "
+                    f"swap_fallbacks={s['swap_fallbacks']}")
+                if long:
+                    for i, p in pools:
+                        kind = "persistent" if p.persistent else "ephemeral"
+                        share = (f"shared uuid=0x{p.uuid[0]:016x},0x{p.uuid[1]:016x} "
+                                 f"sharers={len(p.sharers)}" if p.shared else "private")
+                        lines.append(f"  pool {i}: {kind} {share} flags=0x{p.flags():08x} "
+                                     f"page_size={p.store.page_size} pages={len(p.store)}")
+            if self._trace is not None:
+                self._t(f"LIST cli={-1 if domid is None else domid} arg1={int(long)} rc=0")
+            return "\n".join(lines) + "\n"
+
+    def query_freeable_mb(self) -> int:
+        """MiB tmem could give back at once: the ephemeral pages (droppable by design)."""
+        with self._lock:
+            seen = set()
+            units = 0
+            for d in self._domains.values():
+                if d.client is None:
+                    continue
+                for p in d.client.pools:
+                    if p is not None and not p.persistent and id(p) not in seen:
+                        seen.add(id(p))
+                        units += len(p.store) * p.units
+            rc = units * PAGE_SIZE >> 20
+            if self._trace is not None:
+                self._t(f"QUERY_FREEABLE_MB cli=-1 rc={rc}")
+            return rc
+
+    def tmem_version(self) -> int:
+        return self._version
+
+    def tmem_free_pages(self) -> int:
+        with self._lock:
+            return max(0, self._capacity - self._used)
+
+    # =====================================================================
+    # guest side (what a guest's frontswap / cleancache would do)
+    # =====================================================================
+    def guest_new_pool(self, domid: int, persistent: bool, shared: bool = False,
+                       uuid: Tuple[int, int] = (0, 0), pagebits: int = 0) -> int:
+        """Create a pool in the lowest free slot (creating the client on first use).
+
+        pagebits other than 0 is allowed here (a non-x86 guest), so the format's
+        other page sizes can be saved; RESTORE_NEW refuses them like x86 Xen.
+        """
+        op = "guest_new_pool"
+        with self._lock:
+            d = self._dom(domid)
+            c = d.client
+            if c is not None and c.saving:
+                raise HypervisorError(op, f"a save of domain {domid} is running: no new pools")
+            if isinstance(pagebits, bool) or not isinstance(pagebits, int) or not 0 <= pagebits <= 15:
+                raise HypervisorError(op, f"pagebits {pagebits!r} is not 0..15")
+            try:
+                u0, u1 = uuid
+                ok = all(isinstance(u, int) and 0 <= u <= U64_MAX for u in (u0, u1))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise HypervisorError(op, f"uuid {uuid!r} is not two u64")
+            pools = c.pools if c is not None else [None]
+            slot = next((i for i, p in enumerate(pools) if p is None), None)
+            if slot is None:
+                raise HypervisorError(op, f"domain {domid} already has {MAX_POOLS} pools")
+            created = c is None
+            if created:
+                c = d.client = _Client(domid, self._version)
+            try:
+                self._attach_pool(c, slot, bool(persistent), bool(shared), pagebits,
+                                  (u0, u1), False, op)
+            except HypervisorError:
+                if created:
+                    d.client = None
+                raise
+            return slot
+
+    def guest_destroy_pool(self, domid: int, pool_id: int) -> None:
+        """Destroy a pool; refused (and nothing changed) while a save runs."""
+        op = "guest_destroy_pool"
+        with self._lock:
+            c = self._client(domid, op)
+            self._pool(c, pool_id, op)
+            if c.saving:
+                raise HypervisorError(op, f"a save of domain {domid} is running: pool "
+                                          f"{pool_id} stays")
+            self._detach_pool(c, pool_id)
+
+    def _guest(self, domid: int, pool_id: int, op: str) -> Tuple[_Domain, _Client, _Pool]:
+        d = self._dom(domid)
+        c = d.client
+        if c is None:
+            raise HypervisorError(op, f"domain {domid} has no tmem client")
+        return d, c, self._pool(c, pool_id, op)
+
+    def guest_put(self, domid: int, pool_id: int, oid: OID, index: int, data: bytes) -> bool:
+        """Put a page; False when refused (frozen, overwrite during a live save, full)."""
+        op = "guest_put"
+        with self._lock:
+            d, c, pool = self._guest(domid, pool_id, op)
+            key = self._key(pool, oid, index, op)
+            self._check_data(pool, data, op)
+            return self._put(d, c, pool, key, data)
+
+    def guest_get(self, domid: int, pool_id: int, oid: OID, index: int) -> Optional[bytes]:
+        op = "guest_get"
+        with self._lock:
+            d, _, pool = self._guest(domid, pool_id, op)
+            d.stats["tmem_gets"] += 1
+            return pool.store.get(self._key(pool, oid, index, op))
+
+    def guest_flush_page(self, domid: int, pool_id: int, oid: OID, index: int) -> bool:
+        """Delete a page (True if it existed); logged during a live save if persistent."""
+        op = "guest_flush_page"
+        with self._lock:
+            d, _, pool = self._guest(domid, pool_id, op)
+            d.stats["tmem_flushes"] += 1
+            return self._delete(pool, self._key(pool, oid, index, op))
+
+    def guest_flush_object(self, domid: int, pool_id: int, oid: OID) -> int:
+        """Delete every page of an object, in put order; returns how many."""
+        op = "guest_flush_object"
+        with self._lock:
+            d, _, pool = self._guest(domid, pool_id, op)
+            d.stats["tmem_flushes"] += 1
+            self._key(pool, oid, 0, op)
+            keys = pool.store.keys_with_oid(oid)
+            for key in keys:
+                self._delete(pool, key)
+            return len(keys)
+
+    # =====================================================================
+    # inspection for tests and the demo's verification
+    # =====================================================================
+    def tmem_state(self, domid: int) -> Dict[str, object]:
+        """Everything about a domain's tmem, page data as zlib crc32 (small pools only)."""
+        with self._lock:
+            c = self._dom(domid).client
+            if c is None:
+                return {"version": self._version, "client": None, "pools": {}}
+            frozen = c.pre_frozen if c.saving else c.frozen
+            return {
+                "version": c.version,
+                "client": {"compress": c.compress, "frozen": frozen, "weight": c.weight,
+                           "cap": c.cap},
+                "pools": {i: {"flags": p.flags(), "uuid": p.uuid, "persistent": p.persistent,
+                              "shared": p.shared, "pages": p.store.crc_map()}
+                          for i, p in enumerate(c.pools) if p is not None},
+            }
+
+    def tmem_digest(self, domid: int) -> Dict[int, Tuple[int, str]]:
+        """Per persistent pool ``(count, sha256 hex)`` over pages sorted by key
+        (see :meth:`PageStore.digest`), streaming: fit for GiB-scale checks."""
+        with self._lock:
+            c = self._dom(domid).client
+            if c is None:
+                return {}
+            return {i: p.store.digest() for i, p in enumerate(c.pools)
+                    if p is not None and p.persistent}

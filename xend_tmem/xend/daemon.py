@@ -1,0 +1,467 @@
+"""``xend start | stop | restart | status | foreground``: the daemon's life cycle.
+
+The daemon owns the hypervisor backend (the simulated one by default), serves
+``xm`` over XML-RPC on a unix socket, runs the relocation server when the
+configuration enables it, and logs to its log file. ``foreground`` runs it
+attached (service managers, tests); ``start`` launches ``foreground`` detached
+and returns once the daemon answers on its socket, or prints why it could not.
+
+Nothing a stopped daemon leaves blocks the next start: the pid file is guarded
+by an advisory lock that dies with the process (a stale file is simply reused),
+and a socket nobody listens on is removed before binding. SIGTERM and SIGINT
+stop the daemon cleanly: running jobs are cancelled (their sources resume),
+incoming migrations are broken off (their half-built domains removed), then the
+socket and the pid file go, the pid file last so ``xend stop`` returns only when
+everything is released.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, List, NoReturn, Optional, Sequence, Tuple
+
+from ..config import ToolstackConfig, load_toolstack_config
+from ..errors import ConfigError, PluginError, XendTmemError
+from ..plugins import CheckpointHooks, get_plugin_manager
+from . import relocation
+from .rpc import UnixXMLRPCServer, serve_in_thread
+from .service import XendService
+
+log = logging.getLogger("xend_tmem.xend")
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 60.0
+LOG_FORMAT = "[%(asctime)s %(process)d] %(levelname)s (%(name)s) %(message)s"
+
+
+class StartError(XendTmemError):
+    """The daemon cannot start (already running, address in use, bad config)."""
+
+
+# -- pid file ------------------------------------------------------------------
+
+class PidFile:
+    """A pid file held under ``flock`` for the daemon's lifetime.
+
+    The lock, not the file's existence, says whether a daemon runs: a file left
+    by a killed daemon is unlocked and is simply taken over.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                pid = read_pid(self.path)
+                raise StartError(f"xend is already running (pid {pid}, pid file {self.path})") \
+                    from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def read_pid(path: str) -> Optional[int]:
+    try:
+        with open(path, "r") as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def running_pid(path: str) -> Optional[int]:
+    """The pid of the daemon holding ``path``'s lock, or ``None`` if none does."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return read_pid(path) or -1
+            raise
+        return None
+    finally:
+        os.close(fd)
+
+
+# -- pieces of the running daemon ------------------------------------------------
+
+def setup_logging(config: ToolstackConfig) -> logging.Handler:
+    directory = os.path.dirname(config.logfile)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    handler = logging.FileHandler(config.logfile)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, config.loglevel))
+    return handler
+
+
+def load_hooks(config: ToolstackConfig) -> Tuple[CheckpointHooks, List[str]]:
+    """The plugin manager; a broken plugin is left out and reported, not fatal.
+
+    A plugin's *configuration* error is fatal (the daemon refuses to start), as
+    for any other key of the configuration file.
+    """
+    where = config.path or "configuration"
+    settings = config.plugin_settings
+    try:
+        return get_plugin_manager(config.checkpoint_plugins, settings), []
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except PluginError as first:
+        good: List[str] = []
+        errors: List[str] = []
+        for name in config.checkpoint_plugins:
+            try:
+                get_plugin_manager([name], settings)
+            except PluginError as exc:
+                errors.append(str(exc))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            else:
+                good.append(name)
+        if not errors:
+            raise first
+        for message in errors:
+            log.error("%s; continuing without it", message)
+        return get_plugin_manager(good, settings), errors
+
+
+def make_hypervisor(config: ToolstackConfig) -> Any:
+    hvc = config.hypervisor
+    if hvc.backend != "sim":
+        raise ConfigError(f"{config.path}: hypervisor.backend: unknown backend {hvc.backend!r}")
+    from ..hypervisor.sim import SimHypervisor
+    return SimHypervisor(tmem_version=hvc.tmem_version,
+                         tmem_capacity_pages=hvc.tmem_capacity_mb * 256, seed=hvc.seed)
+
+
+def _clear_stale_socket(path: str) -> None:
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)            # nobody listens: a stopped daemon's leftover
+        return
+    finally:
+        probe.close()
+    raise StartError(f"another xend is already serving {path}")
+
+
+def _ssl_context(config: ToolstackConfig) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(config.relocation_ssl_cert_file, config.relocation_ssl_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartError(f"cannot load the relocation TLS key or certificate "
+                         f"({config.relocation_ssl_cert_file}, {config.relocation_ssl_key_file}): "
+                         f"{exc}") from None
+    return ctx
+
+
+def _relocation_servers(config: ToolstackConfig, service: XendService
+                        ) -> List[relocation.RelocationServer]:
+    wanted = []
+    if config.relocation_server:
+        wanted.append((config.relocation_port, None))
+    if config.relocation_ssl_server:
+        wanted.append((config.relocation_ssl_port, _ssl_context(config)))
+    servers: List[relocation.RelocationServer] = []
+    try:
+        for port, ctx in wanted:
+            address = config.relocation_address or "0.0.0.0"
+            try:
+                server = relocation.RelocationServer(
+                    address, port, hosts_allow=config.hosts_allow_patterns(),
+                    restore=service.incoming_restore, check_offer=service.check_offer,
+                    discard=service.discard_domain, ssl_context=ctx)
+            except OSError as exc:
+                raise StartError(f"cannot listen for relocation on {address}:{port}: "
+                                 f"{exc.strerror or exc}") from None
+            servers.append(server)
+    except BaseException:
+        for s in servers:
+            s.stop(1.0)
+        raise
+    return servers
+
+
+class Daemon:
+    """One running xend; :meth:`run` blocks until SIGTERM/SIGINT or :meth:`stop`."""
+
+    def __init__(self, config: ToolstackConfig) -> None:
+        self.config = config
+        self.stop_event = threading.Event()
+        self.pidfile = PidFile(config.pid_file)
+        self.rpc: Optional[UnixXMLRPCServer] = None
+        self._serving = False
+        self.service: Optional[XendService] = None
+        self.hv: Any = None
+        self._log_handler: Optional[logging.Handler] = None
+
+    def start(self) -> None:
+        """Acquire everything; on failure release what was acquired and raise."""
+        cfg = self.config
+        try:
+            self.pidfile.acquire()
+            os.makedirs(cfg.state_dir, exist_ok=True)
+            self._log_handler = setup_logging(cfg)
+            log.info("xend starting (config %s)", cfg.path or "defaults")
+            hooks, plugin_errors = load_hooks(cfg)
+            self.hv = make_hypervisor(cfg)
+            self.service = XendService(cfg, self.hv, hooks, plugin_errors)
+            if cfg.unix_xmlrpc_server:
+                _clear_stale_socket(cfg.unix_socket)
+                self.rpc = UnixXMLRPCServer(cfg.unix_socket)
+                self.service.register(self.rpc)
+            self.service.relocation_servers = _relocation_servers(cfg, self.service)
+            for server in self.service.relocation_servers:
+                server.start()
+                log.info("relocation server on %s:%d%s", server.address, server.port,
+                         " (TLS)" if server.ssl_context else "")
+            self.hv.start_workloads()
+            if self.rpc is not None:
+                serve_in_thread(self.rpc)
+                self._serving = True
+            os.chdir(cfg.state_dir)
+            log.info("xend running: pid %d, socket %s, checkpoint plugins: %s", os.getpid(),
+                     cfg.unix_socket if self.rpc else "(off)",
+                     " ".join(hooks.enabled) or "(none)")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def stop(self, *_: Any) -> None:
+        self.stop_event.set()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.5):
+            pass
+        log.info("xend stopping")
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Release in reverse order; safe after a partial start."""
+        if self.rpc is not None and self._serving:
+            self.rpc.shutdown()          # no new requests; running jobs are cancelled next
+            self._serving = False
+        if self.service is not None:
+            self.service.stop()
+        if self.hv is not None:
+            try:
+                self.hv.stop_workloads()
+            except Exception:
+                log.exception("stopping guest workloads failed")
+        if self.rpc is not None:
+            self.rpc.server_close()
+            self.rpc = None
+        if self._log_handler is not None:
+            log.info("xend stopped")
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+        self.pidfile.release()
+
+
+def foreground(config: ToolstackConfig, ready_fd: Optional[int] = None) -> int:
+    daemon = Daemon(config)
+    try:
+        daemon.start()
+    except XendTmemError as exc:
+        _report_start(ready_fd, f"Error: {exc}")
+        return 1
+    except OSError as exc:
+        _report_start(ready_fd, f"Error: {exc.strerror or exc}"
+                      + (f": {exc.filename}" if exc.filename else ""))
+        return 1
+    signal.signal(signal.SIGTERM, daemon.stop)
+    signal.signal(signal.SIGINT, daemon.stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _report_start(ready_fd, None)
+    daemon.run()
+    return 0
+
+
+def _report_start(ready_fd: Optional[int], error: Optional[str]) -> None:
+    if error is not None:
+        print(error, file=sys.stderr)
+    if ready_fd is None:
+        return
+    try:
+        os.write(ready_fd, (error or "ok").encode() + b"\n")
+    except OSError:
+        pass
+    finally:
+        os.close(ready_fd)
+
+
+# -- the control commands --------------------------------------------------------
+
+def cmd_start(config: ToolstackConfig) -> int:
+    pid = running_pid(config.pid_file)
+    if pid is not None:
+        print(f"xend is already running (pid {pid})")
+        return 0
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ)
+    if config.path:
+        env["XEND_CONFIG"] = config.path
+    log_dir = os.path.dirname(config.logfile)
+    try:
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+        errlog = open(config.logfile, "ab")
+    except OSError as exc:
+        os.close(read_fd)
+        os.close(write_fd)
+        print(f"Error: cannot open log file {config.logfile}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "xend_tmem.xend.daemon", "foreground",
+             "--ready-fd", str(write_fd)],
+            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=errlog, env=env, start_new_session=True, close_fds=True)
+    finally:
+        os.close(write_fd)
+        errlog.close()
+    answer = b""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with os.fdopen(read_fd, "rb") as ready:
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([ready], [], [], 0.2)
+            if readable:
+                chunk = os.read(ready.fileno(), 4096)
+                if not chunk:
+                    break
+                answer += chunk
+    text = answer.decode(errors="replace").strip()
+    if text == "ok":
+        return 0
+    if text:
+        print(text, file=sys.stderr)
+    elif child.poll() is None:
+        print(f"Error: xend (pid {child.pid}) did not report ready within "
+              f"{START_TIMEOUT_S:.0f} s; see {config.logfile}", file=sys.stderr)
+    else:
+        print(f"Error: xend exited during start (status {child.returncode}); see "
+              f"{config.logfile}", file=sys.stderr)
+    return 1
+
+
+def cmd_stop(config: ToolstackConfig) -> int:
+    pid = running_pid(config.pid_file)
+    if pid is None:
+        print("xend is not running")
+        return 0
+    if pid > 0:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if running_pid(config.pid_file) is None:
+            return 0
+        time.sleep(0.1)
+    print(f"Error: xend (pid {pid}) did not stop within {STOP_TIMEOUT_S:.0f} s", file=sys.stderr)
+    return 1
+
+
+def cmd_status(config: ToolstackConfig) -> int:
+    pid = running_pid(config.pid_file)
+    if pid is None:
+        print("xend is not running")
+        return 3           # LSB: program is not running
+    print(f"xend is running (pid {pid})")
+    return 0
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Usage errors as ``Error: ...`` and exit 1, like every other xend/xm error."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"Error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _ArgumentParser(prog="xend", description="The xend-tmem host daemon.")
+    p.add_argument("-c", "--config", help="toolstack configuration (default: $XEND_CONFIG or "
+                                          "/etc/xen/xend-config.yaml)")
+    p.add_argument("--foreground", action="store_true", help="same as the foreground command")
+    p.add_argument("command", nargs="?", choices=("start", "stop", "restart", "status",
+                                                  "foreground"))
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = "foreground" if args.foreground else args.command
+    if command is None:
+        parser.print_usage(sys.stderr)
+        print("Error: a command is required: start, stop, restart, status or foreground",
+              file=sys.stderr)
+        return 1
+    try:
+        config = load_toolstack_config(args.config)
+    except ConfigError as exc:
+        _report_start(args.ready_fd, f"Error: {exc}")
+        return 1
+    if command == "foreground":
+        return foreground(config, args.ready_fd)
+    if command == "start":
+        return cmd_start(config)
+    if command == "stop":
+        return cmd_stop(config)
+    if command == "status":
+        return cmd_status(config)
+    rc = cmd_stop(config)
+    return rc if rc else cmd_start(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""``xm``: the administrator's command, talking to xend over XML-RPC (SPEC §9).
+
+Commands, options, messages and exit codes are xm's: every error starts
+``Error: ``; usage errors and refusals exit 1; an unknown domain exits 3; a
+daemon that is not there gives ``Unable to connect to xend: ... Is xend
+running?``. Domain names are accepted wherever xm took ids (the tmem commands
+too, which took ids only). Paths are made absolute here, as xm did, because the
+daemon has its own working directory.
+
+``save``, ``restore`` and ``migrate`` run as daemon jobs that ``xm`` polls: on a
+terminal (stderr) it draws phase, bytes, rate and ETA; off a terminal, or with
+``--quiet``, it prints only the final report (``--json`` for the same as JSON).
+Ctrl-C cancels the job; the daemon then resumes the source domain.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import sys
+import time
+import xmlrpc.client
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, TextIO
+
+from . import rpc
+from .progress import ProgressDisplay, report_lines, summary_line
+
+POLL_S = 0.1
+CANCEL_WAIT_S = 60.0
+EXIT_OK, EXIT_ERROR, EXIT_NO_DOMAIN = 0, 1, 3
+
+
+class XmError(Exception):
+    """An error ``xm`` reports itself (``Error: <message>``, exit ``code``)."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but usage errors read ``Error: ...`` and exit 1 as xm's did."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"Error: {message}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+
+
+# -- talking to the daemon ---------------------------------------------------------
+
+def server() -> xmlrpc.client.ServerProxy:
+    return rpc.connect(None, timeout=None)
+
+
+def _job(proxy: Any, start: Callable[[], int], label: str, show_progress: bool,
+         stream: TextIO) -> Dict[str, Any]:
+    """Start a job, poll it to the end (drawing progress), return its result."""
+    job_id = start()
+    display = ProgressDisplay(stream, label) if show_progress else None
+    status: Dict[str, Any] = {}
+    cancelled = False
+    deadline: Optional[float] = None
+    while True:
+        try:
+            status = proxy.xend.job.status(job_id)
+            if display is not None:
+                display.update(status["phase"], status["done"], status.get("total"))
+            if status["state"] != "running":
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise XmError(f"job {job_id} did not stop within {CANCEL_WAIT_S:.0f} s of "
+                              "being cancelled; see the xend log")
+            time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            if cancelled:
+                raise
+            cancelled = True
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            if display is not None:
+                display.finish(None)
+            print("Cancelling (press Ctrl-C again to stop waiting)...", file=sys.stderr)
+            proxy.xend.job.cancel(job_id)
+    if status["state"] == "done":
+        result = status["result"]
+        if display is not None:
+            display.finish(summary_line(result))
+        return result
+    if display is not None:
+        display.finish(None)
+    raise xmlrpc.client.Fault(status.get("fault_code") or 2, status.get("error") or "failed")
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _print_result(args: argparse.Namespace, result: Dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        for line in report_lines(result):
+            print(line)
+
+
+# -- commands -------------------------------------------------------------------
+
+def cmd_create(args: argparse.Namespace) -> int:
+    path = os.path.abspath(args.config)
+    if not os.access(path, os.R_OK):
+        raise XmError(f"xm create: Unable to read file {path}")
+    print(f'Using config file "{args.config}".')
+    out = server().xend.domain.create(path)
+    print(f"Started domain {out['name']} (id={out['domid']})")
+    return EXIT_OK
+
+
+LIST_HEADER = "%-40s %5s %5s %5s %10s %9s" % ("Name", "ID", "Mem", "VCPUs", "State", "Time(s)")
+
+
+def format_list_row(d: Dict[str, Any]) -> str:
+    return "%-40s %5s %5d %5d %10s %8.1f" % (d["name"], d["domid"], d["memory"], d["vcpus"],
+                                             d["state"], d["cpu_time"])
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    proxy = server()
+    if args.domains:
+        doms = [proxy.xend.domain(d) for d in args.domains]
+        if args.state:
+            doms = [d for d in doms if _has_state(d, args.state)]
+    else:
+        doms = proxy.xend.domains_with_state(bool(args.long), args.state or "all", False)
+    if args.long:
+        for d in doms:
+            print(d["sxp"])
+        return EXIT_OK
+    print(LIST_HEADER)
+    for d in sorted(doms, key=lambda d: d["name"]):
+        print(format_list_row(d))
+    return EXIT_OK
+
+
+def _has_state(d: Dict[str, Any], state: str) -> bool:
+    if state == "all":
+        return True
+    flags = dict(zip(("running", "blocked", "paused", "shutdown", "crashed", "dying"),
+                     d["state"]))
+    if state not in flags:
+        raise XmError(f"Invalid state {state!r}")
+    return flags[state] != "-"
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    server().xend.domain.destroy(args.dom)
+    return EXIT_OK
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    server().xend.domain.pause(args.dom)
+    return EXIT_OK
+
+
+def cmd_unpause(args: argparse.Namespace) -> int:
+    server().xend.domain.unpause(args.dom)
+    return EXIT_OK
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    path = os.path.abspath(args.file)
+    if not os.access(os.path.dirname(path), os.W_OK) or os.path.isdir(path):
+        raise XmError(f"xm save: Unable to create file {path}")
+    proxy = server()
+    result = _job(proxy, lambda: proxy.xend.job.save(args.dom, path, bool(args.checkpoint)),
+                  "save", _show_progress(args), sys.stderr)
+    _print_result(args, result)
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    path = os.path.abspath(args.file)
+    if not os.access(path, os.R_OK) or os.path.isdir(path):
+        raise XmError(f"xm restore: Unable to read file {path}")
+    proxy = server()
+    result = _job(proxy, lambda: proxy.xend.job.restore(path, bool(args.paused)),
+                  "restore", _show_progress(args), sys.stderr)
+    _print_result(args, result)
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    proxy = server()
+    ssl = True if args.ssl else None      # None: the daemon's xend-relocation-ssl
+    result = _job(proxy, lambda: proxy.xend.job.migrate(args.dom, args.host, bool(args.live),
+                                                        args.port, args.node, ssl,
+                                                        bool(args.change_home_server)),
+                  "migrate", _show_progress(args), sys.stderr)
+    _print_result(args, result)
+    return EXIT_OK
+
+
+def _tmem_target(args: argparse.Namespace) -> Any:
+    if args.all and args.dom is not None:
+        raise XmError("give either a domain or -a, not both")
+    if not args.all and args.dom is None:
+        raise XmError(f"xm {args.command}: give a domain or -a for all domains")
+    return -1 if args.all else args.dom
+
+
+def cmd_tmem_list(args: argparse.Namespace) -> int:
+    text = server().xend.node.tmem_list(_tmem_target(args), bool(args.long))
+    if text:
+        print(text.rstrip("\n"))
+    return EXIT_OK
+
+
+def _tmem_simple(method: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        getattr(server().xend.node, method)(_tmem_target(args))
+        return EXIT_OK
+    return run
+
+
+def cmd_tmem_flush(args: argparse.Namespace) -> int:
+    server().xend.node.tmem_flush(_tmem_target(args), args.pages)
+    return EXIT_OK
+
+
+TMEM_SET_KEYS = ("weight", "cap", "compress")
+
+
+def parse_tmem_settings(items: Sequence[str]) -> Dict[str, int]:
+    """``weight=N cap=N compress=N`` -> dict; anything else is a usage error."""
+    out: Dict[str, int] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in TMEM_SET_KEYS:
+            raise XmError(f"xm tmem-set: expected weight=N, cap=N or compress=N, got {item!r}")
+        if not value.isdigit():
+            raise XmError(f"xm tmem-set: {key} must be a non-negative integer, got {value!r}")
+        out[key] = int(value)
+    if not out:
+        raise XmError("xm tmem-set: nothing to set (give weight=N, cap=N and/or compress=N)")
+    return out
+
+
+def cmd_tmem_set(args: argparse.Namespace) -> int:
+    settings = parse_tmem_settings(args.settings)
+    target = _tmem_target(args)
+    node = server().xend.node
+    for key in TMEM_SET_KEYS:
+        if key in settings:
+            getattr(node, f"tmem_set_{key}")(target, settings[key])
+    return EXIT_OK
+
+
+def cmd_tmem_freeable(args: argparse.Namespace) -> int:
+    print(server().xend.node.tmem_query_freeable_mb())
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    for key, value in server().xend.node.info():
+        print(f"{key:<23}: {value}")
+    return EXIT_OK
+
+
+# -- the parser -------------------------------------------------------------------
+
+def _report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress display (the final report is still printed)")
+    p.add_argument("--json", action="store_true", help="print the final report as JSON")
+
+
+def _tmem_dom(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-a", "--all", action="store_true", help="all domains")
+    p.add_argument("dom", nargs="?", help="domain name or id")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="xm", description="Manage xend-tmem domains "
+                             "(XM_SERVER selects the daemon's socket).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+
+    p = sub.add_parser("create", help="create a domain from a domain YAML file")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("list", help="list domains")
+    p.add_argument("-l", "--long", action="store_true", help="each domain's SXP")
+    p.add_argument("--state", help="only domains in this state (running, blocked, paused, ...)")
+    p.add_argument("domains", nargs="*", metavar="DOM")
+    p.set_defaults(func=cmd_list)
+
+    for name, fn, text in (("destroy", cmd_destroy, "terminate a domain immediately"),
+                           ("pause", cmd_pause, "pause a domain"),
+                           ("unpause", cmd_unpause, "unpause a paused domain")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("dom")
+        p.set_defaults(func=fn)
+
+    p = sub.add_parser("save", help="save a domain's state to a file")
+    p.add_argument("-c", "--checkpoint", action="store_true",
+                   help="leave the domain running after the snapshot")
+    p.add_argument("dom")
+    p.add_argument("file")
+    _report_options(p)
+    p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser("restore", help="restore a domain from a saved file")
+    p.add_argument("-p", "--paused", action="store_true", help="leave it paused")
+    p.add_argument("file")
+    _report_options(p)
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("migrate", help="migrate a domain to another host")
+    p.add_argument("-l", "--live", action="store_true", help="live migration")
+    p.add_argument("-p", "--port", type=int, default=0,
+                   help="relocation port (0: the configured one)")
+    p.add_argument("-n", "--node", type=int, default=-1, help="NUMA node on the destination")
+    p.add_argument("-s", "--ssl", action="store_true", help="use TLS")
+    p.add_argument("-c", "--change_home_server", action="store_true",
+                   help="accepted for compatibility (domains here are never managed)")
+    p.add_argument("dom")
+    p.add_argument("host")
+    _report_options(p)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("tmem-list", help="list tmem pools")
+    p.add_argument("-l", "--long", action="store_true")
+    _tmem_dom(p)
+    p.set_defaults(func=cmd_tmem_list)
+
+    for name, method in (("tmem-freeze", "tmem_freeze"), ("tmem-thaw", "tmem_thaw"),
+                         ("tmem-destroy", "tmem_destroy")):
+        p = sub.add_parser(name, help=f"{name[5:]} the tmem of a domain (or all)")
+        _tmem_dom(p)
+        p.set_defaults(func=_tmem_simple(method))
+
+    p = sub.add_parser("tmem-flush", help="flush tmem pages of a domain (or all)")
+    p.add_argument("-p", "--pages", type=int, default=-1, help="pages to flush (-1: all)")
+    _tmem_dom(p)
+    p.set_defaults(func=cmd_tmem_flush)
+
+    p = sub.add_parser("tmem-set", help="change tmem weight, cap or compress")
+    p.add_argument("-a", "--all", action="store_true", help="all domains")
+    p.add_argument("dom", nargs="?", help="domain name or id")
+    p.add_argument("settings", nargs="*", metavar="weight=N|cap=N|compress=N")
+    p.set_defaults(func=cmd_tmem_set)
+
+    p = sub.add_parser("tmem-freeable", help="MiB of tmem that could be freed")
+    p.set_defaults(func=cmd_tmem_freeable)
+
+    p = sub.add_parser("info", help="host and daemon information")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def _fix_tmem_set(args: argparse.Namespace) -> None:
+    """``xm tmem-set -a weight=3``: argparse puts ``weight=3`` in ``dom``."""
+    if args.command == "tmem-set" and args.dom is not None and "=" in args.dom:
+        args.settings = [args.dom, *args.settings]
+        args.dom = None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_usage(sys.stderr)
+        print("Error: a command is required (xm -h lists them)", file=sys.stderr)
+        return EXIT_ERROR
+    _fix_tmem_set(args)
+    try:
+        return args.func(args)
+    except XmError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return exc.code
+    except xmlrpc.client.Fault as fault:
+        print(f"Error: {fault.faultString}", file=sys.stderr)
+        return EXIT_NO_DOMAIN if fault.faultCode == rpc.FAULT_NO_SUCH_DOMAIN else EXIT_ERROR
+    except BrokenPipeError:
+        return EXIT_ERROR
+    except (ConnectionRefusedError, FileNotFoundError, PermissionError) as exc:
+        print(f"Error: Unable to connect to xend: {exc.strerror or exc}. Is xend running?",
+              file=sys.stderr)
+        return EXIT_ERROR
+    except (OSError, http.client.HTTPException) as exc:
+        detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        print(f"Error: lost the connection to xend: {detail}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
