@@ -18,6 +18,7 @@ config file and the state it names can move together.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -259,8 +260,15 @@ def parse_toolstack_config(data: Any, path: Optional[str] = None) -> ToolstackCo
         else:
             plugin_sections[key] = raw
     enabled = values.get("checkpoint_plugins", ToolstackConfig.checkpoint_plugins)
+    installed = _installed_plugin_names()
+    for name in enabled:
+        if name not in installed:
+            raise ConfigError(f"{where}: checkpoint-plugins: plugin {name!r} is not installed "
+                              f"(installed: {', '.join(installed) or 'none'})")
+        if enabled.count(name) > 1:
+            raise ConfigError(f"{where}: checkpoint-plugins: plugin {name!r} is listed twice")
     if plugin_sections:
-        known = set(enabled) | set(_installed_plugin_names())
+        known = set(enabled) | set(installed)
         for key, raw in plugin_sections.items():
             if key not in known:
                 unknown.append(key)
@@ -271,8 +279,10 @@ def parse_toolstack_config(data: Any, path: Optional[str] = None) -> ToolstackCo
                 raise ConfigError(f"{where}: {key}: the plugin's section must be a mapping, "
                                   f"got {raw!r}")
         if unknown:
-            raise ConfigError(f"{where}: unknown setting {unknown[0]!r}"
-                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+            close = difflib.get_close_matches(unknown[0], [*_KEYS, "hypervisor", *known], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            more = f"; {len(unknown) - 1} more unknown" if len(unknown) > 1 else ""
+            raise ConfigError(f"{where}: unknown setting {unknown[0]!r}{hint}{more}")
     values["plugin_settings"] = {k: dict(v or {}) for k, v in plugin_sections.items()}
     if values.get("relocation_ssl_server"):
         for key in ("xend-relocation-server-ssl-key-file", "xend-relocation-server-ssl-cert-file"):

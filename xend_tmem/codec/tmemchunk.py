@@ -352,6 +352,22 @@ def _check_pool(pool: PoolRecord, version: int, off: int, max_page_size: Optiona
                           offset=off + 4, field="n_pages", value=pool.n_pages)
 
 
+def _records_before_terminator(buf: bytearray, pos: int, limit: int, rec: int,
+                               ones: bytes) -> int:
+    """How many of the ``limit`` whole records at ``pos`` precede one whose OID is
+    the terminator. A strided slice takes each record's first byte in one C call,
+    so only records starting with 0xff are compared in Python."""
+    firsts = buf[pos:pos + limit * rec:rec]
+    k = firsts.find(0xFF)
+    olen = len(ones)
+    while k >= 0:
+        at = pos + k * rec
+        if buf[at:at + olen] == ones:
+            return k
+        k = firsts.find(0xFF, k + 1)
+    return limit
+
+
 def _read_pages(r: StreamReader, visitor: ChunkVisitor, pool: PoolRecord, olen: int,
                 ones: bytes) -> Tuple[int, bool]:
     """Page records until n_pages or the terminator; batches scanned in place."""
@@ -363,11 +379,8 @@ def _read_pages(r: StreamReader, visitor: ChunkVisitor, pool: PoolRecord, olen: 
         want = min(left, per_batch)
         avail = r.fill(want * rec)
         buf, pos = r.buf, r.pos
-        k = 0
         limit = min(want, avail // rec)
-        # scan record starts for the terminator OID
-        while k < limit and buf[pos + k * rec:pos + k * rec + olen] != ones:
-            k += 1
+        k = _records_before_terminator(buf, pos, limit, rec, ones)
         if k:
             mv = memoryview(buf)[pos:pos + k * rec]
             try:

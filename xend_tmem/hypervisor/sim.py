@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import random
 import struct
 import threading
@@ -54,18 +55,26 @@ DOM0_MEMORY_MIB = 1024
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 ALL_CLIENTS = -1                  # Xen's TMEM_CLI_ID_NULL: admin ops on every client
-MAX_TICK_OPS = 100_000            # per kind and tick: a late tick cannot stall the host
+MAX_TICK_OPS = 10_000             # per kind and tick: a late tick cannot stall the host
 WORKLOAD_OID_BASE = 1 << 48       # workload objects, clear of config and bulk OIDs
 WORKLOAD_OBJECT_PAGES = 64
 POOL_RESERVED = 0xFFFFFFFF & ~(POOL_PERSIST | POOL_SHARED | POOL_PRECOMPRESSED
                                | POOL_PAGEBITS_MASK | POOL_VERSION_MASK)
 
 _STAMP = struct.Struct("<QQ")
-# Guest RAM is written in full (stamped at creation, or by a restore): prefault
-# it in one go where the platform can, which is several times cheaper than a
-# fault per page.
-_RAM_MAP_ARGS = ({"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE}
-                 if hasattr(mmap, "MAP_POPULATE") else {})
+# A configured domain's RAM is stamped in full at creation: prefault it in one
+# go where the platform can (several times cheaper than a fault per page). A
+# restore shell stays lazy: its size comes from a stream, and memory should be
+# committed only as the stream's pages arrive.
+_POPULATE = ({"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE}
+             if hasattr(mmap, "MAP_POPULATE") else {})
+
+
+def _host_memory() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _fmt_oid(version: int, oid: Sequence[int]) -> str:
@@ -353,11 +362,15 @@ class SimHypervisor:
         pool = self._pool(c, pool_id, op)
         return pool, c.walks.get(pool_id)
 
-    def _alloc_ram(self, p2m: int, op: str) -> mmap.mmap:
+    def _alloc_ram(self, p2m: int, op: str, populate: bool) -> mmap.mmap:
         if isinstance(p2m, bool) or not isinstance(p2m, int) or not 1 <= p2m <= MAX_P2M:
             raise HypervisorError(op, f"p2m size {p2m!r} is not 1..{MAX_P2M} pages")
+        host = _host_memory()
+        if host is not None and p2m * PAGE_SIZE > host:
+            raise HypervisorError(op, f"{p2m * PAGE_SIZE >> 20} MiB of guest RAM exceeds the "
+                                      f"host's {host >> 20} MiB")
         try:
-            return mmap.mmap(-1, p2m * PAGE_SIZE, **_RAM_MAP_ARGS)
+            return mmap.mmap(-1, p2m * PAGE_SIZE, **(_POPULATE if populate else {}))
         except (OSError, ValueError, OverflowError) as e:
             raise HypervisorError(op, f"cannot allocate {p2m} pages of guest RAM: {e}") from None
 
@@ -402,7 +415,7 @@ class SimHypervisor:
         with self._lock:
             self._check_name(config.name, op)
             p2m = config.memory * PAGES_PER_MIB
-            ram = self._alloc_ram(p2m, op)
+            ram = self._alloc_ram(p2m, op, populate=True)
             d = self._new_domain(config.name, config.memory, config.vcpus, p2m, ram,
                                  config.to_dict())
             try:
@@ -598,7 +611,7 @@ class SimHypervisor:
             if isinstance(vcpus, bool) or not isinstance(vcpus, int) \
                     or not 1 <= vcpus <= MAX_SHELL_VCPUS:
                 raise HypervisorError(op, f"vcpu count {vcpus!r} is not 1..{MAX_SHELL_VCPUS}")
-            ram = self._alloc_ram(p2m_size, op)
+            ram = self._alloc_ram(p2m_size, op, populate=False)
             memory = -(-p2m_size // PAGES_PER_MIB)
             cfg: Dict[str, object] = {"memory": memory, "vcpus": vcpus}
             cfg.update(config or {})
@@ -783,8 +796,9 @@ class SimHypervisor:
     def save_get_pool_flags(self, domid: int, pool_id: int) -> Optional[int]:
         op = "SAVE_GET_POOL_FLAGS"
         with self._lock:
-            c = self._client(domid, op)
-            p = c.pools[self._slot(pool_id, op)]
+            # as Xen: no client, or no pool in the slot, is the same "-1"
+            c = self._dom(domid).client
+            p = c.pools[self._slot(pool_id, op)] if c is not None else None
             rc = p.flags() if p is not None else None
             if self._trace is not None:
                 self._t(f"{op} pool={pool_id} cli={domid} "

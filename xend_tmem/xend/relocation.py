@@ -206,7 +206,8 @@ class RelocationServer:
                 self._threads.add(t)
             t.start()
 
-    def _serve(self, conn: socket.socket, peer: str) -> None:
+    def _serve(self, raw: socket.socket, peer: str) -> None:
+        conn = raw
         try:
             conn.settimeout(self.io_timeout)
             if not host_allowed(self.hosts_allow, peer):
@@ -223,12 +224,13 @@ class RelocationServer:
         except Exception:
             log.exception("relocation: connection from %s failed", peer)
         finally:
-            try:
-                conn.close()
-            except OSError:
-                pass
+            for sock in {conn, raw}:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
             with self._lock:
-                self._conns.discard(conn)
+                self._conns.discard(raw)
                 self._threads.discard(threading.current_thread())
 
     @staticmethod
@@ -361,18 +363,49 @@ def _drain(conn: socket.socket) -> None:
 # -- sender -------------------------------------------------------------------
 
 class _PeerWriter:
-    """The socket as a file for the save path; notices an early ``(err ...)``."""
+    """The socket as a file for the save path.
 
-    def __init__(self, channel: "_Channel") -> None:
+    Sends in slices while watching for an early ``(err ...)`` from the receiver,
+    for a cancel request (a stalled receiver must not make Ctrl-C wait for the
+    I/O timeout) and for a peer that stopped reading altogether.
+    """
+
+    SLICE = 1 << 20
+
+    def __init__(self, channel: "_Channel", cancel: Optional[threading.Event],
+                 io_timeout: float) -> None:
         self.ch = channel
+        self.cancel = cancel
+        self.io_timeout = io_timeout
 
     def write(self, data: Any) -> int:
-        self.ch.check_peer_error()
-        try:
-            self.ch.sock.sendall(data)
-        except OSError as exc:
-            self.ch.raise_peer_error(exc)
-        return memoryview(data).nbytes
+        mv = memoryview(data).cast("B")
+        total = mv.nbytes
+        sock = self.ch.sock
+        last_progress = time.monotonic()
+        while mv.nbytes:
+            if self.cancel is not None and self.cancel.is_set():
+                raise Cancelled("cancelled")
+            try:
+                readable, writable, _ = select.select([sock], [sock], [], 0.2)
+            except (OSError, ValueError) as exc:
+                self.ch.raise_peer_error(exc if isinstance(exc, OSError) else None)
+            if readable:
+                self.ch.raise_peer_error(None)
+            if not writable:
+                if time.monotonic() - last_progress > self.io_timeout:
+                    raise PeerError(f"{self.ch.host} stopped reading for "
+                                    f"{self.io_timeout:.0f} s")
+                continue
+            try:
+                sent = sock.send(mv[:self.SLICE])
+            except socket.timeout:
+                sent = 0
+            except OSError as exc:
+                self.ch.raise_peer_error(exc)
+            mv = mv[sent:]
+            last_progress = time.monotonic()
+        return total
 
     def flush(self) -> None:
         return None
@@ -525,8 +558,8 @@ def migrate(hv, domid: int, host: str, port: int, *, live: bool, hooks,
             raise PeerError(f"unexpected answer {sxp.to_string(reply)} (from {host})")
         if on_accepted is not None:
             on_accepted()
-        report = save_domain(hv, domid, _PeerWriter(ch), hooks=hooks, live=live,
-                             progress=progress, cancel=cancel)
+        report = save_domain(hv, domid, _PeerWriter(ch, cancel, io_timeout), hooks=hooks,
+                             live=live, progress=progress, cancel=cancel)
         # From here the source is suspended: any failure must resume it.
         try:
             progress("ack", int(report.get("bytes", 0)), None)

@@ -168,6 +168,7 @@ class XendService:
 
     def _check_can_checkpoint(self, domid: int, what: str) -> Any:
         self._refuse_privileged(domid, what)
+        self._refuse_busy(domid, what)
         info = self.hv.domain_info(domid)
         if not _is_running(info):
             raise XendError(f"Cannot {what} domain {info.name}: it is not running "

@@ -81,6 +81,7 @@ def _job(proxy: Any, start: Callable[[], int], label: str, show_progress: bool,
             if display is not None:
                 display.finish(None)
             print("Cancelling (press Ctrl-C again to stop waiting)...", file=sys.stderr)
+            proxy = server()          # the interrupted call may have left the old one mid-request
             proxy.xend.job.cancel(job_id)
     if status["state"] == "done":
         result = status["result"]

@@ -1,0 +1,254 @@
+"""tmem save -> pipe -> restore between two processes, against a raw pipe.
+
+    python benchmarks/tmem_pipe.py [--mib 1024] [--runs 3] [--json]
+
+Each run first moves the same number of bytes through a pipe in 1 MiB blocks
+(written from a preallocated buffer, read and discarded: the baseline), then
+saves a simulated domain's persistent tmem (``--mib`` of 4 KiB pages) as a
+``-5`` chunk into a pipe while a second process restores it into its own
+simulated hypervisor. Setup (generating the pages) is outside the timing.
+Reported per run and as the median: throughput of both, the ratio
+tmem/raw, and each side's peak memory during the transfer (VmHWM reset after
+setup) against what it holds (page data + index).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MiB = 1 << 20
+BLOCK = MiB
+_CPU0 = [0.0]
+
+
+def _rss_kib(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _ready_and_wait(info: dict) -> None:
+    """Tell the parent setup is done, then wait for its 'go'."""
+    sys.stdout.write(json.dumps({"ready": True, **info}) + "\n")
+    sys.stdout.flush()
+    sys.stdin.readline()
+    _CPU0[0] = time.process_time()
+
+
+def _report(info: dict) -> None:
+    info["cpu_s"] = time.process_time() - _CPU0[0]
+    sys.stdout.write(json.dumps(info) + "\n")
+    sys.stdout.flush()
+
+
+# -- child roles -------------------------------------------------------------------
+
+def role_raw_send(fd: int, nbytes: int) -> None:
+    block = os.urandom(BLOCK)
+    out = os.fdopen(fd, "wb", buffering=0)
+    _ready_and_wait({})
+    t0 = time.monotonic()
+    left = nbytes
+    mv = memoryview(block)
+    while left:
+        n = min(left, BLOCK)
+        wrote = out.write(mv[:n])
+        left -= wrote
+    out.close()
+    _report({"t0": t0, "t1": time.monotonic()})
+
+
+def role_raw_recv(fd: int, nbytes: int) -> None:
+    inp = os.fdopen(fd, "rb", buffering=0)
+    buf = bytearray(BLOCK)
+    _ready_and_wait({})
+    t0 = time.monotonic()
+    got = 0
+    while True:
+        n = inp.readinto(buf)
+        if not n:
+            break
+        got += n
+    _report({"t0": t0, "t1": time.monotonic(), "bytes": got})
+
+
+def _domain_config(pages: int):
+    from xend_tmem.domconfig import parse_domain_config
+    return parse_domain_config({
+        "name": "bench", "memory": 16, "vcpus": 1,
+        "tmem": {"version": 1, "pools": [
+            {"id": 0, "persistent": True, "shared": False, "pagebits": 0, "uuid": [0, 0],
+             "pages": [], "bulk": {"pages": pages, "objects": max(1, pages // 512)}}]},
+    })
+
+
+def role_save(fd: int, pages: int) -> None:
+    from xend_tmem.binio import StreamWriter
+    from xend_tmem.hypervisor.sim import SimHypervisor
+    from xend_tmem.tmem.save import TmemWriter
+    start_rss = _rss_kib()
+    hv = SimHypervisor(tmem_version=1, tmem_capacity_pages=pages + 1024)
+    domid = hv.create_domain(_domain_config(pages))
+    hv.suspend(domid)
+    held = _rss_kib() - start_rss
+    out = os.fdopen(fd, "wb", buffering=0)
+    _reset_peak()
+    before = _rss_kib()
+    _ready_and_wait({})
+    t0 = time.monotonic()
+    w = StreamWriter(out)
+    writer = TmemWriter(hv, domid, live=False)
+    try:
+        writer.begin()
+        writer.write_tmem(w)
+        w.flush()
+    finally:
+        writer.end()
+    out.close()
+    t1 = time.monotonic()
+    _report({"t0": t0, "t1": t1, "bytes": w.offset, "pages": writer.pages,
+             "held_kib": held, "rss_before_kib": before, "peak_kib": _rss_kib("VmHWM")})
+
+
+def role_restore(fd: int, pages: int) -> None:
+    from xend_tmem.binio import StreamReader
+    from xend_tmem.hypervisor.sim import SimHypervisor
+    from xend_tmem.tmem.restore import TmemRestorer
+    hv = SimHypervisor(tmem_version=1, tmem_capacity_pages=pages + 1024)
+    domid = hv.create_domain_shell("bench", 16 * 256, 1)
+    inp = os.fdopen(fd, "rb", buffering=0)
+    _reset_peak()
+    start_rss = _rss_kib()
+    _ready_and_wait({})
+    t0 = time.monotonic()
+    r = StreamReader(inp)
+    rest = TmemRestorer(hv, domid)
+    off = r.offset
+    rest.read_chunk(r, r.s32("marker"), off)
+    rest.finish()
+    t1 = time.monotonic()
+    end_rss = _rss_kib()
+    _report({"t0": t0, "t1": t1, "pages": rest.page_count, "bytes": r.offset,
+             "held_kib": end_rss - start_rss, "rss_before_kib": start_rss,
+             "rss_end_kib": end_rss, "peak_kib": _rss_kib("VmHWM")})
+
+
+# -- parent ------------------------------------------------------------------------
+
+def _spawn(role: str, fd: int, arg: int):
+    return subprocess.Popen([sys.executable, __file__, "--role", role, "--fd", str(fd),
+                             "--arg", str(arg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            pass_fds=(fd,), text=True)
+
+
+F_SETPIPE_SZ = 1031
+
+
+def _pair(send_role: str, recv_role: str, arg: int):
+    r, w = os.pipe()
+    try:   # both the baseline and tmem get the same 1 MiB pipe (the default is 64 KiB)
+        import fcntl
+        fcntl.fcntl(w, F_SETPIPE_SZ, BLOCK)
+    except OSError:
+        pass
+    sender = _spawn(send_role, w, arg)
+    receiver = _spawn(recv_role, r, arg)
+    os.close(r)
+    os.close(w)
+    for p in (sender, receiver):
+        line = p.stdout.readline()
+        if not line:
+            raise SystemExit(f"benchmark child {p.args[3]} died during setup")
+    for p in (receiver, sender):
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    res = []
+    for p in (sender, receiver):
+        line = p.stdout.readline()
+        p.wait()
+        if p.returncode or not line:
+            raise SystemExit(f"benchmark child {p.args[3]} failed (exit {p.returncode})")
+        res.append(json.loads(line))
+    elapsed = max(x["t1"] for x in res) - min(x["t0"] for x in res)
+    return elapsed, res[0], res[1]
+
+
+def _run_role(args) -> None:
+    {"raw-send": role_raw_send, "raw-recv": role_raw_recv,
+     "save": role_save, "restore": role_restore}[args.role](args.fd, args.arg)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=1024, help="persistent tmem to move (MiB)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--role", help=argparse.SUPPRESS)
+    ap.add_argument("--fd", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--arg", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.role and os.environ.get("TMEM_BENCH_PROFILE") == args.role:
+        import cProfile
+        cProfile.runctx("main(argv)", globals(), {"main": _run_role, "argv": args},
+                        f"/tmp/bench-{args.role}.prof")
+        return 0
+    if args.role:
+        {"raw-send": role_raw_send, "raw-recv": role_raw_recv,
+         "save": role_save, "restore": role_restore}[args.role](args.fd, args.arg)
+        return 0
+    pages = args.mib * MiB // 4096
+    runs = []
+    for i in range(args.runs):
+        t_tmem, save, restore = _pair("save", "restore", pages)
+        if restore["pages"] != pages or save["pages"] != pages:
+            raise SystemExit(f"run {i + 1}: moved {save['pages']}/{restore['pages']} of {pages} pages")
+        nbytes = save["bytes"]
+        t_raw, _, raw_recv = _pair("raw-send", "raw-recv", nbytes)
+        assert raw_recv["bytes"] == nbytes
+        run = {
+            "bytes": nbytes, "raw_s": t_raw, "tmem_s": t_tmem,
+            "raw_mib_s": nbytes / MiB / t_raw, "tmem_mib_s": nbytes / MiB / t_tmem,
+            "ratio": t_raw / t_tmem,
+            "save_held_mib": save["held_kib"] / 1024,
+            "save_peak_over_held_mib": (save["peak_kib"] - save["rss_before_kib"]) / 1024,
+            "restore_held_mib": restore["held_kib"] / 1024,
+            "restore_peak_over_held_mib": (restore["peak_kib"] - restore["rss_end_kib"]) / 1024,
+        }
+        run["save_cpu_s"], run["restore_cpu_s"] = save["cpu_s"], restore["cpu_s"]
+        runs.append(run)
+        if not args.json:
+            print(f"run {i + 1}: {nbytes / MiB:.0f} MiB  raw pipe {run['raw_mib_s']:.0f} MiB/s  "
+                  f"tmem {run['tmem_mib_s']:.0f} MiB/s  ratio {run['ratio']:.2f}  "
+                  f"save peak +{run['save_peak_over_held_mib']:.1f} MiB over "
+                  f"{run['save_held_mib']:.0f} held, restore peak "
+                  f"+{run['restore_peak_over_held_mib']:.1f} MiB over {run['restore_held_mib']:.0f} held",
+                  flush=True)
+    summary = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    summary["runs"] = len(runs)
+    if args.json:
+        print(json.dumps({"median": summary, "runs": runs}, indent=1))
+    else:
+        print(f"median of {len(runs)}: tmem {summary['tmem_mib_s']:.0f} MiB/s vs raw pipe "
+              f"{summary['raw_mib_s']:.0f} MiB/s = ratio {summary['ratio']:.2f}; peak memory "
+              f"over page data + index: save +{summary['save_peak_over_held_mib']:.1f} MiB, "
+              f"restore +{summary['restore_peak_over_held_mib']:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
