@@ -125,11 +125,12 @@ def role_save(fd: int, pages: int) -> None:
              "held_kib": held, "rss_before_kib": before, "peak_kib": _rss_kib("VmHWM")})
 
 
-def role_restore(fd: int, pages: int) -> None:
+def role_restore(fd: int, pages: int, prealloc: bool) -> None:
     from xend_tmem.binio import StreamReader
     from xend_tmem.hypervisor.sim import SimHypervisor
     from xend_tmem.tmem.restore import TmemRestorer
-    hv = SimHypervisor(tmem_version=1, tmem_capacity_pages=pages + 1024)
+    hv = SimHypervisor(tmem_version=1, tmem_capacity_pages=pages + 1024,
+                       tmem_prealloc_mib=(pages * 4124 >> 20) + 16 if prealloc else 0)
     domid = hv.create_domain_shell("bench", 16 * 256, 1)
     inp = os.fdopen(fd, "rb", buffering=0)
     _reset_peak()
@@ -188,9 +189,24 @@ def _pair(send_role: str, recv_role: str, arg: int):
     return elapsed, res[0], res[1]
 
 
+ROLES = {
+    "raw-send": lambda fd, arg: role_raw_send(fd, arg),
+    "raw-recv": lambda fd, arg: role_raw_recv(fd, arg),
+    "save": lambda fd, arg: role_save(fd, arg),
+    "restore": lambda fd, arg: role_restore(fd, arg, prealloc=False),
+    "restore-prealloc": lambda fd, arg: role_restore(fd, arg, prealloc=True),
+}
+
+
 def _run_role(args) -> None:
-    {"raw-send": role_raw_send, "raw-recv": role_raw_recv,
-     "save": role_save, "restore": role_restore}[args.role](args.fd, args.arg)
+    ROLES[args.role](args.fd, args.arg)
+
+
+def _tmem_run(pages: int, restore_role: str) -> dict:
+    t_tmem, save, restore = _pair("save", restore_role, pages)
+    if restore["pages"] != pages or save["pages"] != pages:
+        raise SystemExit(f"moved {save['pages']}/{restore['pages']} of {pages} pages")
+    return {"s": t_tmem, "bytes": save["bytes"], "save": save, "restore": restore}
 
 
 def main(argv=None) -> int:
@@ -204,49 +220,55 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.role and os.environ.get("TMEM_BENCH_PROFILE") == args.role:
         import cProfile
-        cProfile.runctx("main(argv)", globals(), {"main": _run_role, "argv": args},
+        cProfile.runctx("run(args)", globals(), {"run": _run_role, "args": args},
                         f"/tmp/bench-{args.role}.prof")
         return 0
     if args.role:
-        {"raw-send": role_raw_send, "raw-recv": role_raw_recv,
-         "save": role_save, "restore": role_restore}[args.role](args.fd, args.arg)
+        _run_role(args)
         return 0
     pages = args.mib * MiB // 4096
     runs = []
     for i in range(args.runs):
-        t_tmem, save, restore = _pair("save", "restore", pages)
-        if restore["pages"] != pages or save["pages"] != pages:
-            raise SystemExit(f"run {i + 1}: moved {save['pages']}/{restore['pages']} of {pages} pages")
-        nbytes = save["bytes"]
+        cold = _tmem_run(pages, "restore")
+        warm = _tmem_run(pages, "restore-prealloc")
+        nbytes = cold["bytes"]
         t_raw, _, raw_recv = _pair("raw-send", "raw-recv", nbytes)
         assert raw_recv["bytes"] == nbytes
+        save, restore = cold["save"], cold["restore"]
         run = {
-            "bytes": nbytes, "raw_s": t_raw, "tmem_s": t_tmem,
-            "raw_mib_s": nbytes / MiB / t_raw, "tmem_mib_s": nbytes / MiB / t_tmem,
-            "ratio": t_raw / t_tmem,
+            "bytes": nbytes, "raw_s": t_raw, "tmem_s": cold["s"], "tmem_prealloc_s": warm["s"],
+            "raw_mib_s": nbytes / MiB / t_raw,
+            "tmem_mib_s": nbytes / MiB / cold["s"],
+            "tmem_prealloc_mib_s": nbytes / MiB / warm["s"],
+            "ratio": t_raw / cold["s"],
+            "ratio_prealloc": t_raw / warm["s"],
+            "save_cpu_s": save["cpu_s"], "restore_cpu_s": restore["cpu_s"],
+            "restore_prealloc_cpu_s": warm["restore"]["cpu_s"],
             "save_held_mib": save["held_kib"] / 1024,
             "save_peak_over_held_mib": (save["peak_kib"] - save["rss_before_kib"]) / 1024,
             "restore_held_mib": restore["held_kib"] / 1024,
             "restore_peak_over_held_mib": (restore["peak_kib"] - restore["rss_end_kib"]) / 1024,
         }
-        run["save_cpu_s"], run["restore_cpu_s"] = save["cpu_s"], restore["cpu_s"]
         runs.append(run)
         if not args.json:
             print(f"run {i + 1}: {nbytes / MiB:.0f} MiB  raw pipe {run['raw_mib_s']:.0f} MiB/s  "
-                  f"tmem {run['tmem_mib_s']:.0f} MiB/s  ratio {run['ratio']:.2f}  "
-                  f"save peak +{run['save_peak_over_held_mib']:.1f} MiB over "
-                  f"{run['save_held_mib']:.0f} held, restore peak "
-                  f"+{run['restore_peak_over_held_mib']:.1f} MiB over {run['restore_held_mib']:.0f} held",
-                  flush=True)
+                  f"tmem {run['tmem_mib_s']:.0f} MiB/s (ratio {run['ratio']:.2f}), with a "
+                  f"preallocated tmem heap {run['tmem_prealloc_mib_s']:.0f} MiB/s (ratio "
+                  f"{run['ratio_prealloc']:.2f}); peak over held: save "
+                  f"+{run['save_peak_over_held_mib']:.1f} of {run['save_held_mib']:.0f} MiB, "
+                  f"restore +{run['restore_peak_over_held_mib']:.1f} of "
+                  f"{run['restore_held_mib']:.0f} MiB", flush=True)
     summary = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     summary["runs"] = len(runs)
     if args.json:
         print(json.dumps({"median": summary, "runs": runs}, indent=1))
     else:
-        print(f"median of {len(runs)}: tmem {summary['tmem_mib_s']:.0f} MiB/s vs raw pipe "
-              f"{summary['raw_mib_s']:.0f} MiB/s = ratio {summary['ratio']:.2f}; peak memory "
-              f"over page data + index: save +{summary['save_peak_over_held_mib']:.1f} MiB, "
-              f"restore +{summary['restore_peak_over_held_mib']:.1f} MiB")
+        print(f"median of {len(runs)}: raw pipe {summary['raw_mib_s']:.0f} MiB/s; tmem "
+              f"{summary['tmem_mib_s']:.0f} MiB/s = ratio {summary['ratio']:.2f}; with a "
+              f"preallocated tmem heap {summary['tmem_prealloc_mib_s']:.0f} MiB/s = ratio "
+              f"{summary['ratio_prealloc']:.2f}; peak memory over page data + index: save "
+              f"+{summary['save_peak_over_held_mib']:.1f} MiB, restore "
+              f"+{summary['restore_peak_over_held_mib']:.1f} MiB")
     return 0
 
 

@@ -27,7 +27,8 @@ def test_missing_default_file_means_xends_defaults(tmp_path, monkeypatch) -> Non
     # SPEC §9's defaults
     assert (c.unix_xmlrpc_server, c.relocation_server, c.relocation_port) == (True, False, 8002)
     assert (c.relocation_address, c.relocation_hosts_allow) == ("", ())
-    assert (c.relocation_ssl_server, c.relocation_ssl_port, c.relocation_ssl) == (False, 8003, False)
+    assert (c.relocation_ssl_server, c.relocation_ssl_port) == (False, 8003)
+    assert c.relocation_ssl is False
     assert (c.logfile, c.loglevel) == ("/var/log/xen/xend.log", "DEBUG")
     assert c.unix_socket == "/var/run/xend/xmlrpc.sock"
     assert c.checkpoint_plugins == ("tmem",)
@@ -126,7 +127,8 @@ def test_hosts_allow_string_or_list_compiled_for_whole_matches() -> None:
     assert [p.pattern for p in c.hosts_allow_patterns()] == list(c.relocation_hosts_allow)
     c = parse_toolstack_config({"xend-relocation-hosts-allow": ["a", "b.*"]})
     assert c.relocation_hosts_allow == ("a", "b.*")
-    assert parse_toolstack_config({"xend-relocation-hosts-allow": None}).relocation_hosts_allow == ()
+    c = parse_toolstack_config({"xend-relocation-hosts-allow": None})
+    assert c.relocation_hosts_allow == ()
 
 
 def test_plugin_sections_pass_through_untouched_even_when_disabled() -> None:
@@ -140,7 +142,8 @@ def test_plugin_sections_pass_through_untouched_even_when_disabled() -> None:
 def test_hypervisor_section() -> None:
     c = parse_toolstack_config({"hypervisor": {"backend": "sim", "tmem-version": 0,
                                                "tmem-capacity-mb": "64", "seed": 3}})
-    assert (c.hypervisor.tmem_version, c.hypervisor.tmem_capacity_mb, c.hypervisor.seed) == (0, 64, 3)
+    hvc = c.hypervisor
+    assert (hvc.tmem_version, hvc.tmem_capacity_mb, hvc.seed) == (0, 64, 3)
 
 
 def test_the_shipped_example_loads_and_its_tmem_section_is_valid() -> None:

@@ -89,7 +89,8 @@ def _bool(value: Any) -> bool:
             return True
         if low in _FALSE:
             return False
-    raise ValueError(f"expected a boolean (yes/no, y/n, 1/0, on/off, true/false, t/f), got {value!r}")
+    raise ValueError("expected a boolean (yes/no, y/n, 1/0, on/off, true/false, t/f), "
+                     f"got {value!r}")
 
 
 def _int(value: Any) -> int:
@@ -197,7 +198,8 @@ def _hypervisor(value: Any, where: str) -> HypervisorSettings:
             except ValueError:
                 version = -1
             if version not in (0, 1):
-                raise ConfigError(f"{where}: {name}: expected tmem spec version 0 or 1, got {raw!r}")
+                raise ConfigError(f"{where}: {name}: expected tmem spec version 0 or 1, "
+                                  f"got {raw!r}")
             out["tmem_version"] = version
         elif key == "tmem-capacity-mb":
             try:

@@ -112,7 +112,8 @@ def test_refusals_and_usage_errors(xends, tmp_path: Path) -> None:
     a.xm_ok("create", str(write_domain(tmp_path, STILL_DOMAIN)))
     for args, message in (
             (("pause", "0"), "Error: Cannot pause privileged domain 0\n"),
-            (("save", "Domain-0", str(tmp_path / "d0")), "Error: Cannot save privileged domain 0\n"),
+            (("save", "Domain-0", str(tmp_path / "d0")),
+             "Error: Cannot save privileged domain 0\n"),
             (("destroy", "0"), "Error: Cannot destroy privileged domain 0\n"),
             (("save", "still1", str(tmp_path / "no" / "dir" / "x.img")),
              f"Error: xm save: Unable to create file {tmp_path / 'no' / 'dir' / 'x.img'}\n"),
@@ -134,3 +135,29 @@ def test_refusals_and_usage_errors(xends, tmp_path: Path) -> None:
     assert r.returncode == 1 and "Error: " in r.stderr
     a.xm_ok("destroy", "still1")
     assert "still1" not in a.domains()
+
+
+def test_sigterm_during_a_migration_cancels_it_and_exits_cleanly(xends, tmp_path: Path) -> None:
+    import time
+    from .xendtest import FakeStockXend
+    a = xends.start("a")
+    a.xm_ok("create", str(write_domain(tmp_path, STILL_DOMAIN)))
+    peer = FakeStockXend("stall")
+    xm = subprocess.Popen([sys.executable, "-m", "xend_tmem.xend.xm", "migrate", "-p",
+                           str(peer.port), "still1", "127.0.0.1"], env=a.env(),
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "migrating-still1" in a.domains())
+        started = time.monotonic()
+        assert a.stop() == 0
+        assert time.monotonic() - started < 10
+        out, err = xm.communicate(timeout=30)
+    finally:
+        if xm.poll() is None:
+            xm.kill()
+            xm.communicate()
+        peer.close()
+    assert (xm.returncode, err) == (1, "Error: cancelled\n")
+    assert "job 1 (migrate still1) cancelled" in a.log_text()
+    assert not a.socket_path.exists() and not a.pid_path.exists()

@@ -138,3 +138,23 @@ def test_failed_save_leaves_no_file_and_the_domain_running_under_its_name(xends,
     client = a.tmem_client("bad1")
     assert (client["frozen"], client["saving"]) == ("0", "0")
     assert "migrating-bad1" not in a.domains()
+
+
+def test_a_daemon_without_the_plugin_refuses_a_tmem_image_cleanly(xends, tmp_path: Path) -> None:
+    a = xends.start("a")
+    b = xends.start("b", **{"checkpoint-plugins": []})
+    a.xm_ok("create", str(write_domain(tmp_path, STILL_DOMAIN)))
+    image = tmp_path / "still1.img"
+    a.xm_ok("save", "still1", str(image))
+    r = b.xm("restore", str(image))
+    assert r.returncode == 1
+    assert r.stderr.startswith("Error: bad stream: ") and "-5" in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    assert list(b.domains()) == ["Domain-0"]              # nothing half-built stays
+    # and a daemon without the plugin saves like a toolstack without tmem support
+    plain = write_domain(tmp_path, {"name": "plain", "memory": 8})
+    b.xm_ok("create", str(plain))
+    out = b.xm_ok("save", "plain", str(tmp_path / "plain.img"))
+    assert "tmem: not carried" in out
+    a.xm_ok("restore", str(tmp_path / "plain.img"))
+    assert "plain" in a.domains()

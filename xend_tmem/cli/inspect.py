@@ -12,6 +12,7 @@ from ..binio import StreamReader
 from ..codec import image, legacy
 from ..codec import tmemchunk as tc
 from ..codec.chunkdoc import ChunkCollector
+from ..errors import StreamError
 
 
 def inspect_file(path: str, *, chunks_only: bool, with_pages: bool, width: int = 8,
@@ -55,6 +56,9 @@ def inspect_file(path: str, *, chunks_only: bool, with_pages: bool, width: int =
             header = reader.read_header()
             body = reader.read_body()
             reader.read_tail(body)
+            if not r.at_eof():
+                raise StreamError("data after the end of the stream's tail (wrong --width "
+                                  "or --guest?)", offset=r.offset)
             result.update({"layout": header.layout, "width": width, "guest": guest,
                            "p2m_size": header.p2m_size, "page_batches": counts["batches"],
                            "ram_pages": counts["pages"],

@@ -161,22 +161,34 @@ def write_pool(w: StreamWriter, pool: PoolRecord) -> None:
     w.write(_POOL.pack(pool.pool_id, pool.flags, pool.n_pages, pool.uuid[0], pool.uuid[1]))
 
 
+def records_before_terminator(buf, pos: int, limit: int, rec: int, ones: bytes) -> int:
+    """How many of the ``limit`` whole records at ``pos`` precede one whose OID is
+    the terminator. A strided slice takes each record's first byte in one C call,
+    so only records starting with 0xff are compared in Python."""
+    mv = memoryview(buf)
+    firsts = mv[pos:pos + limit * rec:rec].tobytes()
+    k = firsts.find(0xFF)
+    olen = len(ones)
+    while k >= 0:
+        at = pos + k * rec
+        if mv[at:at + olen] == ones:
+            return k
+        k = firsts.find(0xFF, k + 1)
+    return limit
+
+
 def check_records(version: int, records, count: int, page_size: int, pool_id: int) -> None:
     """Refuse a batch holding a real all-ones OID (T4): the format cannot carry it."""
-    mv = memoryview(records)
+    mv = memoryview(records).cast("B")
     rec = record_size(version, page_size)
     if mv.nbytes != rec * count:
         raise SaveError(f"pool {pool_id}: page batch of {mv.nbytes} bytes is not "
                         f"{count} records of {rec} bytes")
-    ones = terminator(version)
-    raw = mv.obj if isinstance(mv.obj, (bytes, bytearray)) and mv.nbytes == len(mv.obj) else bytes(mv)
-    at = raw.find(ones)
-    while at >= 0:
-        if at % rec == 0:
-            idx = struct.unpack_from("<I", raw, at + len(ones))[0]
-            raise SaveError(f"pool {pool_id} holds a page with the all-ones OID (index {idx}); "
-                            "the tmem stream format reserves that OID as its terminator")
-        at = raw.find(ones, at + 1)
+    k = records_before_terminator(mv, 0, count, rec, terminator(version))
+    if k < count:
+        idx = struct.unpack_from("<I", mv, k * rec + oid_len(version))[0]
+        raise SaveError(f"pool {pool_id} holds a page with the all-ones OID (index {idx}); "
+                        "the tmem stream format reserves that OID as its terminator")
 
 
 def write_page_records(w: StreamWriter, version: int, records, count: int,
@@ -352,22 +364,6 @@ def _check_pool(pool: PoolRecord, version: int, off: int, max_page_size: Optiona
                           offset=off + 4, field="n_pages", value=pool.n_pages)
 
 
-def _records_before_terminator(buf: bytearray, pos: int, limit: int, rec: int,
-                               ones: bytes) -> int:
-    """How many of the ``limit`` whole records at ``pos`` precede one whose OID is
-    the terminator. A strided slice takes each record's first byte in one C call,
-    so only records starting with 0xff are compared in Python."""
-    firsts = buf[pos:pos + limit * rec:rec]
-    k = firsts.find(0xFF)
-    olen = len(ones)
-    while k >= 0:
-        at = pos + k * rec
-        if buf[at:at + olen] == ones:
-            return k
-        k = firsts.find(0xFF, k + 1)
-    return limit
-
-
 def _read_pages(r: StreamReader, visitor: ChunkVisitor, pool: PoolRecord, olen: int,
                 ones: bytes) -> Tuple[int, bool]:
     """Page records until n_pages or the terminator; batches scanned in place."""
@@ -380,7 +376,7 @@ def _read_pages(r: StreamReader, visitor: ChunkVisitor, pool: PoolRecord, olen: 
         avail = r.fill(want * rec)
         buf, pos = r.buf, r.pos
         limit = min(want, avail // rec)
-        k = _records_before_terminator(buf, pos, limit, rec, ones)
+        k = records_before_terminator(buf, pos, limit, rec, ones)
         if k:
             mv = memoryview(buf)[pos:pos + k * rec]
             try:

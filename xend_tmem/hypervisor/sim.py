@@ -42,7 +42,7 @@ from .interface import (CLIENT_COMPRESS, CLIENT_FROZEN, EFROZEN, MAX_POOLS, OID,
                         POOL_PAGEBITS_MASK, POOL_PAGEBITS_SHIFT, POOL_PERSIST,
                         POOL_PRECOMPRESSED, POOL_SHARED, POOL_VERSION_MASK,
                         POOL_VERSION_SHIFT, DomainInfo)
-from .pagestore import PageStore
+from .pagestore import PageStore, SegmentHeap
 
 PAGE_SIZE = 4096
 PAGES_PER_MIB = 256
@@ -88,13 +88,14 @@ class _Pool:
                  "sharers", "announce_pages")
 
     def __init__(self, version: int, persistent: bool, shared: bool, pagebits: int,
-                 uuid: Tuple[int, int], precompressed: bool = False) -> None:
+                 uuid: Tuple[int, int], precompressed: bool = False,
+                 heap: Optional[SegmentHeap] = None) -> None:
         self.persistent = persistent
         self.shared = shared
         self.precompressed = precompressed
         self.pagebits = pagebits
         self.uuid = uuid
-        self.store = PageStore(version, PAGE_SIZE << pagebits)
+        self.store = PageStore(version, PAGE_SIZE << pagebits, heap=heap)
         self.sharers: List[_Client] = []
         self.announce_pages: Optional[int] = None
 
@@ -181,15 +182,21 @@ class SimHypervisor:
     ``tmem_version`` is the hypervisor's tmem spec version (0: Xen 4.0.0-4.0.1,
     1: 4.0.2+); ``tmem_capacity_pages`` bounds the tmem held by all clients in
     4 KiB pages; ``trace`` (a list) receives one line per tmem control op in the
-    vectors' ``xen-restore.trace`` format; ``seed`` varies every workload.
+    vectors' ``xen-restore.trace`` format; ``seed`` varies every workload;
+    ``tmem_prealloc_mib`` commits that much tmem memory up front (a resident
+    heap, as Xen's), kept for reuse when pages are freed.
     """
 
     def __init__(self, tmem_version: int = 1, tmem_capacity_pages: int = 1 << 22,
-                 trace: Optional[list] = None, seed: Optional[int] = None) -> None:
+                 trace: Optional[list] = None, seed: Optional[int] = None,
+                 tmem_prealloc_mib: int = 0) -> None:
         if tmem_version not in (0, 1):
             raise ValueError(f"tmem_version must be 0 or 1, not {tmem_version!r}")
         self._version = tmem_version
         self._capacity = tmem_capacity_pages
+        self._heap = SegmentHeap()
+        if tmem_prealloc_mib:
+            self._heap.reserve(tmem_prealloc_mib << 20)
         self._trace = trace
         self._seed = 0 if seed is None else seed
         self._lock = threading.RLock()
@@ -316,7 +323,7 @@ class SimHypervisor:
                 if pool is not None:
                     break
         if pool is None:
-            pool = _Pool(c.version, persistent, shared, pagebits, uuid, precompressed)
+            pool = _Pool(c.version, persistent, shared, pagebits, uuid, precompressed, self._heap)
         c.pools[slot] = pool
         pool.sharers.append(c)
         return pool

@@ -281,11 +281,11 @@ class Daemon:
 
     def shutdown(self) -> None:
         """Release in reverse order; safe after a partial start."""
-        if self.rpc is not None and self._serving:
-            self.rpc.shutdown()          # no new requests; running jobs are cancelled next
-            self._serving = False
         if self.service is not None:
-            self.service.stop()
+            self.service.stop()          # refuses new jobs, cancels and awaits running ones
+        if self.rpc is not None and self._serving:
+            self.rpc.shutdown()          # (xm pollers have seen their jobs end by now)
+            self._serving = False
         if self.hv is not None:
             try:
                 self.hv.stop_workloads()

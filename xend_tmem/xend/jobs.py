@@ -46,6 +46,7 @@ class Job:
         self.error: Optional[str] = None
         self.cancel = threading.Event()
         self.finished_event = threading.Event()
+        self.reported = threading.Event()      # a client has read the final status
         self.thread: Optional[threading.Thread] = None
 
     def progress(self, phase: str, done: int, total: Optional[int]) -> None:
@@ -66,6 +67,8 @@ class Job:
         if self.error is not None:
             out["fault_code"] = self.fault_code
             out["error"] = self.error
+        if self.finished is not None:
+            self.reported.set()
         return out
 
 
@@ -141,12 +144,21 @@ class JobTable:
         for job in self.running():
             job.cancel.set()
 
-    def wait_all(self, timeout: float) -> bool:
-        """Wait for every running job; ``False`` if some are still running."""
+    def wait_all(self, timeout: float, reported_within: float = 0.0) -> bool:
+        """Wait for every running job; ``False`` if some are still running.
+
+        ``reported_within``: then give each client polling a job that just ended
+        this long to read the outcome (so ``xm`` can say "cancelled" rather than
+        lose its daemon mid-poll).
+        """
         deadline = time.monotonic() + timeout
-        for job in self.running():
+        jobs = self.running()
+        for job in jobs:
             if not job.finished_event.wait(max(0.0, deadline - time.monotonic())):
                 return False
+        grace = time.monotonic() + reported_within
+        for job in jobs:
+            job.reported.wait(max(0.0, grace - time.monotonic()))
         return True
 
     def _prune(self) -> None:

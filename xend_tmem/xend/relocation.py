@@ -29,6 +29,12 @@ Two extensions, both invisible to a stock xend on either end:
   destroys its copy only then. Without pre-flight (a stock sender) the
   receiver closes silently on success, as xend did.
 
+TLS (``xm migrate --ssl``, the ``xend-relocation-ssl-server`` port): the same
+exchange inside TLS, the operation spelled ``sslreceive``. As in xend the sender
+encrypts but does not verify the receiver's certificate. The image's end is a
+TLS close_notify rather than a bare TCP half-close, so the session survives to
+carry the acknowledgement back.
+
 Access control: ``xend-relocation-hosts-allow`` patterns must match the *whole*
 peer address or host name (``re.fullmatch``; xend's ``re.match`` let
 ``^10\\.0\\.0\\.1`` admit 10.0.0.10). A rejected peer gets an ``(err ...)``.
@@ -41,7 +47,7 @@ The receiver removes a domain whose restore failed (the restore path does) or
 whose acknowledgement could not be sent. One window is inherent to any
 acknowledgement: if the link dies after the receiver sent its ``ok`` but before
 the sender read it, both hosts hold the domain (the source resumed); the
-sender's error then says so.
+sender's error then says to check the destination.
 """
 from __future__ import annotations
 
@@ -101,7 +107,7 @@ def reply_error_message(form: List[Any]) -> str:
 
 
 def host_allowed(patterns: Sequence[Pattern[str]], address: str,
-                 names: Callable[[str], List[str]] = None) -> bool:
+                 names: Optional[Callable[[str], List[str]]] = None) -> bool:
     """Does any pattern match the whole address, or one of its host names?"""
     if not patterns:
         return True
@@ -221,6 +227,8 @@ class RelocationServer:
             if self.ssl_context is not None:
                 conn = self.ssl_context.wrap_socket(conn, server_side=True)
             _Receiver(self, conn, peer).run()
+        except (OSError, ssl_mod.SSLError) as exc:
+            log.warning("relocation: connection from %s lost: %s", peer, exc)
         except Exception:
             log.exception("relocation: connection from %s failed", peer)
         finally:
@@ -491,6 +499,35 @@ def _connect(host: str, port: int, use_ssl: bool, timeout: float) -> socket.sock
         raise PeerError(f"TLS handshake with {host}:{port} failed: {exc}") from None
 
 
+def _half_close(sock: socket.socket, timeout: float) -> None:
+    """End our sending side (the image's EOF) but keep reading (the answer).
+
+    Over TLS a bare TCP FIN is an unclean end that breaks the receiver's TLS
+    session; a close_notify is the TLS way. ``unwrap`` would also wait for the
+    peer's close_notify, so it runs non-blocking and stops once ours is out.
+    """
+    if not isinstance(sock, ssl_mod.SSLSocket):
+        sock.shutdown(socket.SHUT_WR)
+        return
+    saved = sock.gettimeout()
+    deadline = time.monotonic() + timeout
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                sock.unwrap()
+                return
+            except ssl_mod.SSLWantReadError:
+                return                     # ours is sent; the peer's is not awaited
+            except ssl_mod.SSLWantWriteError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("timed out ending the TLS stream") from None
+                select.select([], [sock], [], left)
+    finally:
+        sock.settimeout(saved)
+
+
 def make_offer(hv, domid: int, hooks, *, live: bool, node: int) -> Dict[str, Any]:
     info = hv.domain_info(domid)
     return {
@@ -564,7 +601,7 @@ def migrate(hv, domid: int, host: str, port: int, *, live: bool, hooks,
         try:
             progress("ack", int(report.get("bytes", 0)), None)
             try:
-                sock.shutdown(socket.SHUT_WR)
+                _half_close(sock, io_timeout)
             except OSError as exc:
                 ch.raise_peer_error(exc)
             reply = ch.read_reply(timeout=ack_timeout)

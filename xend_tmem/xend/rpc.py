@@ -69,8 +69,11 @@ class _Handler(SimpleXMLRPCRequestHandler):
     def address_string(self) -> str:        # unix sockets have no peer address
         return "local"
 
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        return None          # xm polls jobs several times a second: no line per request
+
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("rpc: " + format, *args)
+        log.warning("rpc: " + format, *args)
 
 
 class UnixXMLRPCServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer,
@@ -79,7 +82,7 @@ class UnixXMLRPCServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServe
 
     daemon_threads = True
     allow_reuse_address = False
-    logRequests = True        # read by SimpleXMLRPCRequestHandler; lines go to log.debug
+    logRequests = False       # read by SimpleXMLRPCRequestHandler
 
     def __init__(self, path: str, mode: int = 0o600) -> None:
         SimpleXMLRPCDispatcher.__init__(self, allow_none=True, encoding="utf-8",
@@ -173,7 +176,8 @@ def server_path(value: Optional[str] = None) -> str:
     return value
 
 
-def connect(path: Optional[str] = None, timeout: Optional[float] = 60.0) -> xmlrpc.client.ServerProxy:
+def connect(path: Optional[str] = None,
+            timeout: Optional[float] = 60.0) -> xmlrpc.client.ServerProxy:
     """A client proxy for the daemon at ``path`` (see :func:`server_path`)."""
     path = server_path(path)
     return xmlrpc.client.ServerProxy("http://localhost" + RPC_PATH,

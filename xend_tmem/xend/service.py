@@ -37,6 +37,7 @@ ALL_CLIENTS = -1
 MIGRATING_PREFIX = "migrating-"
 STATES = ("running", "blocked", "paused", "shutdown", "crashed", "dying")
 BLOCKING_WAIT_S = 24 * 3600.0
+REPORT_GRACE_S = 1.0         # at stop: time for xm to read how its job ended
 
 
 class XendError(XendTmemError):
@@ -156,11 +157,16 @@ class XendService:
             raise XendError(f"Cannot {what} domain {name}: it is being {op}")
 
     def _claim(self, domid: int, op: str) -> None:
+        self._refuse_when_stopping()
         with self._lock:
             if domid in self._busy:
                 name = self.hv.domain_info(domid).name
                 raise XendError(f"Domain {name} is already being {self._busy[domid]}")
             self._busy[domid] = op
+
+    def _refuse_when_stopping(self) -> None:
+        if self._stopping.is_set():
+            raise XendError("xend is shutting down")
 
     def _release(self, domid: int) -> None:
         with self._lock:
@@ -231,8 +237,8 @@ class XendService:
             "vcpus": info.vcpus, "state": info.state, "cpu_time": float(info.cpu_time),
         }
         if detail:
-            config = dict(info.config or {})
-            config.update({"domid": info.domid, "name": info.name, "state": info.state,
+            config = {"domid": info.domid, "name": info.name, **(info.config or {})}
+            config.update({"name": info.name, "state": info.state,
                            "cpu_time": f"{info.cpu_time:.1f}"})
             try:
                 form = sxp.from_mapping("domain", config)
@@ -319,6 +325,7 @@ class XendService:
 
     # -- restore --------------------------------------------------------------
     def job_restore(self, path: str, paused: bool = False) -> int:
+        self._refuse_when_stopping()
         if not isinstance(path, str) or not os.path.isabs(path):
             raise XendError(f"restore path must be absolute, got {path!r}")
         try:
@@ -402,6 +409,7 @@ class XendService:
     def _wait(self, job_id: int) -> Dict[str, Any]:
         job = self.jobs.get(job_id)
         job.finished_event.wait(BLOCKING_WAIT_S)
+        job.reported.set()
         if job.result is None:
             from xmlrpc.client import Fault
             raise Fault(job.fault_code or 1, job.error or "operation did not finish")
@@ -428,7 +436,8 @@ class XendService:
     def check_offer(self, offer: Dict[str, Any]) -> List[str]:
         """The pre-flight answer: reasons this host cannot take the domain."""
         reasons: List[str] = []
-        plugins = offer.get("plugins") or {}
+        plugins = offer.get("plugins")
+        plugins = {} if plugins is None else plugins
         if not isinstance(plugins, dict):
             return ["malformed pre-flight offer"]
         enabled = set(self.hooks.enabled)
@@ -542,7 +551,7 @@ class XendService:
         self.jobs.cancel_all()
         for server in self.relocation_servers:
             server.stop(timeout)
-        if not self.jobs.wait_all(timeout):
+        if not self.jobs.wait_all(timeout, reported_within=REPORT_GRACE_S):
             log.error("some jobs did not stop within %.0f s", timeout)
 
 

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 import xmlrpc.client
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, NoReturn, Optional, Sequence, TextIO
 
 from . import rpc
 from .progress import ProgressDisplay, report_lines, summary_line
