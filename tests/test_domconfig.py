@@ -84,7 +84,9 @@ tmem:
     cfg = load_domain_config(f)
     assert isinstance(cfg, DomainConfig)
     assert (cfg.name, cfg.memory, cfg.vcpus, cfg.source) == ("web1", 64, 2, str(f))
-    assert cfg.to_dict() == {"name": "web1", "memory": 64, "vcpus": 2}
+    assert cfg.to_dict() == {"name": "web1", "memory": 64, "vcpus": 2, "workload": {
+        "ram_dirty_pages_per_s": 100.0, "tmem_puts_per_s": 50.5, "tmem_gets_per_s": 0.0,
+        "tmem_flushes_per_s": 0.0, "seed": 9}}
     w = cfg.workload
     assert (w.ram_dirty_pages_per_s, w.tmem_puts_per_s, w.tmem_gets_per_s, w.seed) == (100, 50.5, 0, 9)
     assert w.active
@@ -192,3 +194,13 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_parse_uses_source_name() -> None:
     with pytest.raises(ConfigError, match=r"^web\.yaml: vcpus: expected an int 1\.\.128, got 'two'$"):
         parse_domain_config({"name": "w", "vcpus": "two"}, source="web.yaml")
+
+
+def test_workload_travels_through_an_image_config():
+    from xend_tmem.domconfig import workload_from_image
+    w = workload_from_image({"ram_dirty_pages_per_s": "200.0", "seed": "3"})
+    assert (w.ram_dirty_pages_per_s, w.seed) == (200.0, 3)
+    with pytest.raises(ConfigError, match="workload.tmem_puts_per_s"):
+        workload_from_image({"tmem_puts_per_s": "fast"})
+    with pytest.raises(ConfigError, match="workload"):
+        workload_from_image({"colour": "1"})

@@ -208,3 +208,12 @@ def test_seed_layout_puts_tmem_before_p2m_size():
         data = saved_image(layout=layout)
         start = 20 + int.from_bytes(data[16:20], "big")
         assert (data[start:start + 4] == minus5) is first
+
+
+def test_restore_into_full_hypervisor_removes_everything():
+    dst = SimHypervisor(tmem_capacity_pages=10)
+    with pytest.raises(XendTmemError) as ei:
+        restore_domain(dst, io.BytesIO(saved_image()), hooks=plugins.get_plugin_manager(["tmem"], {}))
+    assert "\n" not in str(ei.value)
+    assert [d.domid for d in dst.list_domains()] == [0]
+    assert dst.tmem_free_pages() == 10

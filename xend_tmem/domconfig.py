@@ -198,8 +198,12 @@ class DomainConfig:
     source: str = "<string>"
 
     def to_dict(self) -> Dict[str, object]:
-        """The settings a save image's SXP config carries."""
-        return {"name": self.name, "memory": self.memory, "vcpus": self.vcpus}
+        """The settings a save image's SXP config carries (the workload too, so a
+        restored or migrated simulated guest keeps running as it did)."""
+        d: Dict[str, object] = {"name": self.name, "memory": self.memory, "vcpus": self.vcpus}
+        if self.workload.active:
+            d["workload"] = {k: getattr(self.workload, k) for k in WORKLOAD_KEYS}
+        return d
 
 
 # -- loading and validation ---------------------------------------------------
@@ -225,6 +229,24 @@ def load_domain_config(path: Any) -> DomainConfig:
 def parse_domain_config(mapping: Any, source: str = "<string>") -> DomainConfig:
     """Validate an already-parsed mapping (e.g. from YAML) into a :class:`DomainConfig`."""
     return _Parser(source).domain(mapping)
+
+
+WORKLOAD_KEYS = ("ram_dirty_pages_per_s", "tmem_puts_per_s", "tmem_gets_per_s",
+                 "tmem_flushes_per_s", "seed")
+
+
+def workload_from_image(mapping: Any, source: str = "image config") -> WorkloadSpec:
+    """The ``workload`` of a save image's config, where SXP made numbers strings."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{source}: workload: expected a mapping, got {_show(mapping)}")
+    values: Dict[str, Any] = {}
+    for key, value in mapping.items():
+        try:
+            values[key] = int(value) if key == "seed" else float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: workload.{key}: expected a number, "
+                              f"got {_show(value)}") from None
+    return _Parser(source).workload(values, "workload")
 
 
 def _show(v: Any) -> str:

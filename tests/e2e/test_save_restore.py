@@ -88,8 +88,10 @@ def test_checkpoint_save_leaves_the_domain_running_with_tmem_thawed(xends, tmp_p
     time.sleep(0.5)
     client = a.tmem_client("web1")
     assert int(client["puts"]) > puts and int(client["swap_fallbacks"]) == fallbacks
-    # the snapshot is a complete image
-    b.xm_ok("restore", str(image))
+    # the snapshot is a complete image; restored paused, so its workload (which
+    # travels in the image's config) has not refilled the ephemeral pool yet
+    b.xm_ok("restore", "-p", str(image))
+    assert b.domains()["web1"][3] == "--p---"
     persistent, ephemeral = persistent_and_ephemeral(b.tmem_pools("web1"))
     assert persistent[0] > 0 and ephemeral == {1: 0}
 

@@ -36,7 +36,7 @@ import zlib
 from array import array
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from ..domconfig import DomainConfig, TmemSpec, WorkloadSpec
+from ..domconfig import DomainConfig, TmemSpec, WorkloadSpec, workload_from_image
 from ..errors import HypervisorError, NoSuchDomain
 from .interface import (CLIENT_COMPRESS, CLIENT_FROZEN, EFROZEN, MAX_POOLS, OID,
                         POOL_PAGEBITS_MASK, POOL_PAGEBITS_SHIFT, POOL_PERSIST,
@@ -623,9 +623,12 @@ class SimHypervisor:
             cfg: Dict[str, object] = {"memory": memory, "vcpus": vcpus}
             cfg.update(config or {})
             cfg["name"] = name
+            workload = (workload_from_image(cfg["workload"], f"domain {name} config")
+                        if "workload" in cfg else None)
             d = self._new_domain(name, memory, vcpus, p2m_size, ram, cfg)
             d.paused = True
             d.vcpu_ctx = [bytes(VCPU_CONTEXT_SIZE)] * vcpus
+            self._set_workload(d, workload)
             return d.domid
 
     def destroy_domain(self, domid: int) -> None:

@@ -10,7 +10,7 @@ invalidation log is sent in parts without re-sending what already went.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from ..binio import StreamWriter
 from ..codec import tmemchunk as tc
@@ -45,8 +45,10 @@ class TmemSizes:
 class TmemWriter:
     """Writes the chunks for one save; the hypervisor holds the cursors."""
 
-    def __init__(self, hv, domid: int, live: bool) -> None:
+    def __init__(self, hv, domid: int, live: bool,
+                 progress: Optional[Callable[[int], None]] = None) -> None:
         self.hv = hv
+        self.progress = progress
         self.domid = domid
         self.live = live
         self.version: Optional[int] = None
@@ -104,6 +106,8 @@ class TmemWriter:
                 break
             tc.write_page_records(w, version, records, count, pool.page_size, pool.pool_id)
             sent += count
+            if self.progress is not None:
+                self.progress(w.offset)
         if sent < pool.n_pages:
             tc.write_pages_end(w, version)       # T3: end the list, keep the stream in step
         self.pages += sent
@@ -139,8 +143,9 @@ class TmemSaveJob:
     def __init__(self, session: SaveSession, settings: TmemSettings) -> None:
         self.session = session
         self.settings = settings
-        self.writer = TmemWriter(session.hv, session.domid, session.live)
         self.sizes = TmemSizes(session.hv, session.domid)
+        self.writer = TmemWriter(session.hv, session.domid, session.live, self._progress)
+        self._tmem_end: Optional[int] = None
         self.decision: Optional[policy.Decision] = None
         self.plan = "non-live"
         self.reason = "the guest is suspended for the whole save"
@@ -164,12 +169,16 @@ class TmemSaveJob:
         self._update_report()
 
     # -- phases ---------------------------------------------------------------
+    def _progress(self, offset: int) -> None:
+        self.session.progress("tmem", offset, self._tmem_end)
+
     def _send_tmem(self) -> None:
         w = self.session.out
-        self.session.progress("tmem", w.offset, None)
+        self._tmem_end = w.offset + self.sizes.persistent_bytes
+        self._progress(w.offset)
         if self.writer.begin():
             self.writer.write_tmem(w)
-        self.session.progress("tmem", w.offset, None)
+        self._progress(w.offset)
 
     def before_header(self) -> None:
         if self.settings.layout == "seed":

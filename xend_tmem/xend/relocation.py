@@ -25,7 +25,8 @@ Two extensions, both invisible to a stock xend on either end:
   ``receive`` and no extension; if the connection closes instead (xend drops a
   host its hosts-allow rejects), that first error is what the sender reports.
 * **Acknowledgement.** A receiver that accepted a pre-flight, after restoring
-  and starting the domain, sends ``(ok (domid N) (name NAME))``; the sender
+  and starting the domain, sends ``(ok (domid N) (name NAME) (report "<JSON>"))``
+  (the report: its restore's figures and plugins' findings); the sender
   destroys its copy only then. Without pre-flight (a stock sender) the
   receiver closes silently on success, as xend did.
 
@@ -338,7 +339,8 @@ class _Receiver:
         if not self.extended:
             return            # a stock sender expects no acknowledgement
         try:
-            self._send(_line(["ok", ["domid", str(domid)], ["name", str(report.get("name", ""))]]))
+            self._send(_line(["ok", ["domid", str(domid)], ["name", str(report.get("name", ""))],
+                              ["report", json.dumps(report, sort_keys=True, default=str)]]))
         except OSError as exc:
             log.warning("relocation: acknowledgement to %s failed (%s): removing domain %d",
                         self.peer, exc, domid)
@@ -528,6 +530,17 @@ def _half_close(sock: socket.socket, timeout: float) -> None:
         sock.settimeout(saved)
 
 
+def _peer_report(text: Any) -> Optional[Dict[str, Any]]:
+    """The receiver's restore report from its acknowledgement (absent: None)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def make_offer(hv, domid: int, hooks, *, live: bool, node: int) -> Dict[str, Any]:
     info = hv.domain_info(domid)
     return {
@@ -615,6 +628,7 @@ def migrate(hv, domid: int, host: str, port: int, *, live: bool, hooks,
                     raise PeerError(f"unexpected answer {sxp.to_string(reply)} (from {host})")
                 peer_domid = sxp.child_value(reply, "domid")
                 report["peer_domid"] = int(peer_domid) if str(peer_domid).isdigit() else None
+                report["destination"] = _peer_report(sxp.child_value(reply, "report"))
             elif reply is not None:
                 raise PeerError(f"unexpected answer {sxp.to_string(reply)} (from {host})")
         except BaseException:
