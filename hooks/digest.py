@@ -24,12 +24,21 @@ def _digest(hv, domid: int) -> Dict[str, Any]:
     return {str(pool): {"pages": count, "sha256": sha} for pool, (count, sha) in fn(domid).items()}
 
 
-@hookimpl(trylast=True)
-def checkpoint_save_after_suspend(session) -> None:
-    session.report[NAME] = {"at": "suspend", "pools": _digest(session.hv, session.domid)}
+def _report(at: str, pools: Dict[str, Any]) -> Dict[str, Any]:
+    pages = sum(p.get("pages", 0) for p in pools.values() if isinstance(p, dict))
+    return {"at": at, "persistent_pages": pages, "pools": pools}
+
+
+@hookimpl
+def checkpoint_save_done(session, outcome) -> None:
+    # The guest has been suspended since before the last round and is resumed
+    # only after the done phase, so this is its state at suspend, taken after
+    # the image was sent (the digest costs no stream time).
+    if outcome.ok and session.suspended:
+        session.report[NAME] = _report("suspend", _digest(session.hv, session.domid))
 
 
 @hookimpl
 def checkpoint_restore_done(session, outcome) -> None:
     if outcome.ok:
-        session.report[NAME] = {"at": "restore", "pools": _digest(session.hv, session.domid)}
+        session.report[NAME] = _report("restore", _digest(session.hv, session.domid))

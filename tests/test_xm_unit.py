@@ -300,7 +300,7 @@ def test_report_lines_for_each_operation() -> None:
     lines = progress.report_lines({**SAVE_RESULT, "op": "migrate", "host": "h", "port": 8002,
                                    "live": True, "peer_domid": 4, "downtime_s": 0.0123})
     assert lines[0].startswith("Migrated domain web1 to h:8002 (live), now id=4 there: 72.0 MiB")
-    assert lines[-1] == "downtime: 0.012 s"
+    assert lines[-1] == "downtime: 12.3 ms until the image was sent"
     assert "pools=2" in lines[2]
     lines = progress.report_lines({"op": "save", "domain": "x", "path": "/p", "bytes": 1,
                                    "elapsed_s": 0, "plugins": {}})

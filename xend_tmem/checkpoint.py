@@ -73,6 +73,7 @@ class _Saver:
         self.ram_bytes = 0
         self.started = time.monotonic()
         self.suspended_at: Optional[float] = None
+        self.stream_end: Optional[float] = None
         self.total_estimate: Optional[int] = None
 
     def progress(self, phase: str) -> None:
@@ -186,6 +187,7 @@ def save_domain(hv, domid: int, out: BinaryIO, *, hooks: CheckpointHooks, live: 
             saver.send_pages(range(session.p2m_size), "rounds")
         saver.tail()
         w.flush()
+        saver.stream_end = time.monotonic()
     except BaseException as exc:
         outcome = Outcome(exc)
         raise
@@ -202,11 +204,13 @@ def save_domain(hv, domid: int, out: BinaryIO, *, hooks: CheckpointHooks, live: 
                 session.suspended = False
         _raise_done_errors("checkpoint_save_done", errors, outcome)
     now = time.monotonic()
+    end = saver.stream_end or now
     return {
         "bytes": w.offset,
         "rounds": saver.rounds,
         "pages_sent": saver.pages_sent,
-        "downtime_s": round(now - saver.suspended_at, 6) if saver.suspended_at else 0.0,
+        # suspend until the last byte of the image was written
+        "downtime_s": round(end - saver.suspended_at, 6) if saver.suspended_at else 0.0,
         "elapsed_s": round(now - saver.started, 6),
         "live": live,
         "plugins": session.report,

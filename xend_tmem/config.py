@@ -44,6 +44,7 @@ class HypervisorSettings:
     backend: str = "sim"
     tmem_version: int = 1
     tmem_capacity_mb: int = 1024
+    tmem_prealloc_mb: int = 0
     seed: Optional[int] = None
 
 
@@ -201,14 +202,14 @@ def _hypervisor(value: Any, where: str) -> HypervisorSettings:
                 raise ConfigError(f"{where}: {name}: expected tmem spec version 0 or 1, "
                                   f"got {raw!r}")
             out["tmem_version"] = version
-        elif key == "tmem-capacity-mb":
+        elif key in ("tmem-capacity-mb", "tmem-prealloc-mb"):
             try:
                 mb = _int(raw)
             except ValueError as exc:
                 raise ConfigError(f"{where}: {name}: {exc}") from None
             if mb < 0:
                 raise ConfigError(f"{where}: {name}: expected a size in MiB >= 0, got {mb}")
-            out["tmem_capacity_mb"] = mb
+            out[key.replace("-", "_")] = mb
         elif key == "seed":
             if raw is not None:
                 try:
@@ -218,7 +219,7 @@ def _hypervisor(value: Any, where: str) -> HypervisorSettings:
             out["seed"] = raw
         else:
             raise ConfigError(f"{where}: {name}: unknown key "
-                              "(known: backend, tmem-version, tmem-capacity-mb, seed)")
+                              "(known: backend, tmem-version, tmem-capacity-mb, tmem-prealloc-mb, seed)")
     return HypervisorSettings(**out)
 
 

@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from ..demo import add_arguments as add_demo_arguments
 from ..errors import XendTmemError
 
 
@@ -45,14 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guest", choices=("pv", "hvm"), default=None,
                    help="guest type of a raw stream (an image's config says it)")
     p.set_defaults(func=_cmd_inspect)
-    try:
-        from ..demo import add_arguments
-    except ImportError:  # demo not built into this checkout
-        add_arguments = None
-    if add_arguments is not None:
-        d = sub.add_parser("demo", help="live-migrate a tmem-heavy domain between two local daemons")
-        add_arguments(d)
-        d.set_defaults(func=_cmd_demo)
+    d = sub.add_parser("demo", help="live-migrate a tmem-heavy domain between two local daemons")
+    add_demo_arguments(d)
+    d.set_defaults(func=_cmd_demo)
     return parser
 
 

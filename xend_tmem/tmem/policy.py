@@ -14,7 +14,7 @@ time the running guest's tmem puts fail), then total time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 # What the host needs after suspend besides tmem: the last RAM round (Xen stops
 # below 50 dirty pages) plus VCPU state and the tail.
@@ -71,8 +71,14 @@ def estimate(plan: str, inp: PolicyInputs) -> Decision:
     raise ValueError(f"unknown plan {plan!r}")
 
 
-def decide(inp: PolicyInputs, requested: str = "auto") -> Decision:
-    """The plan for a live save, and a one-line reason a user can read."""
+def decide(inp: PolicyInputs, requested: str = "auto",
+           plans: Sequence[str] = ("after-suspend", "late-freeze", "precopy"),
+           measured: bool = False) -> Decision:
+    """The plan for a live save, and a one-line reason a user can read.
+
+    ``plans`` limits ``auto`` to what is still possible (once rounds have
+    started, precopy is not); ``measured`` says the bandwidth was measured.
+    """
     if inp.tmem_bytes == 0:
         d = estimate("after-suspend", inp)
         return Decision("after-suspend", "no persistent tmem to send; nothing is frozen "
@@ -82,13 +88,13 @@ def decide(inp: PolicyInputs, requested: str = "auto") -> Decision:
         return Decision(requested, f"configured plan {requested}", d.est_downtime_s,
                         d.est_freeze_s, d.est_total_s)
     bw = inp.bandwidth_bps or DEFAULT_BANDWIDTH
-    source = "configured" if inp.bandwidth_bps else "assumed"
-    candidates = [estimate(p, inp) for p in ("after-suspend", "late-freeze", "precopy")]
+    source = "measured" if measured else "configured" if inp.bandwidth_bps else "assumed"
+    candidates = [estimate(p, inp) for p in plans]
     fitting = [c for c in candidates if c.est_downtime_s <= inp.downtime_limit_s]
     pool = fitting or [min(candidates, key=lambda c: c.est_downtime_s)]
     best = min(pool, key=lambda c: (c.est_freeze_s, c.est_total_s))
     limit_ms = inp.downtime_limit_s * 1000
-    after = candidates[0]
+    after = estimate("after-suspend", inp)
     if best.plan == "after-suspend":
         why = (f"{_mib(inp.tmem_bytes)} of tmem fits the {limit_ms:.0f} ms downtime limit "
                f"(~{after.est_downtime_s * 1000:.0f} ms at {source} {bw / 1e6:.0f} MB/s); "

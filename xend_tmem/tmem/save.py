@@ -190,8 +190,27 @@ class TmemSaveJob:
         if not self.session.live or self.plan == "precopy":
             self._send_tmem()
 
+    def _revise_plan(self, stats: RoundStats) -> None:
+        """``auto`` without a configured bandwidth decided on an assumed one; after
+        the first round the bandwidth is measured: decide again among the plans
+        still open (tmem not sent yet, so not precopy)."""
+        if (self.settings.plan != "auto" or self.settings.bandwidth_bps is not None
+                or stats.number != 1 or not stats.bandwidth_bps
+                or self.plan not in ("late-freeze", "after-suspend")):
+            return
+        d = policy.decide(policy.PolicyInputs(
+            tmem_bytes=self.sizes.persistent_bytes, ram_bytes=stats.ram_pages * 4096,
+            downtime_limit_s=self.settings.downtime_limit_s,
+            bandwidth_bps=stats.bandwidth_bps), "auto",
+            plans=("after-suspend", "late-freeze"), measured=True)
+        if d.plan != self.plan:
+            self.session.log.info("domain %d: tmem plan %s -> %s: %s", self.session.domid,
+                                  self.plan, d.plan, d.reason)
+        self.decision, self.plan, self.reason = d, d.plan, d.reason
+
     def after_round(self, stats: RoundStats) -> None:
         self.sent_ram_pages += stats.pages_sent
+        self._revise_plan(stats)
         if self.plan == "late-freeze" and not self.writer.begun:
             why = policy.late_freeze_due(stats.converged, stats.number, self.sent_ram_pages,
                                          stats.ram_pages)

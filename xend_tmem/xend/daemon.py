@@ -169,7 +169,8 @@ def make_hypervisor(config: ToolstackConfig) -> Any:
         raise ConfigError(f"{config.path}: hypervisor.backend: unknown backend {hvc.backend!r}")
     from ..hypervisor.sim import SimHypervisor
     return SimHypervisor(tmem_version=hvc.tmem_version,
-                         tmem_capacity_pages=hvc.tmem_capacity_mb * 256, seed=hvc.seed)
+                         tmem_capacity_pages=hvc.tmem_capacity_mb * 256, seed=hvc.seed,
+                         tmem_prealloc_mib=min(hvc.tmem_prealloc_mb, hvc.tmem_capacity_mb))
 
 
 def _clear_stale_socket(path: str) -> None:

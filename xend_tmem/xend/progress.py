@@ -125,6 +125,10 @@ def _num(value: Any) -> Optional[float]:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _secs(value: float) -> str:
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.3f} s"
+
+
 def plugin_lines(name: str, rep: Mapping[str, Any]) -> List[str]:
     """A plugin's report as lines; known tmem facts in words, the rest as key=value."""
     lines: List[str] = []
@@ -196,7 +200,10 @@ def report_lines(result: Mapping[str, Any]) -> List[str]:
         lines.append("tmem: not carried (no checkpoint plugin handled this domain)")
     downtime = _num(result.get("downtime_s"))
     if op != "restore" and downtime is not None:
-        lines.append(f"downtime: {downtime:.3f} s")
+        resumed = _num(result.get("resumed_after_s"))
+        lines.append(f"downtime: {_secs(downtime)} until the image was sent"
+                     + (f", {_secs(resumed)} until the destination confirmed it runs"
+                        if resumed is not None else ""))
     return lines
 
 

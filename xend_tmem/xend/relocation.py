@@ -610,6 +610,7 @@ def migrate(hv, domid: int, host: str, port: int, *, live: bool, hooks,
             on_accepted()
         report = save_domain(hv, domid, _PeerWriter(ch, cancel, io_timeout), hooks=hooks,
                              live=live, progress=progress, cancel=cancel)
+        sent_at = time.monotonic()
         # From here the source is suspended: any failure must resume it.
         try:
             progress("ack", int(report.get("bytes", 0)), None)
@@ -629,6 +630,9 @@ def migrate(hv, domid: int, host: str, port: int, *, live: bool, hooks,
                 peer_domid = sxp.child_value(reply, "domid")
                 report["peer_domid"] = int(peer_domid) if str(peer_domid).isdigit() else None
                 report["destination"] = _peer_report(sxp.child_value(reply, "report"))
+                # suspend here until the destination confirmed the domain runs there
+                report["resumed_after_s"] = round(
+                    float(report.get("downtime_s", 0.0)) + time.monotonic() - sent_at, 6)
             elif reply is not None:
                 raise PeerError(f"unexpected answer {sxp.to_string(reply)} (from {host})")
         except BaseException:
