@@ -217,3 +217,25 @@ def test_restore_into_full_hypervisor_removes_everything():
     assert "\n" not in str(ei.value)
     assert [d.domid for d in dst.list_domains()] == [0]
     assert dst.tmem_free_pages() == 10
+
+
+def test_cancel_during_the_tmem_send_stops_it_and_thaws(mocker):
+    import threading
+    from xend_tmem.errors import Cancelled
+    hv = SimHypervisor(tmem_version=1)
+    domid = hv.create_domain(parse_domain_config(LIVE_CFG))
+    cancel = threading.Event()
+    phases = []
+
+    def progress(phase, done, total):
+        phases.append(phase)
+        if phase == "tmem" and done > 100_000:
+            cancel.set()
+
+    hooks = plugins.get_plugin_manager(["tmem"], {"tmem": {"plan": "precopy"}})
+    with pytest.raises(Cancelled):
+        save_domain(hv, domid, io.BytesIO(), hooks=hooks, live=True, progress=progress,
+                    cancel=cancel)
+    assert "rounds" not in phases                   # stopped inside the tmem chunk
+    state = hv.tmem_state(domid)
+    assert not state["client"]["frozen"] and hv.domain_info(domid).running

@@ -170,6 +170,8 @@ class TmemSaveJob:
 
     # -- phases ---------------------------------------------------------------
     def _progress(self, offset: int) -> None:
+        """Per page batch: report, and stop promptly if the save was cancelled."""
+        self.session.check_cancel()
         self.session.progress("tmem", offset, self._tmem_end)
 
     def _send_tmem(self) -> None:
