@@ -17,7 +17,7 @@ from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 from .binio import StreamReader, StreamWriter
 from .codec import image, legacy, sxp
-from .errors import PluginError, StreamError, XendTmemError
+from .errors import Cancelled, PluginError, StreamError, XendTmemError
 from .plugins import CheckpointHooks
 from .session import Outcome, ProgressFn, RestoreSession, RoundStats, SaveSession, _no_progress
 
@@ -269,13 +269,10 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
     counters = {"pages": 0}
 
     def on_pages(pfns, types, data, offset) -> None:
+        # the reader has checked every pfn against p2m_size, checked below against
+        # the config; ``data`` is valid only during this call (write_pages copies)
         if cancel is not None and cancel.is_set():
-            from .errors import Cancelled
             raise Cancelled("cancelled")
-        bad = [p for p in pfns if p >= p2m_expected]
-        if bad:
-            raise StreamError(f"page batch names pfn {bad[0]} beyond p2m_size {p2m_expected}",
-                              offset=offset, field="pfn", value=bad[0])
         hv.write_pages(domid, pfns, data)
         counters["pages"] += len(pfns)
         progress("restore", r.offset, None)
