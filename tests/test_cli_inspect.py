@@ -1,7 +1,6 @@
 """``xend-tmem inspect`` from the command line: vectors, whole images, errors."""
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys

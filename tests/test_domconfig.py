@@ -170,7 +170,7 @@ ERRORS = [
     ("name: d\ntmem: {invalidations: [{pool: 0, oid: 1}]}\n", "domain.yaml: tmem.invalidations[0].index: required"),
     ("- just\n- a list\n", "domain.yaml: expected a mapping"),
     ("", "domain.yaml: empty file"),
-    ("name: [unclosed\n", "domain.yaml: line 2: invalid YAML"),
+    ("name: [unclosed\n", "domain.yaml: not valid YAML at line 2, column 1"),
 ]
 
 

@@ -24,9 +24,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Pattern, Tuple
 
-import yaml
 
 from .errors import ConfigError
+from .yamlfile import parse_yaml
 
 ENV_VAR = "XEND_CONFIG"
 DEFAULT_PATH = "/etc/xen/xend-config.yaml"
@@ -323,14 +323,7 @@ def load_toolstack_config(path: Optional[str] = None) -> ToolstackConfig:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    return parse_toolstack_config(data, os.path.abspath(path))
+    return parse_toolstack_config(parse_yaml(text, path), os.path.abspath(path))
 
 
 __all__ = ["ToolstackConfig", "HypervisorSettings", "load_toolstack_config",

@@ -18,9 +18,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-import yaml
 
 from .errors import ConfigError
+from .yamlfile import parse_yaml
 
 OID = Tuple[int, int, int]
 
@@ -216,14 +216,7 @@ def load_domain_config(path: Any) -> DomainConfig:
             text = f.read()
     except OSError as e:
         raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
-    try:
-        mapping = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{source}: {where}invalid YAML: {problem}") from None
-    return parse_domain_config(mapping, source=source)
+    return parse_domain_config(parse_yaml(text, source), source=source)
 
 
 def parse_domain_config(mapping: Any, source: str = "<string>") -> DomainConfig:

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import select
 import socket
 import ssl as ssl_mod
