@@ -192,6 +192,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"verified: the destination's persistent tmem equals the source's at suspend "
               f"({pages} pages in {len(pools)} pools, sha256 per pool); demo1 is "
               f"{'running' if running else 'NOT running'} on the destination")
+        print("(the time until the destination confirmed includes this verification: each "
+              "host hashes all persistent tmem while the guest is stopped)")
         ok = running
         return 0 if ok else 1
     except DemoError as exc:
