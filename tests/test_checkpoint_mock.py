@@ -172,3 +172,31 @@ def test_plugin_done_failure_does_not_hide_thaw(mocker):
     with pytest.raises(HypervisorError, match="SAVE_END"):
         run_save(hv, live=False)
     hv.resume.assert_called_once_with(3)
+
+
+def test_auto_plan_revised_with_measured_bandwidth(mocker):
+    """200 MB of tmem: too slow for 1 s at the assumed 100 MB/s (late-freeze), but the
+    first round measures the real link and after-suspend then fits."""
+    hv = make_hv(mocker)
+    hv.save_get_pool_npages.return_value = 50_000
+    hooks = plugins.get_plugin_manager(["tmem"], {"tmem": {"downtime-limit-ms": 1000}})
+    # the host's clock only: each reading 0.1 ms later, so round 1 "measures" ~GB/s
+    ticks = iter(range(100_000))
+    fake_time = mocker.patch("xend_tmem.checkpoint.time")
+    fake_time.monotonic.side_effect = lambda: next(ticks) * 1e-4
+    report = save_domain(hv, 3, io.BytesIO(), hooks=hooks, live=True)
+    tm = report["plugins"]["tmem"]
+    assert tm["plan"] == "after-suspend" and "measured" in tm["reason"]
+    seq = names(hv)
+    assert seq.index("suspend") < seq.index("save_begin")
+
+
+def test_auto_plan_keeps_late_freeze_on_a_slow_link(mocker):
+    hv = make_hv(mocker)
+    hv.save_get_pool_npages.return_value = 50_000
+    hooks = plugins.get_plugin_manager(["tmem"], {"tmem": {"bandwidth-mbps": 100}})
+    report = save_domain(hv, 3, io.BytesIO(), hooks=hooks, live=True)
+    tm = report["plugins"]["tmem"]
+    assert tm["plan"] == "late-freeze" and "configured" in tm["reason"]
+    seq = names(hv)
+    assert seq.index("read_pages") < seq.index("save_begin") < seq.index("suspend")
