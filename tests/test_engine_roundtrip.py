@@ -239,3 +239,26 @@ def test_cancel_during_the_tmem_send_stops_it_and_thaws(mocker):
     assert "rounds" not in phases                   # stopped inside the tmem chunk
     state = hv.tmem_state(domid)
     assert not state["client"]["frozen"] and hv.domain_info(domid).running
+
+
+def test_restore_skips_pages_that_carry_no_data():
+    """Xen's batches may name pfns without data (XTAB, XALLOC, BROKEN)."""
+    from xend_tmem.binio import StreamWriter
+    from xend_tmem.codec import image, legacy
+    buf = io.BytesIO()
+    w = StreamWriter(buf)
+    image.write_header(w, "(domain (name xt) (memory 1) (vcpus 1) (image (linux)))")
+    legacy.write_p2m_size(w, 256, 8)
+    legacy.write_pv_ext_info(w, 8, 5168)
+    legacy.write_p2m_frame_list(w, 8, range(legacy.p2m_frame_count(256, 8)))
+    legacy.write_page_batch(w, 8, [3, 4, 5, 6], [0, legacy.TYPE_XTAB, 0, legacy.TYPE_XALLOC],
+                            b"\x11" * 4096 + b"\x22" * 4096)
+    legacy.write_vcpu_info(w, 0, [0])
+    legacy.write_end(w)
+    legacy.write_pv_tail(w, 8, [], [bytes(5168)], bytes(4096))
+    w.flush()
+    buf.seek(0)
+    hv = SimHypervisor()
+    domid, report = restore_domain(hv, buf, hooks=plugins.get_plugin_manager(["tmem"], {}))
+    assert hv.read_pages(domid, [3, 5]) == b"\x11" * 4096 + b"\x22" * 4096
+    assert hv.read_pages(domid, [4]) == bytes(4096)

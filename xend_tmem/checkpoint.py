@@ -273,7 +273,11 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
         # the config; ``data`` is valid only during this call (write_pages copies)
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled")
-        hv.write_pages(domid, pfns, data)
+        if data.nbytes != len(pfns) * PAGE:
+            # XTAB/XALLOC/BROKEN entries name a pfn but carry no page
+            pfns = [p for p, t in zip(pfns, types) if t not in legacy.NO_DATA_TYPES]
+        if pfns:
+            hv.write_pages(domid, pfns, data)
         counters["pages"] += len(pfns)
         progress("restore", r.offset, None)
 

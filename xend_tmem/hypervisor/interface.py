@@ -17,19 +17,7 @@ from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 OID = Tuple[int, int, int]
 
-# tmem control sub-op numbers (Xen public tmem.h), for traces and mocks.
-OPS = {
-    "THAW": 0, "FREEZE": 1, "FLUSH": 2, "DESTROY": 3, "LIST": 4,
-    "SET_WEIGHT": 5, "SET_CAP": 6, "SET_COMPRESS": 7, "QUERY_FREEABLE_MB": 8,
-    "SAVE_BEGIN": 10, "SAVE_GET_VERSION": 11, "SAVE_GET_MAXPOOLS": 12,
-    "SAVE_GET_CLIENT_WEIGHT": 13, "SAVE_GET_CLIENT_CAP": 14, "SAVE_GET_CLIENT_FLAGS": 15,
-    "SAVE_GET_POOL_FLAGS": 16, "SAVE_GET_POOL_NPAGES": 17, "SAVE_GET_POOL_UUID": 18,
-    "SAVE_GET_NEXT_PAGE": 19, "SAVE_GET_NEXT_INV": 20, "SAVE_END": 21,
-    "RESTORE_BEGIN": 30, "RESTORE_PUT_PAGE": 32, "RESTORE_FLUSH_PAGE": 33,
-    "RESTORE_NEW": 102,
-}
 EFROZEN = 1000
-EEMPTY = 1001
 MAX_POOLS = 16
 
 # pool flag bits (SPEC §4)

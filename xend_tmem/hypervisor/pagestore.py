@@ -83,7 +83,7 @@ class PageStore:
     """
 
     __slots__ = ("version", "page_size", "header_len", "record_size", "slots_per_segment",
-                 "_segment_bytes", "_segments", "_index", "_free", "_next", "_key", "_heap")
+                 "_segments", "_index", "_free", "_next", "_key", "_heap")
 
     def __init__(self, version: int, page_size: int, segment_bytes: int = SEGMENT_BYTES,
                  heap: Optional[SegmentHeap] = None) -> None:
@@ -95,7 +95,6 @@ class PageStore:
         self.header_len = self._key.size
         self.record_size = self.header_len + page_size
         self.slots_per_segment = max(1, segment_bytes // self.record_size)
-        self._segment_bytes = self.slots_per_segment * self.record_size
         self._segments: List[mmap.mmap] = []
         self._index: Dict[bytes, int] = {}
         self._free: List[int] = []
