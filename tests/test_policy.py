@@ -58,7 +58,7 @@ def test_unmeetable_limit_picks_least_downtime():
     (True, 1, 100, True), (False, 3, 100, False), (False, 27, 100, True),
     (False, 5, 2600, True)])
 def test_late_freeze_due(converged, rnd, sent, due):
-    assert bool(policy.late_freeze_due(converged, rnd, sent, 1000)) is due
+    assert bool(policy.late_freeze_due(converged, rnd, sent, 29, 3000)) is due
 
 
 def test_settings_seed_layout_forces_precopy():

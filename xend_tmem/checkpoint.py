@@ -107,7 +107,8 @@ class _Saver:
             s.bandwidth_bps = (self.w.offset - b0) / elapsed if self.w.offset > b0 else s.bandwidth_bps
             stats = RoundStats(number=self.rounds, pages_sent=len(to_send),
                                bytes_sent=self.w.offset - b0, elapsed_s=elapsed,
-                               bandwidth_bps=s.bandwidth_bps or 0.0, ram_pages=p2m)
+                               bandwidth_bps=s.bandwidth_bps or 0.0, ram_pages=p2m,
+                               max_rounds=MAX_ITERS, max_pages=MAX_FACTOR * p2m)
             before_hooks = self.w.offset
             hooks.save_after_round(s, stats)
             plugin_bytes = self.w.offset - before_hooks

@@ -49,6 +49,8 @@ class RoundStats:
     elapsed_s: float       # wall time of this round
     bandwidth_bps: float   # measured stream bandwidth so far (bytes/s)
     ram_pages: int         # p2m_size
+    max_rounds: int = 29   # the host's iteration limit (Xen's)
+    max_pages: int = 0     # the host stops once this many RAM pages were sent (3 x p2m)
 
     @property
     def converged(self) -> bool:

@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 # below 50 dirty pages) plus VCPU state and the tail.
 FINAL_ROUND_BYTES = 50 * 4104 + 64 * 1024
 DEFAULT_BANDWIDTH = 100e6        # bytes/s when neither configured nor measured yet
-MAX_ITERS = 29
 
 
 @dataclass(frozen=True)
@@ -110,16 +109,17 @@ def decide(inp: PolicyInputs, requested: str = "auto",
 
 
 def late_freeze_due(converged: bool, round_number: int, sent_pages: int,
-                    ram_pages: int) -> Optional[str]:
+                    max_rounds: int, max_pages: int) -> Optional[str]:
     """Late-freeze: the round after which tmem must go, with why (None = not yet).
 
-    Goes once RAM has converged, or before Xen's iteration limits would end the
-    rounds without catch-up time.
+    Goes once RAM has converged, or early enough before the host's iteration
+    limits (``max_rounds`` rounds, ``max_pages`` RAM pages sent) to leave a
+    catch-up round.
     """
     if converged:
         return "RAM converged"
-    if round_number >= MAX_ITERS - 2:
-        return f"round {round_number} of at most {MAX_ITERS}"
-    if sent_pages >= 2 * ram_pages + ram_pages // 2:
-        return "RAM is not converging (sent 2.5 x its pages)"
+    if round_number >= max_rounds - 2:
+        return f"round {round_number} of at most {max_rounds}"
+    if max_pages and sent_pages >= max_pages * 5 // 6:
+        return f"RAM is not converging ({sent_pages} pages sent, the limit is {max_pages})"
     return None

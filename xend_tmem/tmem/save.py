@@ -215,7 +215,7 @@ class TmemSaveJob:
         self._revise_plan(stats)
         if self.plan == "late-freeze" and not self.writer.begun:
             why = policy.late_freeze_due(stats.converged, stats.number, self.sent_ram_pages,
-                                         stats.ram_pages)
+                                         stats.max_rounds, stats.max_pages)
             if why:
                 self.late_reason = f"tmem sent after round {stats.number} ({why})"
                 self._send_tmem()
