@@ -30,7 +30,9 @@ from .yamlfile import parse_yaml
 
 ENV_VAR = "XEND_CONFIG"
 DEFAULT_PATH = "/etc/xen/xend-config.yaml"
-BACKENDS = ("sim",)
+XEN_RELEASE_DEFAULT = "4.0.2"
+DEFECTS = ("H1", "H2", "H3")
+_RELEASE_RE = re.compile(r"4\.([0-5])\.(\d+|x)")
 LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 _TRUE = ("yes", "y", "1", "on", "true", "t")
@@ -42,10 +44,16 @@ class HypervisorSettings:
     """The ``hypervisor:`` section: which backend the daemon owns and its tmem."""
 
     backend: str = "sim"
-    tmem_version: int = 1
+    xen_release: str = XEN_RELEASE_DEFAULT   # the Xen release the simulator imitates
+    defects: Tuple[str, ...] = ()             # hypervisor defects switched on (H1-H3)
     tmem_capacity_mb: int = 1024
     tmem_prealloc_mb: int = 0
     seed: Optional[int] = None
+
+    @property
+    def tmem_version(self) -> int:
+        """The tmem spec version of :attr:`xen_release`: 0 on 4.0.0-4.0.1, else 1."""
+        return 0 if self.xen_release in ("4.0.0", "4.0.1") else 1
 
 
 @dataclass(frozen=True)
@@ -188,20 +196,38 @@ def _hypervisor(value: Any, where: str) -> HypervisorSettings:
     for key, raw in value.items():
         name = f"hypervisor.{key}"
         if key == "backend":
-            backend = raw if isinstance(raw, str) else None
-            if backend not in BACKENDS:
-                raise ConfigError(f"{where}: {name}: unknown backend {raw!r} "
-                                  f"(supported: {', '.join(BACKENDS)})")
-            out["backend"] = backend
+            backends = _installed_backend_names()
+            if not isinstance(raw, str) or raw not in backends:
+                close = difflib.get_close_matches(str(raw), backends, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{where}: {name}: unknown backend {raw!r}{hint} "
+                                  f"(installed: {', '.join(backends)})")
+            out["backend"] = raw
+        elif key == "xen-release":
+            out["xen_release"] = _xen_release(raw, where, name)
         elif key == "tmem-version":
+            # deprecated alias of xen-release: 0 = 4.0.0, 1 = 4.0.2
             try:
                 version = _int(raw)
             except ValueError:
                 version = -1
             if version not in (0, 1):
                 raise ConfigError(f"{where}: {name}: expected tmem spec version 0 or 1, "
-                                  f"got {raw!r}")
-            out["tmem_version"] = version
+                                  f"got {raw!r} (deprecated: use xen-release)")
+            if "xen-release" not in value:
+                out["xen_release"] = "4.0.0" if version == 0 else "4.0.2"
+        elif key == "defects":
+            items = raw.split() if isinstance(raw, str) else raw
+            if items is None:
+                items = []
+            if not isinstance(items, list) or not all(isinstance(d, str) for d in items):
+                raise ConfigError(f"{where}: {name}: expected a list of defect names "
+                                  f"({', '.join(DEFECTS)}), got {raw!r}")
+            for d in items:
+                if d.upper() not in DEFECTS:
+                    raise ConfigError(f"{where}: {name}: unknown defect {d!r} "
+                                      f"(switchable: {', '.join(DEFECTS)})")
+            out["defects"] = tuple(sorted({d.upper() for d in items}))
         elif key in ("tmem-capacity-mb", "tmem-prealloc-mb"):
             try:
                 mb = _int(raw)
@@ -218,9 +244,29 @@ def _hypervisor(value: Any, where: str) -> HypervisorSettings:
                     raise ConfigError(f"{where}: {name}: {exc}") from None
             out["seed"] = raw
         else:
-            raise ConfigError(f"{where}: {name}: unknown key "
-                              "(known: backend, tmem-version, tmem-capacity-mb, tmem-prealloc-mb, seed)")
+            known = ("backend", "xen-release", "defects", "tmem-capacity-mb",
+                     "tmem-prealloc-mb", "seed", "tmem-version")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: {name}: unknown key{hint} (known: {', '.join(known[:-1])})")
     return HypervisorSettings(**out)
+
+
+def _xen_release(raw: Any, where: str, name: str) -> str:
+    """'4.0.2' style, 4.0.0 to 4.5.x; a bare '4.1' means '4.1.0'."""
+    text = str(raw).strip() if isinstance(raw, (str, float, int)) and not isinstance(raw, bool) else ""
+    if re.fullmatch(r"4\.[0-5]", text):
+        text += ".0"
+    m = _RELEASE_RE.fullmatch(text)
+    if not m:
+        raise ConfigError(f"{where}: {name}: expected a Xen release 4.0.0 to 4.5.x "
+                          f"(such as '4.0.2'), got {raw!r}")
+    return text
+
+
+def _installed_backend_names() -> List[str]:
+    from .hypervisor.backends import installed_backends
+    return sorted(installed_backends())
 
 
 def _installed_plugin_names() -> List[str]:

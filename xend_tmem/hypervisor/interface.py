@@ -1,11 +1,34 @@
-"""What the toolstack needs from a hypervisor: domain memory and tmem control.
+"""The whole contract between the toolstack and a hypervisor backend.
 
-Two protocols: :class:`DomainControl` for the host's checkpoint path (pages,
-log-dirty, suspend, vcpu state) and :class:`TmemControl` for the tmem plugin
-(Xen's ``XEN_SYSCTL_TMEM_OP`` control sub-ops, one method each). Backends: the
-simulated hypervisor (``sim.py``) and, later, libxenctrl. Refusals raise
-:class:`~xend_tmem.errors.HypervisorError`; an unknown domain raises
-:class:`~xend_tmem.errors.NoSuchDomain`.
+xend, the checkpoint path and every plugin reach the hypervisor only through
+:class:`Hypervisor` (no ``getattr`` probing, no backend-specific call). It is
+shaped after Xen's hypercalls:
+
+* :class:`DomainControl` -- domctls: create, destroy, pause, suspend, vcpu
+  state (``setvcpucontext``, ``set_ext_vcpucontext``, ``setvcpuextstate``).
+* :class:`MemoryAccess` -- guest RAM as the toolstack's foreign mapping, and
+  log-dirty (``shadow_op``).
+* :class:`TmemControl` -- ``XEN_SYSCTL_TMEM_OP`` control sub-ops, one method
+  each, with Xen's argument conventions and results. The batched methods
+  (``save_get_pages``, ``save_get_invs``, ``restore_put_pages``) are each
+  documented as the loop of single sub-ops they stand for; a backend on real
+  Xen implements them as that loop into a caller-supplied buffer.
+* :class:`GuestTmem` -- the guest-side tmem ops (``HYPERVISOR_tmem_op``) that
+  a guest kernel issues: the simulated guests and the tests use them.
+* :class:`Inspection` -- read-only facts for ``xm info``/``xm list``, the
+  digest plugin and tests.
+
+Backends are found by name in the entry-point group ``xend_tmem.hypervisor``
+(``hypervisor: backend:`` in the toolstack configuration). The simulated
+hypervisor is a process of its own (``sim``); the same model runs in-process
+(``sim-inprocess``) for unit tests and the engine benchmark.
+
+Errors: a refusal raises :class:`~xend_tmem.errors.HypervisorError` whose
+``code`` is Xen's positive error number where Xen had one (``EFROZEN`` 1000,
+``EEMPTY`` 1001, ``errno.EINVAL`` ...); an unknown domain raises
+:class:`~xend_tmem.errors.NoSuchDomain`. A backend that lost its hypervisor
+(the process died) raises :class:`~xend_tmem.errors.HypervisorError` with
+``op`` naming the call and ``code`` ``errno.ECONNRESET``.
 
 OIDs are always a tuple of three ints (Xen 4.0.2+ layout); a spec-version-0
 client uses only the first (the others are 0).
@@ -13,12 +36,16 @@ client uses only the first (the others are 0).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 OID = Tuple[int, int, int]
+Buffer = Union[bytes, bytearray, memoryview]
 
 EFROZEN = 1000
+EEMPTY = 1001
 MAX_POOLS = 16
+PAGE_SIZE = 4096
+EXT_VCPU_CONTEXT_SIZE = 128       # DOMCTL_set_ext_vcpucontext payload in a save stream
 
 # pool flag bits (SPEC §4)
 POOL_PERSIST = 1 << 0
@@ -31,10 +58,14 @@ POOL_VERSION_MASK = 0xFF << POOL_VERSION_SHIFT
 # client flag bits
 CLIENT_COMPRESS = 1 << 0
 CLIENT_FROZEN = 1 << 1
+# Xen's TMEM_CLI_ID_NULL: an admin op on every client
+ALL_CLIENTS = -1
 
 
 @dataclass
 class DomainInfo:
+    """``getdomaininfo`` plus what xend keeps with a domain (its config)."""
+
     domid: int
     name: str
     memory_mib: int
@@ -56,47 +87,83 @@ class DomainInfo:
         return "".join(c if on else "-" for c, on in zip("rbpscd", flags))
 
 
-class DomainControl(Protocol):
-    """Domain lifecycle and memory, as the checkpoint path uses them."""
+@dataclass(frozen=True)
+class HostInfo:
+    """What ``xm info`` shows of the hypervisor (``xc_physinfo``/``xc_version``)."""
 
-    def domain_info(self, domid: int) -> DomainInfo: ...
+    backend: str                 # entry-point name of the backend
+    xen_release: str             # the Xen release imitated or found, e.g. "4.0.2"
+    tmem_spec_version: int       # 0 or 1 (what RESTORE_NEW requires)
+    tmem_capacity_pages: int
+    tmem_free_pages: int
+    can_move_tmem: bool          # False where SAVE_GET_NEXT_PAGE cannot hand out pages (H8)
+    defects: Tuple[str, ...] = ()  # hypervisor defects switched on (H1-H3), if any
+    pid: Optional[int] = None    # the hypervisor process, for a process backend
+    started: Optional[float] = None  # wall-clock start of the hypervisor
+
+
+class DomainControl(Protocol):
+    """Domain lifecycle and vcpu state (Xen's domctls)."""
+
     def list_domains(self) -> List[DomainInfo]: ...
+    def domain_info(self, domid: int) -> DomainInfo: ...
+    def create_domain(self, config: Mapping[str, object]) -> int:
+        """Build and boot a domain from a validated domain config mapping
+        (:meth:`~xend_tmem.domconfig.DomainConfig.to_dict`): RAM, vcpus, the
+        guest's tmem pools and its workload. The domain runs when this returns."""
     def create_domain_shell(self, name: str, p2m_size: int, vcpus: int,
-                            config: Optional[Dict[str, object]] = None) -> int:
+                            config: Optional[Mapping[str, object]] = None) -> int:
         """An empty, paused domain for a restore to fill (RAM zero, no tmem client)."""
     def destroy_domain(self, domid: int) -> None: ...
     def rename_domain(self, domid: int, name: str) -> None: ...
     def pause(self, domid: int) -> None: ...
     def unpause(self, domid: int) -> None: ...
     def suspend(self, domid: int) -> None:
-        """Stop the guest for the last round (guest cooperation in real Xen)."""
+        """Stop the guest for the last round; returns once the guest has stopped
+        (a barrier the guest acknowledges, as its suspend event channel in Xen)."""
     def resume(self, domid: int) -> None:
         """Undo :meth:`suspend` after a failed save; a no-op if not suspended."""
+    def online_vcpus(self, domid: int) -> List[int]: ...
+    def get_vcpu_context(self, domid: int, vcpu: int) -> bytes: ...
+    def set_vcpu_context(self, domid: int, vcpu: int, data: Buffer) -> None:
+        """``DOMCTL_setvcpucontext``: 5168 (x86-64 guest) or 2800 (x86-32) bytes."""
+    def get_ext_vcpu_context(self, domid: int, vcpu: int) -> bytes:
+        """``DOMCTL_get_ext_vcpucontext``: 128 bytes, as the ``extv`` tail carries."""
+    def set_ext_vcpu_context(self, domid: int, vcpu: int, data: Buffer) -> None:
+        """``DOMCTL_set_ext_vcpucontext``: the 128 bytes after a vcpu context
+        when the image's extended info has ``extv``."""
+    def set_vcpu_xsave(self, domid: int, vcpu: int, data: Buffer) -> None:
+        """``DOMCTL_setvcpuextstate``: the per-vcpu xsave record of ``xcnt``."""
+    def get_shared_info(self, domid: int) -> bytes: ...
+    def set_shared_info(self, domid: int, data: Buffer) -> None: ...
+
+
+class MemoryAccess(Protocol):
+    """Guest RAM as the toolstack's foreign mapping, and log-dirty mode."""
+
     def p2m_size(self, domid: int) -> int: ...
     def read_pages(self, domid: int, pfns: Sequence[int]) -> bytes:
-        """The pages' contents concatenated, 4096 bytes each, in ``pfns`` order."""
-    def write_pages(self, domid: int, pfns: Sequence[int], data: bytes) -> None: ...
+        """The pages' contents concatenated, 4096 bytes each, in ``pfns`` order
+        (copied from the toolstack's mapping of guest RAM)."""
+    def write_pages(self, domid: int, pfns: Sequence[int], data: Buffer) -> None: ...
     def enable_logdirty(self, domid: int) -> None: ...
     def disable_logdirty(self, domid: int) -> None: ...
     def read_and_clear_dirty(self, domid: int) -> List[int]:
         """Sorted pfns written since the last call (or since enable)."""
-    def online_vcpus(self, domid: int) -> List[int]: ...
-    def get_vcpu_context(self, domid: int, vcpu: int) -> bytes: ...
-    def set_vcpu_context(self, domid: int, vcpu: int, data: bytes) -> None: ...
-    def get_shared_info(self, domid: int) -> bytes: ...
-    def set_shared_info(self, domid: int, data: bytes) -> None: ...
 
 
 class TmemControl(Protocol):
     """Xen's tmem control sub-ops, one method each (names follow ``tmem.h``).
 
     The save cursors (page walk per pool, invalidation log) live in the
-    hypervisor, as in Xen; :meth:`save_end` resets all of them.
+    hypervisor, as in Xen; a successful :meth:`save_end` resets them.
     """
 
     # -- save ---------------------------------------------------------------
     def save_begin(self, domid: int, live: bool) -> bool:
-        """Freeze the client for a save; ``False`` = nothing to save (no client/pools)."""
+        """SAVE_BEGIN: freeze the client for a save; ``False`` = nothing to save
+        (no client/pools; Xen's return 0). Only a ``True`` makes a
+        :meth:`save_end` owed."""
     def save_get_version(self, domid: int) -> int: ...
     def save_get_maxpools(self, domid: int) -> int: ...
     def save_get_client_weight(self, domid: int) -> int: ...
@@ -104,46 +171,97 @@ class TmemControl(Protocol):
     def save_get_client_flags(self, domid: int) -> int:
         """COMPRESS, FROZEN: the frozen state from *before* save_begin froze it."""
     def save_get_pool_flags(self, domid: int, pool_id: int) -> Optional[int]:
-        """Flags incl. spec version bits 24-31; ``None`` for an empty slot."""
+        """Flags as the release reports them (spec version bits 24-31 are 0 on
+        releases with defect H4); ``None`` for an empty slot (Xen's -1)."""
     def save_get_pool_npages(self, domid: int, pool_id: int) -> int: ...
     def save_get_pool_uuid(self, domid: int, pool_id: int) -> Tuple[int, int]: ...
     def save_get_next_page(self, domid: int, pool_id: int) -> Optional[Tuple[OID, int, bytes]]:
-        """Next page of the walk (put order): (oid, index, data); ``None`` at the end."""
-    def save_get_pages(self, domid: int, pool_id: int, max_pages: int) -> Tuple[int, bytes]:
-        """Batched walk: ``(count, records)``; each record is the wire layout
-        OID (8 bytes in spec version 0, 24 in 1) + u32 index + page data.
-        ``count == 0`` at the end. Shares the cursor with save_get_next_page."""
+        """SAVE_GET_NEXT_PAGE: next page of the walk (put order): (oid, index,
+        data); ``None`` at the end (Xen's 0)."""
+    def save_get_pages(self, domid: int, pool_id: int, max_pages: int,
+                       out: Optional[Union[bytearray, memoryview]] = None) -> Tuple[int, bytes]:
+        """A loop of up to ``max_pages`` SAVE_GET_NEXT_PAGE calls: ``(count,
+        records)``; each record is the wire layout OID (8 bytes in spec version
+        0, 24 in 1) + u32 index + page data. ``count == 0`` at the end. With
+        ``out`` the records are copied into it (it must hold ``max_pages``
+        records) and the second item is a view of it; shares the cursor with
+        :meth:`save_get_next_page`."""
     def save_get_next_inv(self, domid: int) -> Optional[Tuple[int, OID, int]]:
-        """Next logged deletion (pool_id, oid, index); ``None`` after the last,
-        and the call after that starts again from the head (Xen semantics)."""
+        """SAVE_GET_NEXT_INV: next logged deletion (pool_id, oid, index);
+        ``None`` after the last, and the call after that starts again from the
+        head (Xen semantics)."""
     def save_get_invs(self, domid: int, start: int, max_count: int) -> List[Tuple[int, OID, int]]:
-        """Batched log read: entries ``start .. start+max_count-1`` (fewer at the end)."""
+        """Log entries ``start .. start+max_count-1`` (fewer at the end): the
+        SAVE_GET_NEXT_INV loop with the caller remembering how far it got."""
     def save_end(self, domid: int) -> None:
-        """Stop logging, drop the log, restore the pre-save frozen state, reset cursors.
-        Safe to call when no save is running."""
+        """SAVE_END: stop logging, drop the log, restore the frozen state the
+        last SAVE_BEGIN remembered, reset cursors."""
 
     # -- restore ------------------------------------------------------------
     def restore_begin(self, domid: int) -> None:
-        """Create the domain's tmem client; refused if it already has one."""
-    def restore_new_pool(self, domid: int, pool_id: int, flags: int, uuid: Tuple[int, int]) -> int: ...
-    def restore_put_page(self, domid: int, pool_id: int, oid: OID, index: int, data: bytes) -> None: ...
-    def restore_put_pages(self, domid: int, pool_id: int, records, count: int) -> None:
-        """Batched put of ``count`` records in the wire layout of save_get_pages."""
+        """RESTORE_BEGIN: create the domain's tmem client; refused if it has one."""
+    def restore_new_pool(self, domid: int, pool_id: int, flags: int, uuid: Tuple[int, int]) -> int:
+        """RESTORE_NEW: create a pool in slot ``pool_id``; returns the slot."""
+    def restore_put_page(self, domid: int, pool_id: int, oid: OID, index: int, data: Buffer) -> None: ...
+    def restore_put_pages(self, domid: int, pool_id: int, records: Buffer, count: int) -> None:
+        """A loop of ``count`` RESTORE_PUT_PAGE calls over records in the wire
+        layout of :meth:`save_get_pages`; stops at the first refusal."""
     def restore_flush_page(self, domid: int, pool_id: int, oid: OID, index: int) -> None:
-        """Delete one page; a missing page is not an error."""
+        """RESTORE_FLUSH_PAGE: delete one page; a missing page is not an error."""
 
-    # -- client settings and admin ops -----------------------------------------
+    # -- client settings and admin ops (domid ALL_CLIENTS = every client) ------
     def set_weight(self, domid: int, weight: int) -> None: ...
     def set_cap(self, domid: int, cap: int) -> None: ...
     def set_compress(self, domid: int, compress: bool) -> None: ...
     def freeze(self, domid: int) -> None: ...
     def thaw(self, domid: int) -> None: ...
     def destroy(self, domid: int) -> None:
-        """Remove the domain's tmem client and all its pools (restore cleanup)."""
+        """Remove the domain's tmem client and all its pools."""
     def flush(self, domid: int, pages: int) -> int: ...
     def tmem_list(self, domid: Optional[int], long: bool = False) -> str: ...
     def query_freeable_mb(self) -> int: ...
+
+
+class GuestTmem(Protocol):
+    """What a guest kernel's tmem frontend does (``HYPERVISOR_tmem_op``)."""
+
+    def guest_new_pool(self, domid: int, persistent: bool, shared: bool = False,
+                       uuid: Tuple[int, int] = (0, 0), pagebits: int = 0) -> int: ...
+    def guest_destroy_pool(self, domid: int, pool_id: int) -> None: ...
+    def guest_put(self, domid: int, pool_id: int, oid: OID, index: int, data: Buffer) -> bool:
+        """Put a page; ``False`` when refused (frozen, overwrite during a live
+        save, full): the guest keeps the page itself (swap)."""
+    def guest_get(self, domid: int, pool_id: int, oid: OID, index: int) -> Optional[bytes]: ...
+    def guest_flush_page(self, domid: int, pool_id: int, oid: OID, index: int) -> bool: ...
+    def guest_flush_object(self, domid: int, pool_id: int, oid: OID) -> int: ...
+
+
+class Inspection(Protocol):
+    """Read-only facts: ``xm info``, the digest plugin, tests and benchmarks."""
+
+    def host_info(self) -> HostInfo: ...
     def tmem_version(self) -> int:
         """The hypervisor's tmem spec version (what RESTORE_NEW requires)."""
     def tmem_free_pages(self) -> int:
         """How many more tmem pages the hypervisor can hold (pre-flight check)."""
+    def guest_stats(self, domid: int) -> Dict[str, int]:
+        """Guest-side counters: tmem_puts, swap_fallbacks, tmem_gets,
+        tmem_flushes, ram_writes."""
+    def tmem_state(self, domid: int) -> Dict[str, Any]:
+        """Everything about a domain's tmem, page data as crc32 (small pools)."""
+    def tmem_digest(self, domid: int) -> Dict[int, Tuple[int, str]]:
+        """Per persistent pool ``(page count, sha256 hex)`` over pages sorted by
+        key, streaming (GiB-scale). A backend on real Xen computes it from a
+        non-live save walk."""
+    def ram_digest(self, domid: int) -> str:
+        """sha256 of the domain's whole RAM."""
+    def op_trace(self, start: int = 0) -> List[str]:
+        """The tmem control-op trace lines from ``start`` on (the vectors'
+        ``xen-restore.trace`` format); empty where the backend keeps none."""
+
+
+class Hypervisor(DomainControl, MemoryAccess, TmemControl, GuestTmem, Inspection, Protocol):
+    """Everything a backend provides; what xend and the plugins are typed against."""
+
+    def close(self) -> None:
+        """Release the toolstack's side (connections, mappings); domains stay."""

@@ -43,6 +43,7 @@ from .interface import (CLIENT_COMPRESS, CLIENT_FROZEN, EFROZEN, MAX_POOLS, OID,
                         POOL_PRECOMPRESSED, POOL_SHARED, POOL_VERSION_MASK,
                         POOL_VERSION_SHIFT, DomainInfo)
 from .pagestore import PageStore, SegmentHeap
+from .profiles import make_profile
 
 PAGE_SIZE = 4096
 PAGES_PER_MIB = 256
@@ -187,12 +188,16 @@ class SimHypervisor:
     heap, as Xen's), kept for reuse when pages are freed.
     """
 
-    def __init__(self, tmem_version: int = 1, tmem_capacity_pages: int = 1 << 22,
-                 trace: Optional[list] = None, seed: Optional[int] = None,
-                 tmem_prealloc_mib: int = 0) -> None:
-        if tmem_version not in (0, 1):
-            raise ValueError(f"tmem_version must be 0 or 1, not {tmem_version!r}")
-        self._version = tmem_version
+    def __init__(self, release: str = "4.0.2", defects: Sequence[str] = (),
+                 tmem_capacity_pages: int = 1 << 22, trace: Optional[list] = None,
+                 seed: Optional[int] = None, tmem_prealloc_mib: int = 0,
+                 tmem_version: Optional[int] = None) -> None:
+        if tmem_version is not None:          # deprecated: 0 = 4.0.0, 1 = 4.0.2
+            if tmem_version not in (0, 1):
+                raise ValueError(f"tmem_version must be 0 or 1, not {tmem_version!r}")
+            release = "4.0.0" if tmem_version == 0 else "4.0.2"
+        self.profile = make_profile(release, defects)
+        self._version = self.profile.spec_version
         self._capacity = tmem_capacity_pages
         self._heap = SegmentHeap()
         if tmem_prealloc_mib:
