@@ -4,24 +4,23 @@ Records a digest of the domain's persistent tmem (per pool: page count and a
 sha256 over pages sorted by key) at the two moments that must agree: on the
 source once the guest is suspended, and on the destination when the restore is
 complete and before the guest runs again. The reports carry it as
-``plugins["tmem-digest"]``; ``xend-tmem demo`` compares the two. Needs a
-backend with ``tmem_digest`` (the simulated hypervisor); elsewhere it reports
-that it cannot.
+``plugins["tmem-digest"]``; ``xend-tmem demo`` compares the two. Uses the
+interface's ``tmem_digest`` (Inspection), which every backend provides.
 """
 from __future__ import annotations
 
 from typing import Any, Dict
+
+from xend_tmem.hypervisor.interface import Hypervisor
 
 from . import hookimpl
 
 NAME = "tmem-digest"
 
 
-def _digest(hv, domid: int) -> Dict[str, Any]:
-    fn = getattr(hv, "tmem_digest", None)
-    if fn is None:
-        return {"error": "this hypervisor backend cannot digest tmem"}
-    return {str(pool): {"pages": count, "sha256": sha} for pool, (count, sha) in fn(domid).items()}
+def _digest(hv: Hypervisor, domid: int) -> Dict[str, Any]:
+    return {str(pool): {"pages": count, "sha256": sha}
+            for pool, (count, sha) in hv.tmem_digest(domid).items()}
 
 
 def _report(at: str, pools: Dict[str, Any]) -> Dict[str, Any]:

@@ -174,3 +174,20 @@ def checkpoint_migrate_check(hv, offer: Mapping[str, Any]) -> Optional[str]:
     :param offer: the merged offers of the sender's plugins.
     :return: a one-line refusal reason, or ``None`` to accept.
     """
+
+
+# -- crash recovery -------------------------------------------------------------------
+
+@_hookspec
+def checkpoint_recover(hv, domid: int, notes: Mapping[str, Any]) -> None:
+    """``xend start`` after a xend that died during a save of ``domid``: undo it.
+
+    Called for every plugin, with only the notes this plugin recorded through
+    :meth:`~xend_tmem.session.SaveSession.journal_note` during that save (empty
+    if it recorded none), before the host resumes (or destroys) the domain.
+    The save's done phase may or may not have run; recover only what the notes
+    prove is still held (tmem: SAVE_END only after a SAVE_BEGIN that returned 1).
+    :param hv: the hypervisor backend. :param domid: the source domain.
+    :param notes: this plugin's journaled facts.
+    Raise to report a failure; the host logs it and goes on with the others.
+    """

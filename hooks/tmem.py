@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from xend_tmem.codec.tmemchunk import MARKERS
 from xend_tmem.tmem.restore import TmemRestorer
-from xend_tmem.tmem.save import TmemSaveJob, TmemSizes
+from xend_tmem.tmem.save import TmemSaveJob, TmemSizes, check_movable
 from xend_tmem.tmem.settings import parse_settings
 
 from . import hookimpl
@@ -64,9 +64,17 @@ def checkpoint_save_done(session, outcome) -> None:
     job = session.plugin_state.pop(NAME, None)
     if job is not None:
         job.done(outcome)
-    else:
-        # setup failed before the job existed; SAVE_END is harmless without a save
-        session.hv.save_end(session.domid)
+    # Setup failed before the job existed: no SAVE_BEGIN was issued, so no
+    # SAVE_END is owed (Xen's would restore a stale frozen state).
+
+
+@hookimpl
+def checkpoint_recover(hv, domid: int, notes: Mapping[str, Any]) -> None:
+    # A xend that died during the save: SAVE_END only if SAVE_BEGIN was issued
+    # ("issued": xend died inside the call, the hypervisor may have completed
+    # it; then SAVE_END is owed, and it restores the state SAVE_BEGIN kept).
+    if notes.get("save_begin") in (True, "issued"):
+        hv.save_end(domid)
 
 
 # -- restore ----------------------------------------------------------------------
@@ -110,6 +118,7 @@ def checkpoint_migrate_offer(hv, domid: int) -> Optional[Dict[str, Any]]:
     sizes = TmemSizes(hv, domid)
     if not sizes.pools:
         return None
+    check_movable(hv, domid, sizes.persistent_pages)   # refused before the source is renamed
     return {NAME: {"version": sizes.version, "pools": sizes.pools,
                    "persistent_pages": sizes.persistent_pages, "page_size": 4096}}
 
@@ -127,6 +136,11 @@ def checkpoint_migrate_check(hv, offer: Mapping[str, Any]) -> Optional[str]:
     if version != hv.tmem_version():
         return (f"domain's tmem is spec version {version}; this host's hypervisor speaks "
                 f"version {hv.tmem_version()}")
+    info = hv.host_info()
+    if pages and not info.can_move_tmem:
+        return (f"this host cannot move tmem (Xen {info.xen_release}: the hypervisor takes "
+                f"tmem pages only on its compression path, H8): the domain's {pages} "
+                f"persistent tmem pages would be lost")
     free = hv.tmem_free_pages()
     if pages > free:
         return f"domain has {pages} persistent tmem pages; this host has room for {free}"

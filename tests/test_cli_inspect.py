@@ -91,3 +91,32 @@ def test_truncated_image_one_line_error(image, tmp_path, cut):
 def test_missing_file():
     r = inspect("/nonexistent/x.img")
     assert r.returncode == 1 and "Error: cannot read /nonexistent/x.img" in r.stderr
+
+
+@pytest.mark.parametrize("width,ctx", [(4, "CTX_X32"), (8, "CTX_X64")])
+def test_tools_width_is_inferred_for_images_and_bare_streams(tmp_path, width, ctx):
+    """Images of 32-bit dom0 tools inspect without ``--width``: the width is
+    inferred as restore infers it; ``--width`` still overrides."""
+    import xenframer as xf
+
+    vec = VECTORS / "v1" / "05-live-invalidations"
+    f = xf.frame(vec, width=width, live=True, ctx_size=getattr(xf, ctx))
+    img = tmp_path / "xen.img"
+    img.write_bytes(f.data)
+    cfg_len = int.from_bytes(f.data[16:20], "big")
+    raw = tmp_path / "xen.stream"
+    raw.write_bytes(f.data[20 + cfg_len:])
+    expected = json.loads((vec / "expected.json").read_text())["chunks"]
+    for path, kind in ((img, "xend image"), (raw, "libxc stream")):
+        r = inspect("--json", "--pages", path)
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert (doc["kind"], doc["width"], doc["width_inferred"]) == (kind, width, True)
+        assert doc["p2m_size"] == f.guest.p2m_size and doc["chunks"] == expected
+        assert f"width {width} (inferred)" in inspect(path).stdout
+        r = inspect("--json", "--width", str(width), path)
+        assert r.returncode == 0, r.stderr
+        assert (json.loads(r.stdout)["width"], json.loads(r.stdout)["width_inferred"]) == (width, False)
+        r = inspect("--width", str(12 - width), path)        # the wrong override fails cleanly
+        assert r.returncode == 1 and r.stdout == ""
+        assert r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1

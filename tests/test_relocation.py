@@ -42,15 +42,17 @@ def source(hooks):
 class Receiver:
     """A receiving host: a sim hypervisor behind a RelocationServer."""
 
-    def __init__(self, hooks, check=lambda offer: [], restore=None, patterns=()) -> None:
+    def __init__(self, hooks, check=lambda offer: [], restore=None, patterns=(),
+                 journal=None, go_timeout=relocation.GO_TIMEOUT_S) -> None:
         self.hv = SimHypervisor()
         self.hooks = hooks
         self.offers = []
         self.restores = 0
 
-        def default_restore(stream, peer):
+        def default_restore(stream, peer, paused=False, on_created=None):
             self.restores += 1
-            return restore_domain(self.hv, stream, hooks=hooks)
+            return restore_domain(self.hv, stream, hooks=hooks, paused=paused,
+                                  on_created=on_created)
 
         def check_offer(offer):
             self.offers.append(offer)
@@ -59,7 +61,8 @@ class Receiver:
         self.server = relocation.RelocationServer(
             "127.0.0.1", 0, hosts_allow=[re.compile(p) for p in patterns],
             restore=restore or default_restore, check_offer=check_offer,
-            discard=self.hv.destroy_domain)
+            discard=self.hv.destroy_domain, unpause=self.hv.unpause, journal=journal,
+            go_timeout=go_timeout)
         self.server.start()
 
     def names(self):
@@ -127,7 +130,7 @@ def test_preflight_refusal_touches_nothing(source, hooks, receivers) -> None:
 def test_restore_failure_on_the_receiver_resumes_the_source(source, hooks, receivers) -> None:
     hv, domid = source
 
-    def failing_restore(stream, peer):
+    def failing_restore(stream, peer, paused=False, on_created=None):
         stream.read(1 << 16)
         raise StreamError("pool flags wrong", offset=1234, field="pool flags", value=5)
 
@@ -198,7 +201,7 @@ def test_cancel_while_the_receiver_stalls(source, hooks) -> None:
         conn, _ = listener.accept()
         with conn, conn.makefile("rb") as f:
             f.readline()
-            conn.sendall(b"(ok (protocol 1))\n")
+            conn.sendall(b"(ok (protocol 2))\n")
             f.readline()
             conn.sendall(b"(ready receive)\n")
             stop.wait(20)                                    # never reads the image

@@ -22,10 +22,16 @@ DOMAIN = {"name": "web1", "memory": 4,
 
 
 @pytest.fixture
-def svc():
+def state_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture
+def svc(state_dir: Path):
     hv = SimHypervisor()
     hv.create_domain(parse_domain_config(DOMAIN))
-    s = XendService(parse_toolstack_config({}), hv, get_plugin_manager(["tmem"], {}))
+    s = XendService(parse_toolstack_config({"xend-state-dir": str(state_dir)}), hv,
+                    get_plugin_manager(["tmem"], {}))
     yield s
     s.stop(5)
 
@@ -42,7 +48,7 @@ def test_failed_save_removes_its_temp_file_and_gives_the_name_back(svc, tmp_path
 
     def failing_save(hv, domid, out, **kw):
         names_during.append(svc.hv.domain_info(domid).name)
-        names_during.append(hv.domain_info(domid).name)      # what the image would carry
+        names_during.append(kw["name"])                      # what the image carries
         out.write(b"LinuxGuestRecord" + bytes(1000))
         raise SaveError("cannot write this")
 
@@ -122,7 +128,7 @@ def test_paused_domain_is_not_saved(svc, tmp_path: Path) -> None:
 
 def test_preflight_check_offer(svc) -> None:
     bare = XendService(parse_toolstack_config({"checkpoint-plugins": []}), SimHypervisor(),
-                       get_plugin_manager([], {}))
+                       get_plugin_manager([], {}), journal=svc.journal)
     offer = {"domain": {"name": "web1"}, "node": -1,
              "plugins": svc.hooks.migrate_offer(svc.hv, 1)}
     assert bare.check_offer({**offer, "domain": {"name": "new"}}) == [

@@ -12,21 +12,23 @@ sent fewer than 50 pages, after 29 rounds, or after 3 x p2m_size pages.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .binio import StreamReader, StreamWriter
 from .codec import image, legacy, sxp
-from .errors import Cancelled, PluginError, StreamError, XendTmemError
+from .errors import Cancelled, PluginError, SaveError, StreamError, XendTmemError
+from .hypervisor.interface import Hypervisor
 from .plugins import CheckpointHooks
-from .session import Outcome, ProgressFn, RestoreSession, RoundStats, SaveSession, _no_progress
+from .session import (JournalFn, Outcome, ProgressFn, RestoreSession, RoundStats, SaveSession,
+                      _no_progress)
 
 PAGE = 4096
 BATCH = 1024                 # pages per batch (Xen's MAX_BATCH_SIZE)
 MAX_ITERS = 29
 MAX_FACTOR = 3
 MIN_ROUND_PAGES = 50
-VCPU_CTX_SIZE = 5168         # x86-64 PV vcpu context
 
 
 def _raise_done_errors(phase: str, errors: List[Tuple[str, BaseException]],
@@ -70,11 +72,14 @@ class _Saver:
         self.w = session.out
         self.rounds = 0
         self.pages_sent = 0
+        self.last_round_pages = 0            # RAM pages sent after the suspend
         self.ram_bytes = 0
         self.started = time.monotonic()
         self.suspended_at: Optional[float] = None
         self.stream_end: Optional[float] = None
         self.total_estimate: Optional[int] = None
+        self.ctx_size = legacy.VCPU_CTX_X64   # set from the domain when the header is written
+        self.xsave_size: Optional[int] = None  # the xcnt size, None when no vcpu has xsave
 
     def progress(self, phase: str) -> None:
         self.s.progress(phase, self.w.offset, self.total_estimate)
@@ -134,28 +139,104 @@ class _Saver:
         legacy.write_vcpu_info(w, max(vcpus) if vcpus else 0, vcpus)
         legacy.write_end(w)
         contexts = [hv.get_vcpu_context(s.domid, v) for v in vcpus]
-        legacy.write_pv_tail(w, s.width, [], contexts, hv.get_shared_info(s.domid))
+        # extv, as Xen 4.0's xc_domain_save always wrote it: a restored domain
+        # keeps the extended context its image brought (DOMCTL_get_ext_vcpucontext)
+        ext = [hv.get_ext_vcpu_context(s.domid, v) for v in vcpus]
+        for v, c, e in zip(vcpus, contexts, ext):
+            if len(c) != self.ctx_size or len(e) != legacy.EXTV_SIZE:
+                raise StreamError(f"vcpu {v} of domain {s.domid} has a {len(c)}-byte context "
+                                  f"and a {len(e)}-byte extended context; the image announced "
+                                  f"{self.ctx_size} and {legacy.EXTV_SIZE}", field="vcpu context")
+        if self.xsave_size is not None:
+            # xcnt: each record is extv + the vcpu's xsave (DOMCTL_getvcpuextstate)
+            xsave = _vcpu_xsaves(hv, s.domid, vcpus)
+            if any(len(x) != self.xsave_size for x in xsave.values()):
+                raise SaveError(f"domain {s.domid}'s vcpu xsave records changed size during the "
+                                f"save: the image announced {self.xsave_size} bytes, the vcpus "
+                                f"have {_sizes(xsave)}")
+            ext = [e + xsave[v] for v, e in zip(vcpus, ext)]
+        legacy.write_pv_tail(w, s.width, [], contexts, hv.get_shared_info(s.domid), ext_ctx=ext)
         self.progress("tail")
 
 
-def save_domain(hv, domid: int, out: BinaryIO, *, hooks: CheckpointHooks, live: bool,
-                checkpoint: bool = False, progress: Optional[ProgressFn] = None,
-                cancel=None, width: int = 8) -> Dict[str, object]:
+def _vcpu_context_size(hv, domid: int) -> int:
+    """The guest's vcpu context size (5168 x86-64, 2800 x86-32): it sets the
+    ``vcpu`` block, and through it the guest width of the p2m frame list."""
+    vcpus = hv.online_vcpus(domid)
+    size = len(hv.get_vcpu_context(domid, vcpus[0] if vcpus else 0))
+    if size not in legacy.VCPU_CTX_SIZES:
+        raise StreamError(f"domain {domid}'s vcpu context is {size} bytes, neither an x86-64 "
+                          f"({legacy.VCPU_CTX_X64}) nor an x86-32 ({legacy.VCPU_CTX_X32}) one",
+                          field="vcpu context")
+    return size
+
+
+def _vcpu_xsaves(hv, domid: int, vcpus: Sequence[int]) -> Dict[int, bytes]:
+    """Each online vcpu's xsave record (empty when it has none)."""
+    return {v: bytes(hv.get_vcpu_xsave(domid, v)) for v in vcpus}
+
+
+def _sizes(xsave: Dict[int, bytes]) -> str:
+    return ", ".join(f"vcpu {v}: {len(x)}" for v, x in xsave.items())
+
+
+def _vcpu_xsave_size(hv, domid: int) -> Optional[int]:
+    """The ``xcnt`` size, or None when no vcpu has an xsave record.
+
+    Xen's stream carries one size for every vcpu, so a domain whose vcpus'
+    records differ in size (some restored from an ``xcnt`` image, some not)
+    cannot be written without losing state: refused rather than truncated.
+    """
+    xsave = _vcpu_xsaves(hv, domid, hv.online_vcpus(domid))
+    sizes = {len(x) for x in xsave.values()}
+    if sizes <= {0}:
+        return None
+    if len(sizes) > 1:
+        raise SaveError(f"domain {domid}'s vcpus have xsave records of different sizes "
+                        f"({_sizes(xsave)}); an xcnt block announces one size for all vcpus")
+    size = sizes.pop()
+    if size > legacy.MAX_XSAVE:
+        raise SaveError(f"domain {domid}'s xsave records are {size} bytes; the xcnt block "
+                        f"allows at most {legacy.MAX_XSAVE}")
+    return size
+
+
+def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointHooks,
+                live: bool, checkpoint: bool = False, progress: Optional[ProgressFn] = None,
+                cancel=None, width: int = 8, name: Optional[str] = None,
+                journal: Optional[JournalFn] = None,
+                commit: Optional[Callable[[], None]] = None) -> Dict[str, object]:
     """Write ``domid`` as a xend image to ``out``; returns the report.
 
     On success the domain is left suspended (the caller destroys it) unless
     ``checkpoint`` asks for it to keep running. On any failure it is resumed
     and the error re-raised; plugins' done phase runs in every case.
+
+    ``name``: the name the image carries (xend renames the source
+    ``migrating-NAME`` for the save; the image keeps NAME). ``journal``:
+    where plugins' :meth:`~xend_tmem.session.SaveSession.journal_note` goes.
+    ``commit``: a migration's commit handshake, called once the stream is
+    complete and before the done phase (so the done phase delays nothing). If
+    it raises, the save failed and the domain is resumed; once it returned,
+    the domain belongs to the destination: it is never resumed here, and a
+    done-phase failure is logged and reported (``done_errors``) instead of
+    raised.
     """
     info = hv.domain_info(domid)
+    if name is not None and name != info.name:
+        config = dict(info.config or {})
+        config["name"] = name
+        info = dataclasses.replace(info, name=name, config=config)
     w = out if isinstance(out, StreamWriter) else StreamWriter(out)
     session = SaveSession(hv=hv, domid=domid, live=live, out=w, p2m_size=hv.p2m_size(domid),
                           width=width, settings=hooks.settings,
-                          progress=progress or _no_progress, cancel=cancel)
+                          progress=progress or _no_progress, cancel=cancel, journal=journal)
     saver = _Saver(session, hooks)
     outcome = Outcome()
     logdirty = False
     setup_ran = False
+    committed = False
+    done_errors: List[str] = []
     try:
         if not live:
             saver.suspend()
@@ -167,8 +248,10 @@ def save_domain(hv, domid: int, out: BinaryIO, *, hooks: CheckpointHooks, live: 
         image.write_header(w, domain_sxp(info))
         hooks.save_before_header(session)
         legacy.write_p2m_size(w, session.p2m_size, width, markers=sorted(hooks.restore_markers()))
-        legacy.write_pv_ext_info(w, width, VCPU_CTX_SIZE)
-        frames = legacy.p2m_frame_count(session.p2m_size, 8)
+        ctx_size = saver.ctx_size = _vcpu_context_size(hv, domid)
+        saver.xsave_size = _vcpu_xsave_size(hv, domid)
+        legacy.write_pv_ext_info(w, width, ctx_size, extv=True, xcnt_size=saver.xsave_size)
+        frames = legacy.p2m_frame_count(session.p2m_size, legacy.VCPU_CTX_SIZES[ctx_size])
         legacy.write_p2m_frame_list(w, width, range(frames))
         hooks.save_before_rounds(session)
         if live:
@@ -178,17 +261,25 @@ def save_domain(hv, domid: int, out: BinaryIO, *, hooks: CheckpointHooks, live: 
             saver.suspend()
             hooks.save_after_suspend(session)
             legacy.write_tsc_info(w, 0, 0, 0, 0)
+            # what the guest dirtied during the last live round and until it
+            # acknowledged the suspend (a guest process keeps writing while
+            # this thread copies pages, so this is rarely empty under load)
             last = sorted(set(dirty).union(hv.read_and_clear_dirty(domid)))
             saver.rounds += 1
             saver.send_pages(last, "rounds")
+            saver.last_round_pages = len(last)
         else:
             legacy.write_tsc_info(w, 0, 0, 0, 0)
             hooks.save_after_suspend(session)
             saver.rounds = 1
             saver.send_pages(range(session.p2m_size), "rounds")
+            saver.last_round_pages = session.p2m_size
         saver.tail()
         w.flush()
         saver.stream_end = time.monotonic()
+        if commit is not None:
+            commit()
+            committed = True
     except BaseException as exc:
         outcome = Outcome(exc)
         raise
@@ -200,21 +291,31 @@ def save_domain(hv, domid: int, out: BinaryIO, *, hooks: CheckpointHooks, live: 
         finally:
             if logdirty:
                 _quietly(hv.disable_logdirty, domid)
-            if not outcome.ok or errors or checkpoint:
+            if not committed and (not outcome.ok or errors or checkpoint):
                 _quietly(hv.resume, domid)
                 session.suspended = False
-        _raise_done_errors("checkpoint_save_done", errors, outcome)
+        if committed:
+            # the destination owns the domain now: a release step that failed
+            # here is this host's problem, not the migration's
+            for plugin, exc in errors:
+                session.log.error("domain %d: checkpoint plugin '%s' failed in "
+                                  "checkpoint_save_done after the commit: %s", domid, plugin, exc)
+                done_errors.append(f"{plugin}: {exc}")
+        else:
+            _raise_done_errors("checkpoint_save_done", errors, outcome)
     now = time.monotonic()
     end = saver.stream_end or now
     return {
         "bytes": w.offset,
         "rounds": saver.rounds,
         "pages_sent": saver.pages_sent,
+        "last_round_pages": saver.last_round_pages,
         # suspend until the last byte of the image was written
         "downtime_s": round(end - saver.suspended_at, 6) if saver.suspended_at else 0.0,
         "elapsed_s": round(now - saver.started, 6),
         "live": live,
         "plugins": session.report,
+        **({"done_errors": done_errors} if done_errors else {}),
     }
 
 
@@ -245,12 +346,24 @@ def _config_int(config: Dict[str, object], key: str, default: int, header_offset
 
 def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = False,
                    name: Optional[str] = None, progress: Optional[ProgressFn] = None,
-                   width: int = 8, cancel=None) -> Tuple[int, Dict[str, object]]:
+                   width: Optional[int] = None, cancel=None,
+                   on_created: Optional[Callable[[int], None]] = None
+                   ) -> Tuple[int, Dict[str, object]]:
     """Read a xend image and build the domain; returns ``(domid, report)``.
+
+    ``width`` is the saving tools' ``unsigned long`` (4 or 8); None infers it
+    from the stream (:func:`~xend_tmem.codec.legacy.detect_width`, with the
+    config's memory as the expected ``p2m_size``), so images of 32-bit and
+    64-bit toolstacks both restore. Each vcpu's tail record goes to the
+    hypervisor as Xen's ``xc_domain_restore`` sent it: the context to
+    ``set_vcpu_context``, the ``extv`` 128 bytes to ``set_ext_vcpu_context``,
+    an ``xcnt`` xsave record to ``set_vcpu_xsave``.
 
     A failure removes the half-built domain (plugins remove what they made in
     their done phase first) and re-raises.
     """
+    if width not in (None, 4, 8):
+        raise ValueError(f"the tools' unsigned long is 4 or 8 bytes, not {width!r}")
     progress = progress or _no_progress
     r = inp if isinstance(inp, StreamReader) else StreamReader(inp)
     started = time.monotonic()
@@ -263,6 +376,12 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
         raise StreamError("HVM images are readable but this hypervisor restores PV guests only",
                           offset=16, field="config image")
     domid = hv.create_domain_shell(dom_name, memory * 256, vcpus, config)
+    if on_created is not None:      # xend journals the id before anything can fail
+        try:
+            on_created(domid)
+        except BaseException:
+            _quietly(hv.destroy_domain, domid)
+            raise
     session = RestoreSession(hv=hv, domid=domid, reader=r, settings=hooks.settings,
                              progress=progress)
     outcome = Outcome()
@@ -291,20 +410,19 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
     try:
         hooks.restore_setup(session)
         reader = legacy.LegacyReader(r, width=width, guest="pv", handlers=handlers,
-                                     on_pages=on_pages)
+                                     on_pages=on_pages, p2m_hint=p2m_expected)
         stream_header = reader.read_header()
         if stream_header.p2m_size != p2m_expected:
+            hint = (f"; read with {reader.width}-byte tools' words as inferred, give the "
+                    "width (xm restore --width 4|8) if that is wrong"
+                    if stream_header.width_inferred else "")
             raise StreamError(f"p2m_size {stream_header.p2m_size} does not match the config's "
-                              f"memory ({memory} MiB = {p2m_expected} pages)",
+                              f"memory ({memory} MiB = {p2m_expected} pages){hint}",
                               offset=stream_header.offset, field="p2m_size",
                               value=stream_header.p2m_size)
         body = reader.read_body()
         tail = reader.read_tail(body)
-        for vcpu, ctx in tail.vcpu_contexts:
-            if vcpu >= vcpus:
-                raise StreamError(f"vcpu {vcpu} context for a domain with {vcpus} vcpus",
-                                  field="vcpu context", value=vcpu)
-            hv.set_vcpu_context(domid, vcpu, ctx)
+        _restore_vcpus(hv, domid, vcpus, stream_header, tail)
         hv.set_shared_info(domid, tail.shared_info)
         if not r.at_eof():
             raise StreamError("data after the end of the image", offset=r.offset)
@@ -328,5 +446,23 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
         "elapsed_s": round(time.monotonic() - started, 6),
         "domid": domid,
         "name": dom_name,
+        "width": reader.width,
+        "width_inferred": stream_header.width_inferred,
+        "layout": stream_header.layout,
         "plugins": session.report,
     }
+
+
+def _restore_vcpus(hv, domid: int, vcpus: int, header: legacy.StreamHeader,
+                   tail: legacy.Tail) -> None:
+    """Each tail record split as Xen's restore did: context, ``extv``, xsave."""
+    for vcpu, record in tail.vcpu_contexts:
+        if vcpu >= vcpus:
+            raise StreamError(f"vcpu {vcpu} context for a domain with {vcpus} vcpus",
+                              field="vcpu context", value=vcpu)
+        ctx, ext, xsave = header.split_vcpu_record(record)
+        hv.set_vcpu_context(domid, vcpu, ctx)
+        if ext is not None:
+            hv.set_ext_vcpu_context(domid, vcpu, ext)
+        if xsave:
+            hv.set_vcpu_xsave(domid, vcpu, xsave)

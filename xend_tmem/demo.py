@@ -6,7 +6,8 @@ shared pools) and a running guest workload on the first, live-migrates it to
 the second with ``xm migrate --live``, and checks that the tmem the destination
 restored equals the source's at suspend (the ``tmem-digest`` plugin records
 both). Everything is driven through the commands an administrator uses; the
-daemons and the directory are removed at the end, also on failure or Ctrl-C.
+daemons, their hypervisor processes (``xend-tmem hypervisor stop --force``) and
+the directory are removed at the end, also on failure or Ctrl-C.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class _Host:
             "xend-relocation-address": "127.0.0.1",
             "xend-relocation-port": self.port,
             "xend-relocation-hosts-allow": r"^127\.0\.0\.1$ ^localhost$",
-            "hypervisor": {"backend": "sim", "tmem-version": 1,
+            "hypervisor": {"backend": "sim", "xen-release": "4.0.2",
                            "tmem-capacity-mb": capacity_mb},
             "checkpoint-plugins": ["tmem", "tmem-digest"],
             "tmem": {"plan": args.plan, "layout": args.layout,
@@ -203,6 +204,9 @@ def main(args: argparse.Namespace) -> int:
         for h in hosts:
             if h.started:
                 h.run(sys.executable, "-m", "xend_tmem.xend.daemon", "stop", check=False)
+            # the hypervisor outlives xend: shut this host down (its domains with it)
+            h.run(sys.executable, "-m", "xend_tmem.cli.tool", "hypervisor", "stop", "--force",
+                  check=False)
         if args.keep or not ok:
             _say(f"logs kept in {root}")
         else:

@@ -120,6 +120,20 @@ class CheckpointHooks:
         reasons += [r for r in self.pm.hook.checkpoint_migrate_check(hv=hv, offer=offer) if r]
         return reasons
 
+    # -- crash recovery -------------------------------------------------------
+    def recover(self, hv, domid: int,
+                notes: Mapping[str, Mapping[str, Any]]) -> List[Tuple[str, BaseException]]:
+        """``checkpoint_recover`` of every plugin with its own notes; errors collected."""
+        errors: List[Tuple[str, BaseException]] = []
+        for impl in reversed(self.pm.hook.checkpoint_recover.get_hookimpls()):
+            mine = notes.get(impl.plugin_name) or {}
+            kwargs = {"hv": hv, "domid": domid, "notes": dict(mine)}
+            try:
+                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except BaseException as exc:  # noqa: B902 - reported by the host
+                errors.append((impl.plugin_name, exc))
+        return errors
+
     # -- helpers ------------------------------------------------------------
     def _call_each(self, hook_name: str, **kwargs: Any) -> List[Tuple[str, BaseException]]:
         """Call every implementation (in pluggy's LIFO order), each in its own try."""

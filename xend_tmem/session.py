@@ -14,8 +14,11 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 from .binio import StreamReader, StreamWriter
 from .errors import Cancelled
+from .hypervisor.interface import Hypervisor
 
 ProgressFn = Callable[[str, int, Optional[int]], None]
+# (plugin name, facts) -> written to the job's journal entry before returning
+JournalFn = Callable[[str, Mapping[str, Any]], None]
 
 log = logging.getLogger("xend_tmem")
 
@@ -68,7 +71,7 @@ class Pending:
 
 @dataclass
 class SaveSession:
-    hv: Any                         # DomainControl + TmemControl
+    hv: Hypervisor
     domid: int
     live: bool
     out: StreamWriter
@@ -82,15 +85,27 @@ class SaveSession:
     plugin_state: Dict[str, Any] = field(default_factory=dict)
     report: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     log: logging.Logger = log
+    journal: Optional[JournalFn] = None     # the job's journal entry, if xend keeps one
 
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("cancelled")
 
+    def journal_note(self, plugin: str, mapping: Mapping[str, Any]) -> None:
+        """Record, durably and at once, what ``plugin`` must undo if xend dies now.
+
+        The mapping is merged into the plugin's notes in the job's journal entry
+        and handed back to its ``checkpoint_recover`` at the next ``xend start``
+        (for example: "SAVE_BEGIN returned 1", so SAVE_END is owed). A save
+        without a journal (tests, the engine benchmark) records nothing.
+        """
+        if self.journal is not None:
+            self.journal(plugin, mapping)
+
 
 @dataclass
 class RestoreSession:
-    hv: Any
+    hv: Hypervisor
     domid: int
     reader: StreamReader
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)

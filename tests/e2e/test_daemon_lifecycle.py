@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .xendtest import STILL_DOMAIN, XendFactory, wait_for, write_domain
+from .xendtest import STILL_DOMAIN, wait_for, write_domain
 
 pytestmark = pytest.mark.e2e
 
@@ -20,8 +20,8 @@ def xend_cmd(xend, *args: str) -> subprocess.CompletedProcess:
                           timeout=60, stdin=subprocess.DEVNULL)
 
 
-def test_start_status_stop_and_restart_after_a_crash(tmp_path: Path) -> None:
-    xend = XendFactory(tmp_path).write_config("a")
+def test_start_status_stop_and_restart_after_a_crash(xends) -> None:
+    xend = xends.write_config("a")
     r = xend_cmd(xend, "status")
     assert (r.returncode, r.stdout) == (3, "xend is not running\n")
 
@@ -62,9 +62,9 @@ def test_start_status_stop_and_restart_after_a_crash(tmp_path: Path) -> None:
     ({"tmem": {"plan": "fastest"}}, "tmem.plan"),
     ({"checkpoint-plugins": ["no-such-plugin"]}, "no-such-plugin"),
 ])
-def test_bad_configuration_stops_the_start_with_one_line(tmp_path: Path, overrides: dict,
+def test_bad_configuration_stops_the_start_with_one_line(xends, overrides: dict,
                                                          named: str) -> None:
-    xend = XendFactory(tmp_path).write_config("a", **overrides)
+    xend = xends.write_config("a", **overrides)
     r = xend_cmd(xend, "foreground")
     assert r.returncode == 1
     lines = r.stderr.splitlines()

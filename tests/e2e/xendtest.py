@@ -2,8 +2,12 @@
 
 Each daemon gets its own directory (config, socket, pid file, log, state) and a
 free relocation port on 127.0.0.1; tests drive it only through ``xm`` (run as
-a subprocess with ``XM_SERVER`` / ``XEND_CONFIG`` set). At teardown every daemon
-is stopped with SIGTERM and must exit 0 and leave neither socket nor pid file.
+a subprocess with ``XM_SERVER`` / ``XEND_CONFIG`` set). Each daemon's state
+directory gets its own hypervisor process (started by the daemon; it outlives
+xend as Xen outlives its toolstack). At teardown every daemon is stopped with
+SIGTERM and must exit 0 and leave neither socket nor pid file; then its
+hypervisor is stopped with ``xend-tmem hypervisor stop --force``, and any
+hypervisor or guest process still alive is killed and reaped by pid.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import yaml
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
 XM_TIMEOUT_S = 60.0
+REAP_TIMEOUT_S = 10.0
 
 # A small domain with both kinds of pool and a busy guest: 32 MiB RAM, 4 MiB of
 # persistent tmem that must travel, 2 MiB of ephemeral tmem that arrives empty.
@@ -75,6 +80,39 @@ class Xend:
     def log_path(self) -> Path:
         return self.root / "xend.log"
 
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def hv_pid_path(self) -> Path:
+        return self.state_dir / "hypervisor.pid"
+
+    @property
+    def hv_log_path(self) -> Path:
+        return self.state_dir / "hypervisor.log"
+
+    def hypervisor_pid(self) -> Optional[int]:
+        """The pid in the hypervisor's pid file (None without one)."""
+        try:
+            text = self.hv_pid_path.read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def hypervisor_cmd(self, *args: str, timeout: float = XM_TIMEOUT_S
+                       ) -> subprocess.CompletedProcess:
+        """Run ``xend-tmem hypervisor ARGS`` with this daemon's configuration."""
+        return subprocess.run([sys.executable, "-m", "xend_tmem.cli.tool", "hypervisor", *args],
+                              env=self.env(), cwd=str(self.root), capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def xend_cmd(self, *args: str, timeout: float = XM_TIMEOUT_S) -> subprocess.CompletedProcess:
+        """Run ``xend ARGS`` (start, stop, restart, status) with this configuration."""
+        return subprocess.run([sys.executable, "-m", "xend_tmem.xend.daemon", *args],
+                              env=self.env(), cwd=str(self.root), capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
     def env(self) -> Dict[str, str]:
         env = dict(os.environ)
         env["XM_SERVER"] = str(self.socket_path)
@@ -120,6 +158,25 @@ class Xend:
     def log_text(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    def stop_hypervisor(self) -> List[str]:
+        """``xend-tmem hypervisor stop --force``, then kill and reap by pid whatever
+        hypervisor or guest process is left; returns the problems found."""
+        problems: List[str] = []
+        pid = self.hypervisor_pid()
+        if pid is None and not (self.state_dir / "hypervisor.sock").exists():
+            return problems                     # this daemon never started one
+        guests = children_of(pid) if pid else []
+        r = self.hypervisor_cmd("stop", "--force")
+        if r.returncode != 0:
+            problems.append(f"hypervisor of {self.name}: stop --force exited {r.returncode}: "
+                            f"{r.stderr.strip()}")
+        for p in ([pid] if pid else []) + guests:
+            if kill_and_reap(p):
+                problems.append(f"hypervisor of {self.name}: process {p} had to be killed")
+        if (self.state_dir / "hypervisor.sock").exists():
+            problems.append(f"hypervisor of {self.name} left hypervisor.sock behind")
+        return problems
+
     def stop(self) -> int:
         if self.proc is None or self.stopped:
             return 0
@@ -154,12 +211,13 @@ class XendFactory:
             "xend-relocation-address": "127.0.0.1",
             "xend-relocation-port": port,
             "xend-relocation-hosts-allow": "",
-            "hypervisor": {"backend": "sim", "tmem-version": 1, "tmem-capacity-mb": 256},
+            "hypervisor": {"backend": "sim", "xen-release": "4.0.2", "tmem-capacity-mb": 256},
             "checkpoint-plugins": ["tmem"],
         }
         settings.update(overrides)
         (root / "xend-config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         xend = Xend(name=name, root=root, port=settings["xend-relocation-port"], settings=settings)
+        self.daemons.append(xend)
         return xend
 
     def start(self, name: str, **overrides: Any) -> Xend:
@@ -174,7 +232,8 @@ class XendFactory:
                 [sys.executable, "-m", "xend_tmem.xend.daemon", "foreground"],
                 env=xend.env(), cwd=str(xend.root), stdin=subprocess.DEVNULL,
                 stdout=err, stderr=err)
-        self.daemons.append(xend)
+        if xend not in self.daemons:
+            self.daemons.append(xend)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if xend.proc.poll() is not None:
@@ -187,17 +246,74 @@ class XendFactory:
         raise AssertionError(f"xend {xend.name} did not come up; log:\n{xend.log_text()}")
 
     def stop_all(self) -> List[str]:
+        """Stop every daemon, then its hypervisor (see the module doc)."""
         problems = []
         for xend in self.daemons:
-            if xend.stopped:
-                continue
-            rc = xend.stop()
-            if rc != 0:
-                problems.append(f"xend {xend.name} exited {rc}")
+            if not xend.stopped:
+                rc = xend.stop()
+                if rc != 0:
+                    problems.append(f"xend {xend.name} exited {rc}")
+            if xend.xend_cmd("status").returncode == 0:
+                xend.xend_cmd("stop")            # one (re)started with ``xend start|restart``
             for leftover in (xend.socket_path, xend.pid_path):
                 if leftover.exists():
                     problems.append(f"xend {xend.name} left {leftover.name} behind")
+        for xend in self.daemons:
+            problems.extend(xend.stop_hypervisor())
         return problems
+
+
+def children_of(pid: int) -> List[int]:
+    """Pids whose parent is ``pid`` (the guest processes of a hypervisor)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        pid_done, _ = os.waitpid(pid, os.WNOHANG)   # our child: reap it
+        return pid_done == pid
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2:].split()[0] == "Z"   # dead; its parent reaps it
+
+
+def kill_and_reap(pid: int, grace: float = 5.0) -> bool:
+    """Wait ``grace`` seconds for ``pid`` to end, else SIGKILL it and wait until it is
+    gone; True if it had to be killed."""
+    deadline = time.monotonic() + grace
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    else:
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + REAP_TIMEOUT_S
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} survived SIGKILL")
+        time.sleep(0.02)
+    return True
 
 
 def write_domain(directory: Path, spec: Dict[str, Any], **changes: Any) -> Path:

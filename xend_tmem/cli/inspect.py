@@ -9,15 +9,30 @@ import json
 from typing import Any, Dict, Optional, Sequence
 
 from ..binio import StreamReader
-from ..codec import image, legacy
+from ..codec import image, legacy, sxp
 from ..codec import tmemchunk as tc
 from ..codec.chunkdoc import ChunkCollector
-from ..errors import StreamError
+from ..errors import ConfigError, StreamError
 
 
-def inspect_file(path: str, *, chunks_only: bool, with_pages: bool, width: int = 8,
-                 guest: Optional[str] = None) -> Dict[str, Any]:
-    """Read ``path`` completely and describe it; raises StreamError on bad input."""
+def _config_p2m_hint(hdr: image.ImageHeader) -> Optional[int]:
+    """The page count the image's config memory implies (``detect_width``'s
+    hint, as restore uses it); None when the config does not say."""
+    try:
+        memory = int(sxp.to_mapping(hdr.config).get("memory"))  # type: ignore[arg-type]
+    except (TypeError, ValueError, ConfigError):
+        return None
+    return memory * 256 if memory > 0 else None
+
+
+def inspect_file(path: str, *, chunks_only: bool, with_pages: bool,
+                 width: Optional[int] = None, guest: Optional[str] = None) -> Dict[str, Any]:
+    """Read ``path`` completely and describe it; raises StreamError on bad input.
+
+    ``width`` is the saving tools' ``unsigned long``; None infers it as
+    restore does (:func:`~xend_tmem.codec.legacy.detect_width`), because the
+    stream does not record it and 32-bit dom0 tools wrote 4-byte words.
+    """
     collector = ChunkCollector(with_pages)
     result: Dict[str, Any] = {"file": path}
     with open(path, "rb") as f:
@@ -36,11 +51,13 @@ def inspect_file(path: str, *, chunks_only: bool, with_pages: bool, width: int =
                     tc.read_extra(reader, order.version, collector,
                                   max_pools=order.client.max_pools, marker_offset=offset)
 
+            p2m_hint: Optional[int] = None
             if image.is_image(r.peek(len(image.SIGNATURE))):
                 hdr = image.read_header(r)
                 result["kind"] = "xend image"
                 result["config"] = hdr.config_text
                 guest = hdr.guest
+                p2m_hint = _config_p2m_hint(hdr)
             else:
                 result["kind"] = "libxc stream"
             guest = guest or "pv"
@@ -52,14 +69,15 @@ def inspect_file(path: str, *, chunks_only: bool, with_pages: bool, width: int =
 
             reader = legacy.LegacyReader(r, width=width, guest=guest,
                                          handlers={m: handler for m in tc.MARKERS},
-                                         on_pages=on_pages)
+                                         on_pages=on_pages, p2m_hint=p2m_hint)
             header = reader.read_header()
             body = reader.read_body()
             reader.read_tail(body)
             if not r.at_eof():
                 raise StreamError("data after the end of the stream's tail (wrong --width "
                                   "or --guest?)", offset=r.offset)
-            result.update({"layout": header.layout, "width": width, "guest": guest,
+            result.update({"layout": header.layout, "width": reader.width,
+                           "width_inferred": reader.width_inferred, "guest": guest,
                            "p2m_size": header.p2m_size, "page_batches": counts["batches"],
                            "ram_pages": counts["pages"],
                            "other_chunks": [[cid, off] for cid, off in body.chunks
@@ -74,7 +92,8 @@ def format_text(info: Dict[str, Any]) -> str:
     lines = [f"{info['file']}: {info['kind']}, {info['bytes']} bytes"]
     if "layout" in info:
         lines.append(f"  layout {info['layout']} (tmem {'before' if info['layout'] == 'seed' else 'after'}"
-                     f" p2m_size), width {info['width']}, guest {info['guest']}, "
+                     f" p2m_size), width {info['width']}"
+                     f"{' (inferred)' if info.get('width_inferred') else ''}, guest {info['guest']}, "
                      f"p2m_size {info['p2m_size']}, {info['ram_pages']} RAM pages in "
                      f"{info['page_batches']} batches")
         if info.get("other_chunks"):
@@ -108,7 +127,7 @@ def format_text(info: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(path: str, *, chunks_only: bool, as_json: bool, with_pages: bool, width: int,
+def run(path: str, *, chunks_only: bool, as_json: bool, with_pages: bool, width: Optional[int],
         guest: Optional[str]) -> str:
     info = inspect_file(path, chunks_only=chunks_only, with_pages=with_pages, width=width,
                         guest=guest)

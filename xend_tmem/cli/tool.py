@@ -1,4 +1,4 @@
-"""The ``xend-tmem`` command: ``inspect`` streams, run the ``demo``.
+"""The ``xend-tmem`` command: ``inspect`` streams, manage the ``hypervisor``, run the ``demo``.
 
 Exit codes: 0 success, 1 bad input or refused operation (one ``Error:`` line on
 stderr), 2 usage, 130 interrupted. Anything else is a bug and keeps its traceback.
@@ -28,6 +28,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_hypervisor(args: argparse.Namespace) -> int:
+    from .hypervisor import run
+    return run(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import main as demo_main
     return demo_main(args)
@@ -41,11 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", action="store_true", help="FILE holds bare tmem chunks (-5, -6)")
     p.add_argument("--json", action="store_true", help="print JSON (vectors' expected.json keys)")
     p.add_argument("--pages", action="store_true", help="list pages and invalidations")
-    p.add_argument("--width", type=int, choices=(4, 8), default=8,
-                   help="the saving tools' unsigned long size (default 8)")
+    p.add_argument("--width", type=int, choices=(4, 8), default=None,
+                   help="the saving tools' unsigned long size (default: inferred "
+                        "from the stream)")
     p.add_argument("--guest", choices=("pv", "hvm"), default=None,
                    help="guest type of a raw stream (an image's config says it)")
     p.set_defaults(func=_cmd_inspect)
+    h = sub.add_parser("hypervisor", help="start, stop or ask about the hypervisor process")
+    from .hypervisor import add_arguments as add_hypervisor_arguments
+    add_hypervisor_arguments(h)
+    h.set_defaults(func=_cmd_hypervisor)
     d = sub.add_parser("demo", help="live-migrate a tmem-heavy domain between two local daemons")
     add_demo_arguments(d)
     d.set_defaults(func=_cmd_demo)

@@ -7,8 +7,9 @@ caller registers, because only the tmem plugin knows their layout — the stream
 has no length field that would let a reader skip them.
 
 ``width`` is always the *saving tools'* ``unsigned long`` (4 or 8). The stream
-does not record it, so it is a parameter here and never taken from this
-process's build (the 2009 patch's ``__X86_64__`` defect, SPEC §3).
+does not record it, so it is a parameter here (or, when None, inferred from
+the stream by :func:`detect_width`) and never taken from this process's build
+(the 2009 patch's ``__X86_64__`` defect, SPEC §3).
 
 Every count read from the stream is checked before it sizes anything, and
 large regions (the p2m frame list, unmapped pfns, device-model state) are
@@ -390,11 +391,26 @@ class StreamHeader:
     extv: bool = False
     xcnt_size: Optional[int] = None
     seed_chunk: Optional[ChunkInfo] = None
+    width_inferred: bool = False   # width came from detect_width, not from the caller
 
     @property
     def vcpu_record_size(self) -> int:
         """Bytes per vcpu in the PV tail: context + extv + xsave record."""
         return self.vcpu_ctx_size + (EXTV_SIZE if self.extv else 0) + (self.xcnt_size or 0)
+
+    def split_vcpu_record(self, record: bytes) -> Tuple[bytes, Optional[bytes], Optional[bytes]]:
+        """One tail record as ``(context, extv 128 bytes or None, xsave or None)``.
+
+        Xen's restore handed these to three domctls (setvcpucontext,
+        set_ext_vcpucontext, setvcpuextstate); they must not travel as one blob.
+        """
+        if len(record) != self.vcpu_record_size:
+            raise ValueError(f"vcpu record is {len(record)} bytes, the header announces "
+                             f"{self.vcpu_record_size}")
+        ctx_end = self.vcpu_ctx_size
+        ext_end = ctx_end + (EXTV_SIZE if self.extv else 0)
+        return (record[:ctx_end], record[ctx_end:ext_end] if self.extv else None,
+                record[ext_end:] if self.xcnt_size is not None else None)
 
 
 @dataclass(frozen=True)
@@ -463,6 +479,39 @@ def _need(r: StreamReader, n: int, what: str) -> None:
                           offset=r.offset, field=what)
 
 
+def detect_width(low: int, following: bytes, guest: str = "pv",
+                 p2m_hint: Optional[int] = None) -> int:
+    """The saving tools' ``unsigned long`` (4 or 8), inferred from the stream.
+
+    The stream does not record it (SPEC §1-§3); this is the rule, applied to
+    ``low`` (the first u32 of ``p2m_size``) and up to 12 bytes after it:
+
+    1. PV, next u32 is 0xFFFFFFFF: 4. It is the ``~0`` that opens the
+       extended info of 32-bit tools (every Xen since 3.3 writes it for PV);
+       as the high half of a 64-bit ``p2m_size`` it would exceed any guest.
+    2. Next u32 is 0 and, for PV, the 8 bytes after it are all ones: 8 (the
+       high half of a 64-bit ``p2m_size``, then 64-bit tools' ``~0``).
+    3. Next u32 is neither: 8 if ``low | next << 32`` equals ``p2m_hint``
+       (the frame count the domain config's memory implies), else 4 (it is
+       a 32-bit tools' first p2m frame, or HVM chunk id / batch count).
+    4. Next u32 is 0 without the ext-info marker (no extended info; mfn 0
+       is never a guest frame), or the stream is too short to tell: 8, the
+       tools of every 64-bit dom0.
+
+    A caller that knows better passes the width (``xm restore --width``).
+    """
+    if len(following) < 4:
+        return 8
+    nxt = int.from_bytes(following[:4], "little")
+    if guest == "pv" and nxt == 0xFFFFFFFF:
+        return 4
+    if nxt == 0:
+        return 8
+    if p2m_hint is not None and (low | nxt << 32) == p2m_hint:
+        return 8
+    return 4
+
+
 class LegacyReader:
     """Reads one legacy stream: :meth:`read_header`, :meth:`read_body`, :meth:`read_tail`.
 
@@ -474,11 +523,14 @@ class LegacyReader:
     offset of that data. ``on_chunk`` sees every other chunk once consumed.
     """
 
-    def __init__(self, r: Union[StreamReader, BinaryIO], width: int = 8, guest: str = "pv",
+    def __init__(self, r: Union[StreamReader, BinaryIO], width: Optional[int] = 8,
+                 guest: str = "pv",
                  handlers: Optional[Mapping[int, ChunkHandler]] = None,
                  on_pages: Optional[PagesCallback] = None,
-                 on_chunk: Optional[Callable[[ChunkInfo], None]] = None) -> None:
-        _check_width(width)
+                 on_chunk: Optional[Callable[[ChunkInfo], None]] = None, *,
+                 p2m_hint: Optional[int] = None) -> None:
+        if width is not None:
+            _check_width(width)
         if guest not in ("pv", "hvm"):
             raise ValueError(f"guest must be 'pv' or 'hvm', not {guest!r}")
         handlers = dict(handlers or {})
@@ -489,7 +541,10 @@ class LegacyReader:
             if not callable(fn):
                 raise ValueError(f"handler for chunk {marker} is not callable")
         self._r = ensure_reader(r)
-        self.width = width
+        # None until read_header() infers it (see detect_width)
+        self.width: Optional[int] = width
+        self.width_inferred = width is None
+        self.p2m_hint = p2m_hint
         self.guest = guest
         self._handlers = handlers
         self._on_pages = on_pages
@@ -504,7 +559,7 @@ class LegacyReader:
     # -- header ----------------------------------------------------------------
     def read_header(self) -> StreamHeader:
         """``p2m_size`` (after a seed-layout ``-5``), PV extended info, p2m frame list."""
-        r, width = self._r, self.width
+        r = self._r
         start = r.offset
         first = r.s32("p2m_size")
         layout = "released"
@@ -525,15 +580,20 @@ class LegacyReader:
                 self._on_chunk(seed_chunk)
             layout = "seed"
             p2m_at = r.offset
-            p2m_size = r.ulong(width, "p2m_size")
+            low = r.u32("p2m_size")
         else:
-            # two unsigned halves, low first, chosen by the tools' width (SPEC §3)
             p2m_at = start
-            p2m_size = first & 0xFFFFFFFF
-            if width == 8:
-                p2m_size |= r.u32("p2m_size high half") << 32
+            low = first & 0xFFFFFFFF
+        if self.width is None:
+            self.width = detect_width(low, r.peek(12), self.guest, self.p2m_hint)
+        width = self.width
+        # two unsigned halves, low first, chosen by the tools' width (SPEC §3)
+        p2m_size = low
+        if width == 8:
+            p2m_size |= r.u32("p2m_size high half") << 32
         if not 1 <= p2m_size <= MAX_P2M_SIZE:
-            raise StreamError(f"p2m_size must be 1..{MAX_P2M_SIZE:#x} frames",
+            raise StreamError(f"p2m_size must be 1..{MAX_P2M_SIZE:#x} frames (read as "
+                              f"{8 * width}-bit tools' unsigned long: wrong width?)",
                               offset=p2m_at, field="p2m_size", value=p2m_size)
 
         ext_info: Dict[str, int] = {}
@@ -563,7 +623,7 @@ class LegacyReader:
                                       offset=fl_at, field="p2m frame list") from None
         self.header = StreamHeader(layout, p2m_size, width, self.guest, ext_info, vcpu_ctx_size,
                                    guest_width, frames, start, r.offset, extv, xcnt_size,
-                                   seed_chunk)
+                                   seed_chunk, self.width_inferred)
         return self.header
 
     def _read_ext_info(self, ext_info: Dict[str, int],
@@ -838,7 +898,7 @@ class LegacyReader:
         return done
 
 
-def read_stream(r: Union[StreamReader, BinaryIO], width: int = 8, guest: str = "pv",
+def read_stream(r: Union[StreamReader, BinaryIO], width: Optional[int] = 8, guest: str = "pv",
                 handlers: Optional[Mapping[int, ChunkHandler]] = None,
                 on_pages: Optional[PagesCallback] = None,
                 on_chunk: Optional[Callable[[ChunkInfo], None]] = None,
@@ -857,5 +917,6 @@ __all__ = [
     "write_p2m_frame_list", "p2m_frame_count", "write_page_batch", "write_vcpu_info",
     "write_tsc_info", "write_hvm_param", "write_toolstack", "write_compressed_data",
     "write_chunk", "write_end", "write_pv_tail", "write_hvm_tail", "ChunkInfo", "StreamHeader",
-    "TscInfo", "BodyInfo", "Tail", "online_vcpus", "LegacyReader", "read_stream",
+    "TscInfo", "BodyInfo", "Tail", "online_vcpus", "LegacyReader", "read_stream", "detect_width",
+    "EXTV_SIZE",
 ]

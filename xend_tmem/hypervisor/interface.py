@@ -132,6 +132,9 @@ class DomainControl(Protocol):
     def set_ext_vcpu_context(self, domid: int, vcpu: int, data: Buffer) -> None:
         """``DOMCTL_set_ext_vcpucontext``: the 128 bytes after a vcpu context
         when the image's extended info has ``extv``."""
+    def get_vcpu_xsave(self, domid: int, vcpu: int) -> bytes:
+        """``DOMCTL_getvcpuextstate``: the vcpu's xsave record (empty when it has
+        none), so a re-save carries what an ``xcnt`` image restored."""
     def set_vcpu_xsave(self, domid: int, vcpu: int, data: Buffer) -> None:
         """``DOMCTL_setvcpuextstate``: the per-vcpu xsave record of ``xcnt``."""
     def get_shared_info(self, domid: int) -> bytes: ...

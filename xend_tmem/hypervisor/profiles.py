@@ -5,6 +5,16 @@ One :class:`Profile` per configured ``hypervisor: xen-release`` (4.0.0 to
 changed between releases (SPEC §7); nothing else in the simulator branches on
 a release. The defects H1-H3 are opt-in switches (a hypervisor with those
 fixes is the default); H4, H7 and H8 follow from the release.
+
+What the switches do in the simulator, as Xen's code did it:
+
+* H1: SAVE_GET_POOL_UUID falls through into SAVE_END's body (stop logging,
+  drop the invalidation log, restore the remembered frozen state), leaving
+  the walk cursors alone; with a save running, the first such query ends it.
+* H2: a walk whose cursor is NULL moves it to the pool's first page and
+  returns the page after it: the first page (put order) is never returned.
+* H3: SAVE_END does not reset the cursors; the next save's walk continues
+  after the page the earlier one returned last (nothing, if it got to the end).
 """
 from __future__ import annotations
 
@@ -15,13 +25,19 @@ SWITCHABLE_DEFECTS = ("H1", "H2", "H3")
 
 
 def _key(release: str) -> Tuple[int, int, int]:
-    parts = release.split(".")
-    if len(parts) != 3 or parts[0] != "4":
-        raise ValueError(f"Xen release {release!r} is not 4.0.0 to 4.5.x")
+    parts = str(release).split(".")
+    bad = ValueError(f"Xen release {release!r} is not 4.0.0 to 4.5.x")
+    if len(parts) != 3 or parts[0] != "4" or not parts[1].isdigit():
+        raise bad
     minor = int(parts[1])
-    patch = 99 if parts[2] == "x" else int(parts[2])
+    if parts[2] == "x":
+        patch = 99
+    elif parts[2].isdigit():
+        patch = int(parts[2])
+    else:
+        raise bad
     if not 0 <= minor <= 5:
-        raise ValueError(f"Xen release {release!r} is not 4.0.0 to 4.5.x")
+        raise bad
     return 4, minor, patch
 
 
@@ -41,6 +57,7 @@ class Profile:
 
     @property
     def version_tuple(self) -> Tuple[int, int, int]:
+        """``(4, minor, patch)``; ``4.5.x`` sorts after every 4.5 release."""
         return _key(self.release)
 
     @property
@@ -62,8 +79,10 @@ class Profile:
         return self.version_tuple < (4, 4, 0)
 
     def has(self, defect: str) -> bool:
+        """Whether the switchable defect (``"H1"``, ``"H2"``, ``"H3"``) is on."""
         return defect in self.defects
 
 
 def make_profile(release: str, defects: Iterable[str] = ()) -> Profile:
-    return Profile(release, tuple(sorted({d.upper() for d in defects})))
+    """The profile of ``release`` with ``defects`` switched on (any case, once each)."""
+    return Profile(release, tuple(sorted({str(d).upper() for d in defects})))

@@ -3,8 +3,10 @@
 Fixes over Xen's ``xc_tmem_restore``: weight and cap are restored as saved
 (T1); a client saved FROZEN is frozen only after the last ``-6`` has been
 applied, at the end of the restore (T2/H7); the stream is validated before
-anything is created from it (T5); and a failed restore removes the client it
-created.
+anything is created from it (T5); a pool whose flags carry spec version 0 in
+a v1 stream (what Xen 4.0.2-4.1.3 and 4.2.0 wrote, H4) is created with the
+target's spec version, which every release's RESTORE_NEW requires; and a
+failed restore removes the client it created.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class TmemRestorer:
         self.order = tc.ChunkOrder()
         self.created = False
         self.saved: Optional[tc.ClientRecord] = None
+        self.version: Optional[int] = None      # the target's tmem spec version
         self.pools: Dict[int, tc.PoolRecord] = {}
         self.page_count = 0
         self.invalidation_count = 0
@@ -57,6 +60,7 @@ class TmemRestorer:
             raise StreamError(f"stream allows {rec.max_pools} pools; this hypervisor "
                               f"{max_pools}", offset=offset + 8, field="max_pools",
                               value=rec.max_pools)
+        self.version = version
         hv.restore_begin(domid)
         self.created = True
         self.saved = rec
@@ -66,8 +70,11 @@ class TmemRestorer:
         hv.set_cap(domid, rec.cap)
 
     def pool(self, rec: tc.PoolRecord, offset: int) -> None:
+        flags = rec.flags
+        if not flags >> tc.POOL_VERSION_SHIFT and self.version:
+            flags |= self.version << tc.POOL_VERSION_SHIFT     # H4 streams carry 0 here
         try:
-            self.hv.restore_new_pool(self.domid, rec.pool_id, rec.flags, rec.uuid)
+            self.hv.restore_new_pool(self.domid, rec.pool_id, flags, rec.uuid)
         except HypervisorError as exc:
             raise StreamError(f"cannot recreate pool {rec.pool_id}: {exc}", offset=offset,
                               field="pool_id", value=rec.pool_id) from exc

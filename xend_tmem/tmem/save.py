@@ -1,19 +1,35 @@
 """Saving a domain's tmem: the ``-5`` chunk from the hypervisor's walk, the
 ``-6`` invalidation log, and the plan that decides when each goes.
 
-Fixes over Xen's ``xc_tmem_save``: SAVE_END after every save that called
-SAVE_BEGIN, live or not (T10); a walk that runs short is ended with the
+Fixes over Xen's ``xc_tmem_save``: SAVE_END after every SAVE_BEGIN that
+returned 1, live or not (T10), and never after one that did not (Xen's SAVE_END
+would restore a stale frozen state); a walk that runs short is ended with the
 terminator rather than desynchronising (T3); an all-ones OID is refused (T4);
 the spec version is written into every v1 pool's flags (H4); and the
 invalidation log is sent in parts without re-sending what already went.
+
+On defective hypervisors (SPEC §7), never a stream that restores to another
+state than the one saved:
+
+* H8 (4.4.0+, ``host_info().can_move_tmem`` False): a domain with persistent
+  pages is refused in the setup phase, before SAVE_BEGIN (:func:`check_movable`).
+* H2 (the walk skips each pool's first page) reported by the hypervisor: refused
+  the same way; unreported, the walk check below catches it.
+* H1 (the first SAVE_GET_POOL_UUID also runs SAVE_END): avoided. Every uuid is
+  read right after SAVE_BEGIN, the accidental SAVE_END has then thawed nothing
+  that was sent, and SAVE_BEGIN is issued once more; no uuid is asked again.
+* H3 (a walk cursor left over from an earlier save) and any other short walk:
+  a pool whose walk returns fewer pages than announced, more than the live
+  save's logged deletions explain, fails the save naming the defects.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ..binio import StreamWriter
 from ..codec import tmemchunk as tc
+from ..errors import SaveError
 from ..session import Pending, RoundStats, SaveSession
 from . import policy
 from .settings import TmemSettings
@@ -42,31 +58,83 @@ class TmemSizes:
                 self.persistent_bytes += n * tc.record_size(self.version, size)
 
 
+def check_movable(hv, domid: int, persistent_pages: int) -> None:
+    """Refuse, before anything is frozen or written, a save whose stream would
+    lose persistent pages on this hypervisor (H8, or a reported H2)."""
+    if not persistent_pages:
+        return
+    info = hv.host_info()
+    if not info.can_move_tmem:
+        raise SaveError(f"this host cannot move tmem (Xen {info.xen_release}: the hypervisor "
+                        f"hands out tmem pages only on its compression path, H8): saving "
+                        f"domain {domid} would lose its {persistent_pages} persistent tmem pages")
+    if "H2" in info.defects:
+        raise SaveError(f"Xen {info.xen_release} has defect H2 (its tmem page walk never "
+                        f"returns a pool's first page): saving domain {domid} would lose "
+                        f"pages of its {persistent_pages} persistent tmem pages")
+
+
 class TmemWriter:
-    """Writes the chunks for one save; the hypervisor holds the cursors."""
+    """Writes the chunks for one save; the hypervisor holds the cursors.
+
+    ``defects`` are the hypervisor's (``host_info().defects``): with H1 the
+    writer reads the uuids first and begins the save again (module doc).
+    """
 
     def __init__(self, hv, domid: int, live: bool,
-                 progress: Optional[Callable[[int], None]] = None) -> None:
+                 progress: Optional[Callable[[int], None]] = None,
+                 defects: Sequence[str] = ()) -> None:
         self.hv = hv
         self.progress = progress
         self.domid = domid
         self.live = live
+        self.defects = tuple(defects)
         self.version: Optional[int] = None
         self.max_pools = tc.MAX_POOLS
-        self.begun = False        # SAVE_BEGIN was issued (SAVE_END owed)
+        self.attempted = False    # SAVE_BEGIN was issued (the tmem phase ran)
+        self.begun = False        # SAVE_BEGIN returned 1: SAVE_END owed
         self.started = False      # SAVE_BEGIN said there is something to save
         self.froze_at: Optional[float] = None
         self.inv_sent = 0
         self.pages = 0
         self.bytes = 0
         self.chunk_written = False
+        self.uuids: Optional[Dict[int, Tuple[int, int]]] = None   # read before the save (H1)
 
     def begin(self) -> bool:
-        self.begun = True
-        self.started = bool(self.hv.save_begin(self.domid, self.live))
+        """SAVE_BEGIN; only a True answer makes SAVE_END owed (a raise or a 0 does not)."""
+        hv, domid = self.hv, self.domid
+        self.attempted = True
+        self.started = bool(hv.save_begin(domid, self.live))
+        self.begun = self.started
+        if self.started and "H1" in self.defects:
+            self._begin_around_h1()
         if self.started:
             self.froze_at = time.monotonic()
         return self.started
+
+    def _begin_around_h1(self) -> None:
+        """H1: the first SAVE_GET_POOL_UUID ends the save. Ask every uuid now,
+        before a byte is written (that SAVE_END restores the frozen state this
+        SAVE_BEGIN remembered, so nothing is lost), then begin again."""
+        hv, domid = self.hv, self.domid
+        uuids: Dict[int, Tuple[int, int]] = {}
+        for pool_id in range(min(hv.save_get_maxpools(domid), tc.MAX_POOLS)):
+            if hv.save_get_pool_flags(domid, pool_id) is not None:
+                uuids[pool_id] = tuple(hv.save_get_pool_uuid(domid, pool_id))
+        # SAVE_END stays owed whatever this answers: after either SAVE_BEGIN it
+        # restores the frozen state remembered before anything was frozen
+        self.started = bool(hv.save_begin(domid, self.live))
+        self.uuids = uuids
+
+    def _uuid(self, pool_id: int) -> Tuple[int, int]:
+        if self.uuids is None:
+            return tuple(self.hv.save_get_pool_uuid(self.domid, pool_id))
+        if pool_id not in self.uuids:
+            raise SaveError(f"domain {self.domid} created tmem pool {pool_id} while the save "
+                            f"was begun again around hypervisor defect H1 (its uuid cannot "
+                            f"be read without ending the save): try the save again")
+        return self.uuids[pool_id]
 
     def write_tmem(self, w: StreamWriter) -> None:
         hv, domid = self.hv, self.domid
@@ -88,7 +156,7 @@ class TmemWriter:
                 flags |= 1 << tc.POOL_VERSION_SHIFT       # H4: report the version bits
             persistent = bool(flags & tc.POOL_PERSIST)
             n_pages = hv.save_get_pool_npages(domid, pool_id) if persistent else 0
-            pool = tc.PoolRecord(pool_id, flags, n_pages, tuple(hv.save_get_pool_uuid(domid, pool_id)))
+            pool = tc.PoolRecord(pool_id, flags, n_pages, self._uuid(pool_id))
             tc.write_pool(w, pool)
             self._write_pages(w, pool)
         tc.write_pool_list_end(w)
@@ -109,8 +177,37 @@ class TmemWriter:
             if self.progress is not None:
                 self.progress(w.offset)
         if sent < pool.n_pages:
+            self._check_short_walk(pool, sent)
             tc.write_pages_end(w, version)       # T3: end the list, keep the stream in step
         self.pages += sent
+
+    def _check_short_walk(self, pool: tc.PoolRecord, sent: int) -> None:
+        """A walk may run short only by pages deleted since SAVE_BEGIN, which a
+        live save logs (and ``-6`` carries). More missing means the hypervisor
+        skipped pages (H2, H3): fail rather than write a stream that lacks them.
+        A shared pool is not checked: another sharer's deletions go unlogged."""
+        if pool.flags & tc.POOL_SHARED:
+            return
+        deleted = 0
+        start = 0
+        while True:
+            batch = self.hv.save_get_invs(self.domid, start, INV_BATCH)
+            if not batch:
+                break
+            start += len(batch)
+            deleted += sum(1 for e in batch if e[0] == pool.pool_id)
+        if sent + deleted >= pool.n_pages:
+            return
+        missing = pool.n_pages - sent - deleted
+        what = {"H2": "H2 (the walk never returns a pool's first page)",
+                "H3": "H3 (a walk cursor left over from an earlier save)"}
+        known = [what[d] for d in self.defects if d in what]
+        which = ("defect " + " and ".join(known) if known else
+                 "defect " + " or ".join(what.values()))
+        raise SaveError(f"the hypervisor's page walk of tmem pool {pool.pool_id} of domain "
+                        f"{self.domid} returned {sent} of {pool.n_pages} pages with {deleted} "
+                        f"deleted meanwhile: {missing} pages skipped, hypervisor {which}; "
+                        f"not writing a stream without them")
 
     def write_extra(self, w: StreamWriter, *, always: bool) -> int:
         """Send the log entries not sent yet as one ``-6`` chunk (if any, or ``always``)."""
@@ -132,6 +229,7 @@ class TmemWriter:
         return n
 
     def end(self) -> None:
+        """SAVE_END, only after a SAVE_BEGIN that returned True (and once)."""
         if self.begun:
             self.begun = False
             self.hv.save_end(self.domid)
@@ -144,7 +242,9 @@ class TmemSaveJob:
         self.session = session
         self.settings = settings
         self.sizes = TmemSizes(session.hv, session.domid)
-        self.writer = TmemWriter(session.hv, session.domid, session.live, self._progress)
+        check_movable(session.hv, session.domid, self.sizes.persistent_pages)
+        self.writer = TmemWriter(session.hv, session.domid, session.live, self._progress,
+                                 defects=session.hv.host_info().defects)
         self._tmem_end: Optional[int] = None
         self.decision: Optional[policy.Decision] = None
         self.plan = "non-live"
@@ -178,7 +278,11 @@ class TmemSaveJob:
         w = self.session.out
         self._tmem_end = w.offset + self.sizes.persistent_bytes
         self._progress(w.offset)
-        if self.writer.begin():
+        self.session.journal_note("tmem", {"save_begin": "issued"})
+        started = self.writer.begin()
+        # SAVE_END owed if True (around H1 it is owed even if the second SAVE_BEGIN said 0)
+        self.session.journal_note("tmem", {"save_begin": self.writer.begun})
+        if started:
             self.writer.write_tmem(w)
         self._progress(w.offset)
 
@@ -213,7 +317,7 @@ class TmemSaveJob:
     def after_round(self, stats: RoundStats) -> None:
         self.sent_ram_pages += stats.pages_sent
         self._revise_plan(stats)
-        if self.plan == "late-freeze" and not self.writer.begun:
+        if self.plan == "late-freeze" and not self.writer.attempted:
             why = policy.late_freeze_due(stats.converged, stats.number, self.sent_ram_pages,
                                          stats.max_rounds, stats.max_pages)
             if why:
@@ -223,7 +327,7 @@ class TmemSaveJob:
             self.writer.write_extra(self.session.out, always=False)
 
     def pending(self) -> Pending:
-        if self.writer.begun:
+        if self.writer.attempted:
             return Pending(0, 0)
         if self.plan == "late-freeze":
             return Pending(self.sizes.persistent_bytes, 0)
@@ -231,7 +335,7 @@ class TmemSaveJob:
 
     def after_suspend(self) -> None:
         self.suspended_at = time.monotonic()
-        if not self.writer.begun and self.session.live:
+        if not self.writer.attempted and self.session.live:
             if self.plan == "late-freeze":
                 self.late_reason = "tmem sent after suspend (rounds ended first)"
             self._send_tmem()

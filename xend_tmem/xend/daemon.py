@@ -1,8 +1,11 @@
 """``xend start | stop | restart | status | foreground``: the daemon's life cycle.
 
-The daemon owns the hypervisor backend (the simulated one by default), serves
-``xm`` over XML-RPC on a unix socket, runs the relocation server when the
-configuration enables it, and logs to its log file. ``foreground`` runs it
+The daemon attaches to the configured hypervisor backend (by default the
+simulated hypervisor's own process for the state directory, started if none
+runs), serves ``xm`` over XML-RPC on a unix socket, runs the relocation server
+when the configuration enables it, and logs to its log file. The hypervisor
+outlives the daemon: ``stop`` and ``restart`` close xend's connection and leave
+it and every domain running; ``start`` logs the domains it finds. ``foreground`` runs it
 attached (service managers, tests); ``start`` launches ``foreground`` detached
 and returns once the daemon answers on its socket, or prints why it could not.
 
@@ -29,14 +32,18 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, List, NoReturn, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, NoReturn, Optional, Sequence, Tuple
 
 from ..config import ToolstackConfig, load_toolstack_config
 from ..errors import ConfigError, PluginError, XendTmemError
+from ..hypervisor.backends import load_backend
 from ..plugins import CheckpointHooks, get_plugin_manager
 from . import relocation
 from .rpc import UnixXMLRPCServer, serve_in_thread
 from .service import XendService
+
+if TYPE_CHECKING:
+    from ..hypervisor.interface import Hypervisor
 
 log = logging.getLogger("xend_tmem.xend")
 
@@ -163,14 +170,22 @@ def load_hooks(config: ToolstackConfig) -> Tuple[CheckpointHooks, List[str]]:
         return get_plugin_manager(good, settings), errors
 
 
-def make_hypervisor(config: ToolstackConfig) -> Any:
-    hvc = config.hypervisor
-    if hvc.backend != "sim":
-        raise ConfigError(f"{config.path}: hypervisor.backend: unknown backend {hvc.backend!r}")
-    from ..hypervisor.sim import SimHypervisor
-    return SimHypervisor(tmem_version=hvc.tmem_version,
-                         tmem_capacity_pages=hvc.tmem_capacity_mb * 256, seed=hvc.seed,
-                         tmem_prealloc_mib=min(hvc.tmem_prealloc_mb, hvc.tmem_capacity_mb))
+def make_hypervisor(config: ToolstackConfig) -> "Hypervisor":
+    """The configured backend (entry point named by ``hypervisor: backend:``): by
+    default the hypervisor process of the state directory, started if none runs."""
+    return load_backend(config.hypervisor, config.state_dir)
+
+
+def log_domains(hv: "Hypervisor") -> None:
+    """Say which domains xend found on the hypervisor it attached to."""
+    guests = [d for d in hv.list_domains() if d.domid != 0]
+    info = hv.host_info()
+    log.info("attached to the %s hypervisor (Xen %s%s%s): %d domain%s", info.backend,
+             info.xen_release, f", pid {info.pid}" if info.pid else "",
+             f", defects {','.join(info.defects)}" if info.defects else "",
+             len(guests), "" if len(guests) == 1 else "s")
+    for d in guests:
+        log.info("found domain %s (id %d, state %s)", d.name, d.domid, d.state)
 
 
 def _clear_stale_socket(path: str) -> None:
@@ -236,7 +251,7 @@ class Daemon:
         self.rpc: Optional[UnixXMLRPCServer] = None
         self._serving = False
         self.service: Optional[XendService] = None
-        self.hv: Any = None
+        self.hv: Optional["Hypervisor"] = None
         self._log_handler: Optional[logging.Handler] = None
 
     def start(self) -> None:
@@ -249,7 +264,9 @@ class Daemon:
             log.info("xend starting (config %s)", cfg.path or "defaults")
             hooks, plugin_errors = load_hooks(cfg)
             self.hv = make_hypervisor(cfg)
+            log_domains(self.hv)
             self.service = XendService(cfg, self.hv, hooks, plugin_errors)
+            self.service.recover()       # end what a killed xend left in flight (journal)
             if cfg.unix_xmlrpc_server:
                 _clear_stale_socket(cfg.unix_socket)
                 self.rpc = UnixXMLRPCServer(cfg.unix_socket)
@@ -259,7 +276,6 @@ class Daemon:
                 server.start()
                 log.info("relocation server on %s:%d%s", server.address, server.port,
                          " (TLS)" if server.ssl_context else "")
-            self.hv.start_workloads()
             if self.rpc is not None:
                 serve_in_thread(self.rpc)
                 self._serving = True
@@ -288,10 +304,8 @@ class Daemon:
             self.rpc.shutdown()          # (xm pollers have seen their jobs end by now)
             self._serving = False
         if self.hv is not None:
-            try:
-                self.hv.stop_workloads()
-            except Exception:
-                log.exception("stopping guest workloads failed")
+            self.hv.close()              # the hypervisor and its domains keep running
+            self.hv = None
         if self.rpc is not None:
             self.rpc.server_close()
             self.rpc = None

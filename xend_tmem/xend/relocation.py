@@ -8,33 +8,53 @@ Stock protocol, unchanged::
     receiver: on failure (err (type T) (value 'message')) and closes;
               on success xend closed without a word
 
-Two extensions, both invisible to a stock xend on either end:
+Extensions, all invisible to a stock xend on either end:
 
 * **Pre-flight.** Before ``receive`` -- before the source is renamed, frozen or
   suspended -- the sender asks::
 
       (xend-tmem-preflight (offer "<JSON>"))\\n
 
-  where the JSON is ``{"protocol": 1, "domain": {...}, "node": N, "live": bool,
-  "plugins": {plugin_name: facts}}`` (``facts`` from the plugins'
-  ``checkpoint_migrate_offer``). The receiver answers ``(ok (protocol 1))`` or
-  ``(refused (reason "...") ...)``: it refuses a domain carrying state of a plugin
-  it has not enabled, and whatever its plugins' ``checkpoint_migrate_check``
-  refuses (tmem spec version, room). A stock xend answers an unknown operation
-  with ``(err ...)`` and keeps reading, so the sender goes on with plain
-  ``receive`` and no extension; if the connection closes instead (xend drops a
-  host its hosts-allow rejects), that first error is what the sender reports.
-* **Acknowledgement.** A receiver that accepted a pre-flight, after restoring
-  and starting the domain, sends ``(ok (domid N) (name NAME) (report "<JSON>"))``
-  (the report: its restore's figures and plugins' findings); the sender
-  destroys its copy only then. Without pre-flight (a stock sender) the
-  receiver closes silently on success, as xend did.
+  where the JSON is ``{"protocol": 2, "migration": "<uuid>", "domain": {...},
+  "node": N, "live": bool, "plugins": {plugin_name: facts}}`` (``facts`` from
+  the plugins' ``checkpoint_migrate_offer``). The receiver answers
+  ``(ok (protocol 2))`` or ``(refused (reason "...") ...)``: it refuses a domain
+  carrying state of a plugin it has not enabled, and whatever its plugins'
+  ``checkpoint_migrate_check`` refuses (tmem spec version, room). A stock xend
+  answers an unknown operation with ``(err ...)`` and keeps reading, so the
+  sender goes on with plain ``receive`` and no extension; if the connection
+  closes instead (xend drops a host its hosts-allow rejects), that first error
+  is what the sender reports.
+* **Framed image.** After an accepted pre-flight the image travels in frames
+  (u32 big-endian length, then that many bytes; length 0 ends the image), so
+  the connection stays open both ways for the commit handshake (and over TLS
+  no close_notify is needed to end the image).
+* **Commit handshake** (xl's "domain received, ready to unpause" / "domain is
+  yours, you are cleared to unpause" / "my copy unpause results")::
+
+      receiver: (received (domid N))\\n        image restored, domain paused
+      sender:   (go)\\n                         journaled first, sent at once
+      receiver: (running (report "<JSON>"))\\n  unpaused; its restore's figures
+
+  The receiver unpauses only on ``go``; without it (connection lost, or no
+  ``go`` within its timeout) it destroys its copy. The sender's done phase
+  (tmem's SAVE_END) runs after ``go`` is out and delays nothing. A sender that
+  cannot tell whether ``go`` arrived (no ``running``) keeps its domain paused
+  and asks, on a new connection::
+
+      (xend-tmem-query (migration "<uuid>"))\\n
+      receiver: (running)\\n | (aborted)\\n | (unknown)\\n
+
+  The answer is decisive: a receiver still waiting for ``go`` aborts its copy
+  (destroys it) and answers ``aborted`` atomically, so a late ``go`` can no
+  longer start it. ``running``: the sender destroys its copy; ``aborted``: it
+  resumes it; ``unknown``: it keeps it paused and says so. The domain never runs
+  on two hosts.
 
 TLS (``xm migrate --ssl``, the ``xend-relocation-ssl-server`` port): the same
 exchange inside TLS, the operation spelled ``sslreceive``. As in xend the sender
-encrypts but does not verify the receiver's certificate. The image's end is a
-TLS close_notify rather than a bare TCP half-close, so the session survives to
-carry the acknowledgement back.
+encrypts but does not verify the receiver's certificate. A stock image ends with
+a TLS close_notify rather than a bare TCP half-close.
 
 Access control: ``xend-relocation-hosts-allow`` patterns must match the *whole*
 peer address or host name (``re.fullmatch``; xend's ``re.match`` let
@@ -42,40 +62,70 @@ peer address or host name (``re.fullmatch``; xend's ``re.match`` let
 
 Failure handling on the sender: an ``(err ...)`` the receiver sends while the
 image is still streaming is noticed at the next write and stops the save at
-once; the save path then resumes the source (tmem thawed). A failure after the
-image was sent (refused restore, no acknowledgement) resumes the source here.
-The receiver removes a domain whose restore failed (the restore path does) or
-whose acknowledgement could not be sent. One window is inherent to any
-acknowledgement: if the link dies after the receiver sent its ``ok`` but before
-the sender read it, both hosts hold the domain (the source resumed); the
-sender's error then says to check the destination.
+once; the save path then resumes the source (tmem thawed). Any failure before
+``go`` is sent resumes the source (the receiver, never cleared, destroys its
+copy). Both sides journal each phase (:mod:`.journal`) so a xend killed
+mid-way is ended cleanly by the next ``xend start``.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import select
 import socket
 import ssl as ssl_mod
+import struct
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Pattern, Sequence, Set, Tuple
 
 from ..codec import sxp
 from ..errors import Cancelled, PeerError, XendTmemError
+from ..hypervisor.interface import Hypervisor
+from ..session import JournalFn
+from . import journal as jrn
 
 log = logging.getLogger("xend_tmem.xend.relocation")
 
-PROTOCOL = 1
+PROTOCOL = 2
 PREFLIGHT_OP = "xend-tmem-preflight"
+QUERY_OP = "xend-tmem-query"
 MAX_LINE = 1 << 20            # longest control line (a pre-flight offer) accepted
 MAX_OPS = 16                  # control operations per connection before "receive"
+MAX_FRAME = 4 << 20           # longest image frame accepted
+MAX_REMEMBERED = 256          # finished incoming migrations a query can still ask about
+
+
+def _seconds(env: str, default: float) -> float:
+    """A timeout, shortened by the crash-recovery tests through ``env`` (test only)."""
+    try:
+        value = float(os.environ[env])
+    except (KeyError, ValueError):
+        return default
+    return value if value > 0 else default
+
+
 CONNECT_TIMEOUT_S = 10.0
 IO_TIMEOUT_S = 60.0           # no byte moved for this long: the peer is gone
-ACK_TIMEOUT_S = 300.0         # restore of what is left after the last byte, plus start
+# restore of what is left after the last byte, plus start
+ACK_TIMEOUT_S = _seconds("XEND_TMEM_TEST_ACK_TIMEOUT_S", 300.0)
+# receiver: no "go" this long after "received": abort
+GO_TIMEOUT_S = _seconds("XEND_TMEM_TEST_GO_TIMEOUT_S", 60.0)
+# sender: how long to keep asking an unreachable peer before saying "in doubt"
+QUERY_WINDOW_S = _seconds("XEND_TMEM_TEST_QUERY_WINDOW_S", 30.0)
 DRAIN_AFTER_ERROR_S = 2.0     # let the sender read our (err ...) before we close
+_FRAME = struct.Struct(">I")
 
 ProgressFn = Callable[[str, int, Optional[int]], None]
+
+
+class MigrationInDoubt(PeerError):
+    """The sender cannot tell whether the destination runs the domain: the
+    source is kept paused (suspended) and its journal entry kept, for the next
+    ``xend start`` to ask again."""
 
 
 # -- wire helpers -------------------------------------------------------------
@@ -127,31 +177,100 @@ def reverse_names(address: str) -> List[str]:
 
 # -- receiver -----------------------------------------------------------------
 
-RestoreFn = Callable[[BinaryIO, str], Tuple[int, Dict[str, Any]]]
+# restore(stream, peer, paused=..., on_created=...) -> (domid, report)
+RestoreFn = Callable[..., Tuple[int, Dict[str, Any]]]
 CheckFn = Callable[[Dict[str, Any]], List[str]]
 DiscardFn = Callable[[int], None]
+
+# states of an incoming migration (the receiver's side of the handshake)
+STREAMING = "streaming"
+AWAITING_GO = "awaiting-go"
+RUNNING = "running"
+ABORTED = "aborted"
+UNKNOWN = "unknown"
+
+
+class Incoming:
+    """One incoming migration with a pre-flight; its state changes under the
+    server's lock so ``go`` and a query cannot both win."""
+
+    def __init__(self, migration_id: str, peer: str, name: str) -> None:
+        self.migration_id = migration_id
+        self.peer = peer
+        self.name = name
+        self.state = STREAMING
+        self.domid: Optional[int] = None
+        self.entry: Optional[jrn.Entry] = None
+
+
+class _FramedReader:
+    """The framed image as a file that ends at the zero-length frame."""
+
+    def __init__(self, rfile: BinaryIO, peer: str) -> None:
+        self.rfile = rfile
+        self.peer = peer
+        self.left = 0
+        self.ended = False
+
+    def _exact(self, n: int) -> bytes:
+        data = self.rfile.read(n)
+        if data is None or len(data) < n:
+            raise ConnectionError(f"connection from {self.peer} lost in the middle of the image")
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        mv = memoryview(buf).cast("B")
+        if self.ended or not mv.nbytes:
+            return 0
+        if not self.left:
+            (n,) = _FRAME.unpack(self._exact(_FRAME.size))
+            if n == 0:
+                self.ended = True
+                return 0
+            if n > MAX_FRAME:
+                raise PeerError(f"image frame of {n} bytes from {self.peer} (at most {MAX_FRAME})")
+            self.left = n
+        got = self.rfile.readinto(mv[:min(self.left, mv.nbytes)])
+        if not got:
+            raise ConnectionError(f"connection from {self.peer} lost in the middle of the image")
+        self.left -= got
+        return got
+
+    def read(self, n: int = -1) -> bytes:
+        buf = bytearray(max(0, n) if n >= 0 else 1 << 16)
+        got = self.readinto(buf)
+        return bytes(buf[:got])
 
 
 class RelocationServer:
     """Listens for migrations and restores them; one thread per connection.
 
-    :param restore: ``restore(stream, peer) -> (domid, report)``, builds and starts
-        the domain from the image on ``stream``; raises on failure having removed it.
+    :param restore: ``restore(stream, peer, paused=bool, on_created=fn) ->
+        (domid, report)``: builds the domain from the image on ``stream``,
+        calling ``on_created(domid)`` as soon as it exists; raises on failure
+        having removed it. ``paused`` True (a sender that speaks the commit
+        handshake) leaves it paused for ``go``.
     :param check_offer: the receiving host's answer to a pre-flight offer: a list
         of reasons to refuse (empty = accept).
-    :param discard: removes a restored domain whose acknowledgement failed.
+    :param discard: removes a restored domain that must not run here.
+    :param unpause: starts a restored domain once ``go`` arrived.
+    :param journal: where incoming migrations are journaled (None: not at all).
     """
 
     def __init__(self, address: str, port: int, *, hosts_allow: Sequence[Pattern[str]],
                  restore: RestoreFn, check_offer: CheckFn, discard: DiscardFn,
+                 unpause: Optional[DiscardFn] = None, journal: Optional[jrn.Journal] = None,
                  ssl_context: Optional[ssl_mod.SSLContext] = None,
-                 io_timeout: float = IO_TIMEOUT_S) -> None:
+                 io_timeout: float = IO_TIMEOUT_S, go_timeout: float = GO_TIMEOUT_S) -> None:
         self.hosts_allow = list(hosts_allow)
         self.restore = restore
         self.check_offer = check_offer
         self.discard = discard
+        self.unpause = unpause
+        self.journal = journal
         self.ssl_context = ssl_context
         self.io_timeout = io_timeout
+        self.go_timeout = go_timeout
         self.op = "sslreceive" if ssl_context is not None else "receive"
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
@@ -169,6 +288,12 @@ class RelocationServer:
         self._conns: Set[socket.socket] = set()
         self._threads: Set[threading.Thread] = set()
         self._accept_thread: Optional[threading.Thread] = None
+        self._migrations: "OrderedDict[str, Incoming]" = OrderedDict()
+
+    def bind(self, *, unpause: DiscardFn, journal: Optional[jrn.Journal]) -> None:
+        """The daemon's service supplies how to start a domain and its journal."""
+        self.unpause = unpause
+        self.journal = journal
 
     def start(self) -> None:
         self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
@@ -177,7 +302,8 @@ class RelocationServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, break open connections (their restores fail and are
-        removed), and wait for the connection threads."""
+        removed; copies awaiting ``go`` are destroyed), and wait for the
+        connection threads."""
         self._stop.set()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -248,6 +374,106 @@ class RelocationServer:
         except OSError:
             pass
 
+    # -- incoming migrations (the receiver's half of the handshake) -------------------
+    def begin_incoming(self, migration_id: str, peer: str, name: str) -> Incoming:
+        inc = Incoming(migration_id, peer, name)
+        if self.journal is not None:
+            inc.entry = self.journal.begin(jrn.MIGRATE_IN, migration=migration_id, peer=peer,
+                                           domain=name, phase=STREAMING)
+        with self._lock:
+            self._migrations[migration_id] = inc
+            while len(self._migrations) > MAX_REMEMBERED:
+                oldest = next(iter(self._migrations.values()))
+                if oldest.state not in (RUNNING, ABORTED):
+                    break
+                self._migrations.popitem(last=False)
+        return inc
+
+    def created(self, inc: Incoming, domid: int) -> None:
+        """The restore made its domain: journal the id before anything else."""
+        with self._lock:
+            inc.domid = domid
+            aborted = inc.state == ABORTED
+        if inc.entry is not None:
+            inc.entry.update(domid=domid)
+        if aborted:
+            raise PeerError(f"migration {inc.migration_id} was aborted here by a query")
+
+    def restored(self, inc: Incoming, domid: int) -> bool:
+        """The image is in, the domain paused: now awaiting ``go``. ``False``
+        if a query aborted the migration meanwhile (the copy is destroyed)."""
+        with self._lock:
+            inc.domid = domid
+            ready = inc.state == STREAMING
+            if ready:
+                inc.state = AWAITING_GO
+        if ready:
+            if inc.entry is not None:
+                inc.entry.update(phase=AWAITING_GO, domid=domid)
+            return True
+        self.discard(domid)      # a query aborted it while it streamed
+        return False
+
+    def go(self, inc: Incoming) -> bool:
+        """``go`` arrived: start the domain unless a query aborted it first."""
+        with self._lock:
+            if inc.state != AWAITING_GO:
+                return False
+            inc.state = RUNNING
+        if inc.entry is not None:
+            inc.entry.update(phase="go")
+        jrn.killpoint("incoming-go")
+        if self.unpause is None or inc.domid is None:
+            raise XendTmemError("relocation server cannot start domains (not bound to xend)")
+        self.unpause(inc.domid)
+        if self.journal is not None:
+            self.journal.record_outcome(inc.migration_id, RUNNING)
+        if inc.entry is not None:
+            inc.entry.remove()
+        log.info("relocation: domain %s (%s) cleared by %s: running here", inc.name,
+                 inc.domid, inc.peer)
+        return True
+
+    def abort(self, inc: Incoming, why: str) -> bool:
+        """No ``go`` (or a failure): destroy the copy unless it already runs."""
+        with self._lock:
+            if inc.state in (RUNNING, ABORTED):
+                return inc.state == ABORTED
+            inc.state = ABORTED
+        self._destroy_copy(inc, why)
+        return True
+
+    def _destroy_copy(self, inc: Incoming, why: str) -> None:
+        if inc.domid is not None:
+            log.warning("relocation: destroying domain %s (%d) from %s: %s", inc.name,
+                        inc.domid, inc.peer, why)
+            self.discard(inc.domid)
+        if self.journal is not None:
+            self.journal.record_outcome(inc.migration_id, ABORTED)
+        if inc.entry is not None:
+            inc.entry.remove()
+
+    def resolve(self, migration_id: str) -> str:
+        """A query: ``running``, ``aborted`` (a copy awaiting ``go`` is destroyed
+        now, atomically with respect to ``go``) or ``unknown``."""
+        with self._lock:
+            inc = self._migrations.get(migration_id)
+            if inc is not None and inc.state in (STREAMING, AWAITING_GO):
+                inc.state = ABORTED
+                destroy = True
+            else:
+                destroy = False
+        if inc is not None:
+            if destroy:
+                self._destroy_copy(inc, "the source asked and had no answer to go")
+                return ABORTED
+            return inc.state
+        if self.journal is not None:
+            known = self.journal.outcome(migration_id)
+            if known in (RUNNING, ABORTED):
+                return known
+        return UNKNOWN
+
 
 class _Receiver:
     """One incoming connection: control lines, then at most one image."""
@@ -258,6 +484,8 @@ class _Receiver:
         self.peer = peer
         self.rfile = conn.makefile("rb")
         self.extended = False
+        self.migration_id = ""
+        self.name = ""
 
     def run(self) -> None:
         try:
@@ -281,6 +509,8 @@ class _Receiver:
                     return
                 if op == PREFLIGHT_OP:
                     self._preflight(form)
+                elif op == QUERY_OP:
+                    self._query(form)
                 elif op == "quit":
                     return
                 else:
@@ -298,53 +528,144 @@ class _Receiver:
             offer = json.loads(raw) if isinstance(raw, str) else None
         except ValueError:
             offer = None
-        if not isinstance(offer, dict):
+        mid = offer.get("migration") if isinstance(offer, dict) else None
+        if not isinstance(offer, dict) or not isinstance(mid, str) or not 0 < len(mid) <= 64:
             self._send(_line(["refused", ["reason", "malformed pre-flight offer"]]))
             return
         try:
             reasons = list(self.server.check_offer(offer))
         except XendTmemError as exc:
             reasons = [str(exc)]
+        domain = offer.get("domain")
+        name = domain.get("name") if isinstance(domain, dict) else None
         if reasons:
-            log.info("relocation: refused %s from %s: %s",
-                     (offer.get("domain") or {}).get("name"), self.peer, "; ".join(reasons))
+            log.info("relocation: refused %s from %s: %s", name, self.peer, "; ".join(reasons))
             self._send(_line(["refused", *(["reason", r] for r in reasons)]))
             return
         self.extended = True
+        self.migration_id = mid
+        self.name = str(name or "")
         self._send(_line(["ok", ["protocol", str(PROTOCOL)]]))
+
+    def _query(self, form: Any) -> None:
+        mid = sxp.child_value(form, "migration")
+        if not isinstance(mid, str) or not mid:
+            self._send(err_line("Error", "a query names a migration: (xend-tmem-query "
+                                         "(migration ID))"))
+            return
+        answer = self.server.resolve(mid)
+        log.info("relocation: %s asked about migration %s: %s", self.peer, mid, answer)
+        self._send(_line([answer]))
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, XendTmemError):
+            message = str(exc)
+        elif isinstance(exc, OSError):
+            message = f"connection from {self.peer} lost: {exc.strerror or exc}"
+        else:
+            message = f"internal error: {type(exc).__name__}: {exc}"
+        if not isinstance(exc, (XendTmemError, OSError)):
+            log.error("relocation: restore from %s failed", self.peer, exc_info=exc)
+        else:
+            log.warning("relocation: restore from %s failed: %s", self.peer, message)
+        try:
+            self._send(err_line(type(exc).__name__, message))
+        except OSError:
+            return
+        _drain(self.conn)
 
     def _receive(self) -> None:
         self._send(_line(["ready", self.server.op]))
         log.info("relocation: receiving a domain from %s", self.peer)
-        try:
-            domid, report = self.server.restore(self.rfile, self.peer)
-        except Exception as exc:
-            if isinstance(exc, XendTmemError):
-                message = str(exc)
-            elif isinstance(exc, OSError):
-                message = f"connection from {self.peer} lost: {exc.strerror or exc}"
-            else:
-                message = f"internal error: {type(exc).__name__}: {exc}"
-            if not isinstance(exc, (XendTmemError, OSError)):
-                log.exception("relocation: restore from %s failed", self.peer)
-            else:
-                log.warning("relocation: restore from %s failed: %s", self.peer, message)
-            try:
-                self._send(err_line(type(exc).__name__, message))
-            except OSError:
-                return
-            _drain(self.conn)
-            return
         if not self.extended:
-            return            # a stock sender expects no acknowledgement
+            self._receive_stock()
+            return
+        server = self.server
+        inc = server.begin_incoming(self.migration_id, self.peer, self.name)
         try:
-            self._send(_line(["ok", ["domid", str(domid)], ["name", str(report.get("name", ""))],
-                              ["report", json.dumps(report, sort_keys=True, default=str)]]))
+            domid, report = server.restore(_FramedReader(self.rfile, self.peer), self.peer,
+                                           paused=True,
+                                           on_created=lambda d: server.created(inc, d))
+        except Exception as exc:
+            server.abort(inc, "its restore failed")
+            self._fail(exc)
+            return
+        if not server.restored(inc, domid):
+            self._send_quietly(err_line("Error", f"migration {inc.migration_id} was aborted "
+                                                 "here by a query"))
+            return
+        try:
+            self._send(_line(["received", ["domid", str(domid)]]))
+            jrn.killpoint("incoming-received")
+            reply = self._read_go()
+        except (OSError, PeerError) as exc:
+            if server.abort(inc, f"no go from {self.peer} ({exc})"):
+                log.warning("relocation: domain %s (%d) from %s destroyed here: %s; the "
+                            "source keeps it", inc.name, domid, self.peer, exc)
+            return
+        if reply != ["go"]:
+            what = "connection closed" if reply is None else f"got {sxp.to_string(reply)}"
+            server.abort(inc, f"no go from {self.peer} ({what})")
+            self._send_quietly(err_line("Error", f"expected (go), {what}: domain destroyed here"))
+            return
+        try:
+            started = server.go(inc)
+        except Exception as exc:
+            log.error("relocation: domain %s (%d) from %s could not be started: %s",
+                      inc.name, domid, self.peer, exc)
+            self._send_quietly(err_line(type(exc).__name__, f"cannot start domain {inc.name} "
+                                        f"({domid}) here: {exc}; it is paused here"))
+            return
+        if not started:
+            self._send_quietly(err_line("Error", f"migration {inc.migration_id} was aborted "
+                                                 "here by a query: domain destroyed here"))
+            return
+        try:
+            self._send(_line(["running", ["report", json.dumps(report, sort_keys=True,
+                                                               default=str)]]))
         except OSError as exc:
-            log.warning("relocation: acknowledgement to %s failed (%s): removing domain %d",
-                        self.peer, exc, domid)
-            self.server.discard(domid)
+            log.warning("relocation: domain %s runs here; telling %s failed: %s", inc.name,
+                        self.peer, exc)
 
+    def _read_go(self) -> Optional[List[Any]]:
+        self.conn.settimeout(self.server.go_timeout)
+        try:
+            raw = self.rfile.readline(MAX_LINE + 1)
+        except socket.timeout:
+            raise PeerError(f"no go within {self.server.go_timeout:.0f} s") from None
+        if not raw:
+            return None
+        return parse_reply(raw, self.peer)
+
+    def _send_quietly(self, data: bytes) -> None:
+        try:
+            self._send(data)
+        except OSError:
+            pass
+
+    def _receive_stock(self) -> None:
+        """A sender without pre-flight: restore and run, close silently (xend)."""
+        server = self.server
+        entry = (server.journal.begin(jrn.MIGRATE_IN, migration="", peer=self.peer, domain="",
+                                      phase=STREAMING) if server.journal is not None else None)
+        try:
+            if server.unpause is None:
+                server.restore(self.rfile, self.peer, paused=False, on_created=None)
+                return
+            domid, _ = server.restore(self.rfile, self.peer, paused=True,
+                                      on_created=(lambda d: entry.update(domid=d))
+                                      if entry else None)
+            # The stock protocol has no commit: once the image is in, the
+            # domain is this host's (the sender destroys its copy at our close,
+            # and our death closes too), so it is started here, even by recovery.
+            if entry is not None:
+                entry.update(phase="restored")
+            server.unpause(domid)
+        except Exception as exc:
+            self._fail(exc)
+        finally:
+            if entry is not None:
+                entry.remove()
 
 
 def _drain(conn: socket.socket) -> None:
@@ -376,20 +697,35 @@ class _PeerWriter:
 
     Sends in slices while watching for an early ``(err ...)`` from the receiver,
     for a cancel request (a stalled receiver must not make Ctrl-C wait for the
-    I/O timeout) and for a peer that stopped reading altogether.
+    I/O timeout) and for a peer that stopped reading altogether. ``framed``:
+    each slice goes as one frame of the extended protocol.
     """
 
     SLICE = 1 << 20
 
     def __init__(self, channel: "_Channel", cancel: Optional[threading.Event],
-                 io_timeout: float) -> None:
+                 io_timeout: float, framed: bool = False) -> None:
         self.ch = channel
         self.cancel = cancel
         self.io_timeout = io_timeout
+        self.framed = framed
 
     def write(self, data: Any) -> int:
         mv = memoryview(data).cast("B")
         total = mv.nbytes
+        while mv.nbytes:
+            piece = mv[:self.SLICE]
+            if self.framed:
+                self._send_all(memoryview(_FRAME.pack(piece.nbytes)))
+            self._send_all(piece)
+            mv = mv[piece.nbytes:]
+        return total
+
+    def end(self) -> None:
+        """The zero-length frame: the image is complete."""
+        self._send_all(memoryview(_FRAME.pack(0)))
+
+    def _send_all(self, mv: memoryview) -> None:
         sock = self.ch.sock
         last_progress = time.monotonic()
         while mv.nbytes:
@@ -407,14 +743,15 @@ class _PeerWriter:
                                     f"{self.io_timeout:.0f} s")
                 continue
             try:
-                sent = sock.send(mv[:self.SLICE])
+                sent = sock.send(mv)
             except socket.timeout:
+                sent = 0
+            except (ssl_mod.SSLWantWriteError, ssl_mod.SSLWantReadError):
                 sent = 0
             except OSError as exc:
                 self.ch.raise_peer_error(exc)
             mv = mv[sent:]
             last_progress = time.monotonic()
-        return total
 
     def flush(self) -> None:
         return None
@@ -449,15 +786,6 @@ class _Channel:
             raise PeerError(f"answer too long or cut short (from {self.host})")
         return parse_reply(raw, self.host)
 
-    def check_peer_error(self) -> None:
-        """Between writes: has the receiver already said why it gave up?"""
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
-            return
-        if readable:
-            self.raise_peer_error(None)
-
     def raise_peer_error(self, exc: Optional[OSError]) -> None:
         self.sock.settimeout(2.0)
         try:
@@ -483,8 +811,6 @@ class _Channel:
 def _connect(host: str, port: int, use_ssl: bool, timeout: float) -> socket.socket:
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
-    except socket.gaierror as exc:
-        raise PeerError(f"can't connect to {host}:{port}: {exc.strerror or exc}") from None
     except OSError as exc:
         raise PeerError(f"can't connect to {host}:{port}: {exc.strerror or exc}") from None
     if not use_ssl:
@@ -501,7 +827,7 @@ def _connect(host: str, port: int, use_ssl: bool, timeout: float) -> socket.sock
 
 
 def _half_close(sock: socket.socket, timeout: float) -> None:
-    """End our sending side (the image's EOF) but keep reading (the answer).
+    """End our sending side (a stock image's EOF) but keep reading (the answer).
 
     Over TLS a bare TCP FIN is an unclean end that breaks the receiver's TLS
     session; a close_notify is the TLS way. ``unwrap`` would also wait for the
@@ -530,7 +856,7 @@ def _half_close(sock: socket.socket, timeout: float) -> None:
 
 
 def _peer_report(text: Any) -> Optional[Dict[str, Any]]:
-    """The receiver's restore report from its acknowledgement (absent: None)."""
+    """The receiver's restore report from its ``running`` answer (absent: None)."""
     if not isinstance(text, str):
         return None
     try:
@@ -540,43 +866,92 @@ def _peer_report(text: Any) -> Optional[Dict[str, Any]]:
     return doc if isinstance(doc, dict) else None
 
 
-def make_offer(hv, domid: int, hooks, *, live: bool, node: int) -> Dict[str, Any]:
+def make_offer(hv: Hypervisor, domid: int, hooks, *, live: bool, node: int,
+               name: Optional[str] = None, migration_id: str = "") -> Dict[str, Any]:
+    """The pre-flight offer; ``name`` is the domain's real name (the source may
+    already be called ``migrating-NAME``)."""
     info = hv.domain_info(domid)
     return {
         "protocol": PROTOCOL,
-        "domain": {"name": info.name, "memory_mib": info.memory_mib, "vcpus": info.vcpus},
+        "migration": migration_id,
+        "domain": {"name": name or info.name, "memory_mib": info.memory_mib,
+                   "vcpus": info.vcpus},
         "node": node,
         "live": live,
         "plugins": hooks.migrate_offer(hv, domid),
     }
 
 
-def migrate(hv, domid: int, host: str, port: int, *, live: bool, hooks,
+def query_migration(host: str, port: int, migration_id: str, *, use_ssl: bool = False,
+                    window: float = QUERY_WINDOW_S,
+                    connect_timeout: float = CONNECT_TIMEOUT_S) -> Tuple[str, str]:
+    """Ask the destination how migration ``migration_id`` ended: ``(answer,
+    detail)`` with answer ``running``, ``aborted`` or ``unknown`` (``unknown``
+    also when the peer cannot be reached within ``window`` seconds; the detail
+    says why). A peer still awaiting ``go`` aborts its copy and says ``aborted``."""
+    deadline = time.monotonic() + window
+    last = "no attempt"
+    while True:
+        try:
+            sock = _connect(host, port, use_ssl, min(connect_timeout, max(1.0, window)))
+            ch = _Channel(sock, host)
+            try:
+                sock.settimeout(min(IO_TIMEOUT_S, max(2.0, window)))   # a hung peer
+                ch.send_line([QUERY_OP, ["migration", migration_id]])
+                reply = ch.read_reply()
+            finally:
+                ch.close()
+            if reply and reply[0] in (RUNNING, ABORTED, UNKNOWN):
+                return str(reply[0]), f"{host} answered {reply[0]}"
+            last = (f"{host} answered {sxp.to_string(reply)}" if reply is not None
+                    else f"{host} closed the connection")
+            if reply and reply[0] == "err":
+                return UNKNOWN, f"{host} does not know the query: {reply_error_message(reply)}"
+        except PeerError as exc:
+            last = str(exc)
+        if time.monotonic() >= deadline:
+            return UNKNOWN, last
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hooks,
             node: int = -1, use_ssl: bool = False, progress: Optional[ProgressFn] = None,
             cancel: Optional[threading.Event] = None,
             on_accepted: Optional[Callable[[], None]] = None,
+            on_received: Optional[Callable[[int], None]] = None,
+            name: Optional[str] = None, migration_id: Optional[str] = None,
+            journal: Optional[JournalFn] = None,
             connect_timeout: float = CONNECT_TIMEOUT_S, io_timeout: float = IO_TIMEOUT_S,
-            ack_timeout: float = ACK_TIMEOUT_S) -> Dict[str, Any]:
+            ack_timeout: float = ACK_TIMEOUT_S,
+            query_window: float = QUERY_WINDOW_S) -> Dict[str, Any]:
     """Send ``domid`` to the relocation server at ``host:port``; returns the save
-    report plus ``peer_domid`` (when the receiver acknowledged) and ``extended``.
+    report plus ``peer_domid``, ``destination`` (the receiver's report),
+    ``migration`` (its id) and ``extended``.
 
     On success the source domain is left suspended for the caller to destroy.
-    On any failure it is running again (tmem thawed by the save path's done
-    phase) and the error is a :class:`PeerError` naming the peer, or the save's.
-    ``on_accepted`` runs once the receiver is ready, before anything is
-    suspended or frozen (the daemon renames the source there).
+    On a failure before ``go`` it is running again (tmem thawed by the save
+    path's done phase) and the error is a :class:`PeerError` naming the peer,
+    or the save's. ``on_accepted`` runs once the receiver is ready, before
+    anything is suspended or frozen (the daemon renames the source there);
+    ``on_received(peer_domid)`` runs when the receiver reported the domain
+    restored, just before ``go`` is sent (the daemon journals it there; if it
+    raises, ``go`` is not sent). When the outcome cannot be told even by a
+    query, :class:`MigrationInDoubt` is raised and the source stays suspended.
     """
     from ..checkpoint import save_domain
 
     progress = progress or (lambda phase, done, total: None)
+    mid = migration_id or uuid.uuid4().hex
+    label = name or hv.domain_info(domid).name
     progress("connect", 0, None)
     sock = _connect(host, port, use_ssl, connect_timeout)
     ch = _Channel(sock, host)
     op = "sslreceive" if use_ssl else "receive"
+    state: Dict[str, Any] = {"go": False}
     try:
         sock.settimeout(io_timeout)
         progress("preflight", 0, None)
-        offer = make_offer(hv, domid, hooks, live=live, node=node)
+        offer = make_offer(hv, domid, hooks, live=live, node=node, name=name, migration_id=mid)
         ch.send_line([PREFLIGHT_OP, ["offer", json.dumps(offer, sort_keys=True)]])
         reply = ch.read_reply()
         stock_error: Optional[str] = None
@@ -585,12 +960,16 @@ def migrate(hv, domid: int, host: str, port: int, *, live: bool, hooks,
                             "xend-relocation-hosts-allow?)")
         if reply[0] == "ok":
             extended = True
+            if str(sxp.child_value(reply, "protocol")) != str(PROTOCOL):
+                raise PeerError(f"{host} speaks relocation protocol "
+                                f"{sxp.child_value(reply, 'protocol')}, this host {PROTOCOL}: "
+                                "upgrade both hosts")
         elif reply[0] == "refused":
             reasons = [str(c[1]) for c in sxp.children(reply, "reason") if len(c) > 1]
             raise PeerError(f"migration refused: {'; '.join(reasons) or 'no reason given'} "
                             f"(from {host})")
         elif reply[0] == "err":
-            extended = False          # a stock xend: no pre-flight, no acknowledgement
+            extended = False          # a stock xend: no pre-flight, no handshake
             stock_error = reply_error_message(reply)
         else:
             raise PeerError(f"unexpected answer {sxp.to_string(reply)} (from {host})")
@@ -607,44 +986,104 @@ def migrate(hv, domid: int, host: str, port: int, *, live: bool, hooks,
             raise PeerError(f"unexpected answer {sxp.to_string(reply)} (from {host})")
         if on_accepted is not None:
             on_accepted()
-        report = save_domain(hv, domid, _PeerWriter(ch, cancel, io_timeout), hooks=hooks,
-                             live=live, progress=progress, cancel=cancel)
-        sent_at = time.monotonic()
-        # From here the source is suspended: any failure must resume it.
-        try:
-            progress("ack", int(report.get("bytes", 0)), None)
+        writer = _PeerWriter(ch, cancel, io_timeout, framed=extended)
+
+        def commit() -> None:
+            """The stream is complete: the receiver's answer, and ``go``."""
+            progress("commit", 0, None)
+            if not extended:
+                try:
+                    _half_close(sock, io_timeout)
+                except OSError as exc:
+                    ch.raise_peer_error(exc)
+                answer = ch.read_reply(timeout=ack_timeout)
+                if answer is not None and answer[0] == "err":
+                    raise PeerError(f"{reply_error_message(answer)} (from {host})")
+                if answer is not None:
+                    raise PeerError(f"unexpected answer {sxp.to_string(answer)} (from {host})")
+                return
+            writer.end()
+            answer = ch.read_reply(timeout=ack_timeout)
+            if answer is None:
+                raise PeerError(f"{host} closed the connection before confirming the restore "
+                                f"of domain {label}: it was resumed here")
+            if answer[0] == "err":
+                raise PeerError(f"{reply_error_message(answer)} (from {host})")
+            if answer[0] != "received":
+                raise PeerError(f"unexpected answer {sxp.to_string(answer)} (from {host})")
+            peer_domid = sxp.child_value(answer, "domid")
+            state["peer_domid"] = int(peer_domid) if str(peer_domid).isdigit() else None
+            if on_received is not None:
+                on_received(state["peer_domid"] if state["peer_domid"] is not None else -1)
+            state["go"] = True               # from here the source is not resumed blindly
+            state["go_at"] = time.monotonic()
             try:
-                _half_close(sock, io_timeout)
-            except OSError as exc:
-                ch.raise_peer_error(exc)
-            reply = ch.read_reply(timeout=ack_timeout)
-            if reply is not None and reply[0] == "err":
-                raise PeerError(f"{reply_error_message(reply)} (from {host})")
-            if extended:
-                if reply is None:
-                    raise PeerError(f"{host} closed the connection without confirming the "
-                                    "restore; the domain was resumed here, check it there")
-                if reply[0] != "ok":
-                    raise PeerError(f"unexpected answer {sxp.to_string(reply)} (from {host})")
-                peer_domid = sxp.child_value(reply, "domid")
-                report["peer_domid"] = int(peer_domid) if str(peer_domid).isdigit() else None
-                report["destination"] = _peer_report(sxp.child_value(reply, "report"))
-                # suspend here until the destination confirmed the domain runs there
-                report["resumed_after_s"] = round(
-                    float(report.get("downtime_s", 0.0)) + time.monotonic() - sent_at, 6)
-            elif reply is not None:
-                raise PeerError(f"unexpected answer {sxp.to_string(reply)} (from {host})")
-        except BaseException:
-            try:
-                hv.resume(domid)
-            except XendTmemError as exc:
-                log.error("migrate: could not resume domain %d: %s", domid, exc)
-            raise
+                ch.send_line(["go"])
+            except PeerError as exc:
+                state["go_error"] = str(exc)
+            jrn.killpoint("migrate-go-sent")
+
+        report = save_domain(hv, domid, writer, hooks=hooks, live=live, progress=progress,
+                             cancel=cancel, name=name, journal=journal, commit=commit)
         report["extended"] = extended
-        return report
+        report["migration"] = mid
+        if not extended:
+            return report
+        report["peer_domid"] = state.get("peer_domid")
+        why = state.get("go_error")
+        answer: Optional[List[Any]] = None
+        if why is None:
+            try:
+                answer = ch.read_reply(timeout=ack_timeout)
+            except PeerError as exc:
+                why = str(exc)
+        if answer is not None and answer[0] == RUNNING:
+            report["destination"] = _peer_report(sxp.child_value(answer, "report"))
+            # suspend here until the destination confirmed the domain runs there
+            report["resumed_after_s"] = round(
+                float(report.get("downtime_s", 0.0)) + time.monotonic() - state["go_at"], 6)
+            return report
+        if why is None:
+            why = (f"{host} closed the connection after go" if answer is None else
+                   f"{host} answered {reply_error_message(answer) if answer[0] == 'err' else sxp.to_string(answer)}")
+        return _resolve_in_doubt(hv, domid, label, host, port, use_ssl, mid, why, report,
+                                 query_window)
+    except PeerError as exc:
+        if state["go"]:
+            raise               # the messages after go say where the domain is
+        raise PeerError(f"{exc}; domain {label} was not started on {host} and keeps running "
+                        "here") from None
     finally:
         ch.close()
 
 
-__all__ = ["RelocationServer", "migrate", "host_allowed", "make_offer", "err_line",
-           "parse_reply", "PREFLIGHT_OP", "PROTOCOL"]
+def _resolve_in_doubt(hv: Hypervisor, domid: int, name: str, host: str, port: int,
+                      use_ssl: bool, mid: str, why: str, report: Dict[str, Any],
+                      window: float) -> Dict[str, Any]:
+    """``go`` went out but ``running`` did not come back: ask the destination."""
+    log.error("migrate: domain %s: cannot tell whether %s started it (%s); it stays paused "
+              "here while %s:%d is asked about migration %s", name, host, why, host, port, mid)
+    answer, detail = query_migration(host, port, mid, use_ssl=use_ssl, window=window)
+    report["resolved_by_query"] = answer
+    if answer == RUNNING:
+        log.info("migrate: %s runs domain %s (%s): the copy here is destroyed", host, name,
+                 detail)
+        return report
+    if answer == ABORTED:
+        try:
+            hv.resume(domid)
+        except XendTmemError as exc:
+            raise MigrationInDoubt(
+                f"{host} aborted its copy of domain {name} ({why}), but it could not be "
+                f"resumed here: {exc}; it is paused here") from None
+        raise PeerError(f"{host} did not start domain {name} ({why}) and destroyed its copy; "
+                        "the domain was resumed here")
+    raise MigrationInDoubt(
+        f"cannot tell whether domain {name} runs on {host} ({why}; asking it: {detail}): it is "
+        f"kept paused here as migrating-{name}; xend start asks {host} again, or once you "
+        f"know it runs on {host}, xm destroy migrating-{name} here")
+
+
+__all__ = ["RelocationServer", "Incoming", "migrate", "query_migration", "host_allowed",
+           "make_offer", "err_line", "parse_reply", "MigrationInDoubt", "PREFLIGHT_OP",
+           "QUERY_OP", "PROTOCOL"]

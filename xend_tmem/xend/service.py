@@ -7,16 +7,22 @@ never saved or migrated; during a save or migration the source is called
 or migration of a domain already in one is refused. One addition: a save goes
 to a temporary file beside the target and is renamed into place only when
 complete, so a failed save leaves no partial image (xend left one).
+
+Every save, restore and migration is journaled (:mod:`.journal`) phase by
+phase; :meth:`XendService.recover` (at ``xend start``) ends what a killed xend
+left in flight: a source is resumed with its tmem thawed and its name back, a
+half-restored domain is destroyed, a partial image removed, and a migration
+whose ``go`` may have gone out is settled by asking the destination.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import platform
 import socket
 import tempfile
 import threading
+import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .. import __version__
@@ -25,7 +31,9 @@ from ..codec import sxp
 from ..config import ToolstackConfig
 from ..domconfig import load_domain_config
 from ..errors import NoSuchDomain, XendTmemError
+from ..hypervisor.interface import DomainInfo, Hypervisor
 from ..plugins import CheckpointHooks
+from . import journal as jrn
 from . import relocation
 from .jobs import Job, JobTable
 from .rpc import UnixXMLRPCServer
@@ -38,6 +46,7 @@ MIGRATING_PREFIX = "migrating-"
 STATES = ("running", "blocked", "paused", "shutdown", "crashed", "dying")
 BLOCKING_WAIT_S = 24 * 3600.0
 REPORT_GRACE_S = 1.0         # at stop: time for xm to read how its job ended
+RECOVERY_QUERY_WINDOW_S = 10.0   # xend start: how long to try a destination that is down
 
 
 class XendError(XendTmemError):
@@ -53,45 +62,43 @@ def _is_running(info) -> bool:
     return not (f["paused"] or f["shutdown"] or f["crashed"] or f["dying"])
 
 
-class _KeepName:
-    """The hypervisor as the save path sees it while the source is ``migrating-NAME``.
-
-    xend took the domain's config for the image *before* renaming it, so the
-    image (and a migration's pre-flight offer) carry the real name; this view
-    reports the real name for that one domain and passes everything else through.
-    """
-
-    def __init__(self, hv: Any, domid: int, name: str) -> None:
-        self._hv = hv
-        self._domid = domid
-        self._name = name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self._hv, attr)
-
-    def domain_info(self, domid: int) -> Any:
-        info = self._hv.domain_info(domid)
-        if domid != self._domid:
-            return info
-        config = dict(info.config or {})
-        config["name"] = self._name
-        return dataclasses.replace(info, name=self._name, config=config)
+def _config_mapping(path: str) -> Dict[str, Any]:
+    """The domain YAML file as the mapping ``create_domain`` builds the domain from
+    (already validated by :func:`load_domain_config`)."""
+    from ..yamlfile import parse_yaml
+    with open(path, "rb") as f:
+        return dict(parse_yaml(f.read(), path))
 
 
 class XendService:
     """The daemon's state: hypervisor, plugin hooks, jobs, busy domains."""
 
-    def __init__(self, config: ToolstackConfig, hv: Any, hooks: CheckpointHooks,
-                 plugin_errors: Sequence[str] = ()) -> None:
+    def __init__(self, config: ToolstackConfig, hv: Hypervisor, hooks: CheckpointHooks,
+                 plugin_errors: Sequence[str] = (), journal: Optional[jrn.Journal] = None) -> None:
         self.config = config
         self.hv = hv
         self.hooks = hooks
         self.plugin_errors = list(plugin_errors)
+        self.journal = journal if journal is not None else jrn.Journal(config.state_dir)
         self.jobs = JobTable()
-        self.relocation_servers: List[relocation.RelocationServer] = []
+        self._relocation_servers: List[relocation.RelocationServer] = []
         self._lock = threading.RLock()
         self._busy: Dict[int, str] = {}
         self._stopping = threading.Event()
+        self.recovered: List[str] = []          # what recover() ended, for xm info
+        self.query_window = relocation.QUERY_WINDOW_S   # a job asking its destination
+        self.ack_timeout = relocation.ACK_TIMEOUT_S
+
+    @property
+    def relocation_servers(self) -> List[relocation.RelocationServer]:
+        return self._relocation_servers
+
+    @relocation_servers.setter
+    def relocation_servers(self, servers: List[relocation.RelocationServer]) -> None:
+        """The daemon hands over its servers; they start domains and journal through us."""
+        for server in servers:
+            server.bind(unpause=self.hv.unpause, journal=self.journal)
+        self._relocation_servers = list(servers)
 
     # -- registration ---------------------------------------------------------
     def methods(self) -> Dict[str, Callable[..., Any]]:
@@ -132,12 +139,15 @@ class XendService:
         """A domain id from an id or a name (xm accepts both everywhere)."""
         if isinstance(dom, bool) or dom is None:
             raise NoSuchDomain(dom)
-        if isinstance(dom, int):
-            return self.hv.lookup(dom)
         text = str(dom).strip()
-        if text.lstrip("-").isdigit():
-            return self.hv.lookup(int(text))
-        return self.hv.lookup(text)
+        domains = self.hv.list_domains()
+        if isinstance(dom, int) or text.lstrip("-").isdigit():
+            found = [d.domid for d in domains if d.domid == int(text)]
+        else:
+            found = [d.domid for d in domains if d.name == text]
+        if not found:
+            raise NoSuchDomain(dom)
+        return found[0]
 
     def _name_in_use(self, name: str) -> Optional[int]:
         for info in self.hv.list_domains():
@@ -205,7 +215,7 @@ class XendService:
             other = self._name_in_use(cfg.name)
             if other is not None:
                 raise XendError(f"Domain '{cfg.name}' already exists with ID '{other}'")
-            domid = self.hv.create_domain(cfg)
+            domid = self.hv.create_domain(_config_mapping(path))
         log.info("created domain %s (%d) from %s", cfg.name, domid, path)
         return {"domid": domid, "name": cfg.name}
 
@@ -273,14 +283,20 @@ class XendService:
         info = self._check_can_checkpoint(domid, "save")
         name = info.name
         self._claim(domid, "saved")
+        entry: Optional[jrn.Entry] = None
         try:
             directory, base = os.path.split(path)
+            tmp = os.path.join(directory or ".", f".{base}.{uuid.uuid4().hex[:12]}.part")
+            # journaled before the file exists, so a crash can never orphan it
+            entry = self.journal.begin(jrn.SAVE, domain=name, domid=domid, path=path, tmp=tmp,
+                                       checkpoint=bool(checkpoint), phase="saving")
             try:
-                fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=f".{base}.",
-                                           suffix=".part")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as exc:
                 raise XendError(f"Unable to create file {path}: {exc.strerror or exc}") from None
         except BaseException:
+            if entry is not None:
+                entry.remove()
             self._release(domid)
             raise
         out = os.fdopen(fd, "wb", buffering=0)
@@ -289,18 +305,22 @@ class XendService:
             renamed = False
             saved = False
             try:
+                jrn.killpoint("save-start")
                 if not checkpoint:
                     self.hv.rename_domain(domid, MIGRATING_PREFIX + name)
                     renamed = True
                 # xend saved non-live, checkpoint or not: the guest is suspended throughout
-                report = save_domain(_KeepName(self.hv, domid, name), domid, out,
+                report = save_domain(self.hv, domid, jrn.killpoint_stream(out, "save-stream"),
                                      hooks=self.hooks, live=False,
                                      checkpoint=bool(checkpoint), progress=job.progress,
-                                     cancel=job.cancel)
+                                     cancel=job.cancel, name=name, journal=entry.note)
                 saved = True
                 os.fsync(out.fileno())
                 out.close()
+                entry.update(phase="written", notes={})
+                jrn.killpoint("save-written")
                 os.replace(tmp, path)
+                _fsync_dir(path)
             except BaseException:
                 out.close()
                 _unlink(tmp)
@@ -308,9 +328,11 @@ class XendService:
                     self.hv.resume(domid)      # saved but not kept: run it again
                 if renamed:
                     self._rename(domid, name)
+                entry.remove()
                 raise
             if not checkpoint:
                 self._destroy_source(domid, name)
+            entry.remove()
             log.info("saved domain %s (%d) to %s%s", name, domid, path,
                      " (checkpoint)" if checkpoint else "")
             return {"op": "save", "domain": name, "domid": domid, "path": path,
@@ -321,22 +343,37 @@ class XendService:
         except BaseException:
             out.close()
             _unlink(tmp)
+            entry.remove()
             raise
 
     # -- restore --------------------------------------------------------------
-    def job_restore(self, path: str, paused: bool = False) -> int:
+    def job_restore(self, path: str, paused: bool = False, width: int = 0) -> int:
+        """``width`` 4|8 overrides the saving tools' word size; 0 infers it."""
         self._refuse_when_stopping()
         if not isinstance(path, str) or not os.path.isabs(path):
             raise XendError(f"restore path must be absolute, got {path!r}")
+        if width not in (0, 4, 8) or isinstance(width, bool):
+            raise XendError(f"restore width must be 4 or 8 (0 to infer it), got {width!r}")
         try:
             inp = open(path, "rb")
         except OSError as exc:
             raise XendError(f"Unable to read file {path}: {exc.strerror or exc}") from None
 
         def work(job: Job) -> Dict[str, Any]:
-            with inp:
-                domid, report = restore_domain(self.hv, inp, hooks=self.hooks, paused=bool(paused),
-                                               progress=job.progress, cancel=job.cancel)
+            entry = self.journal.begin(jrn.RESTORE, path=path, paused=bool(paused),
+                                       phase="restoring")
+            try:
+                with inp:
+                    domid, report = restore_domain(
+                        self.hv, jrn.killpoint_stream(inp, "restore-stream"), hooks=self.hooks,
+                        paused=True, progress=job.progress, cancel=job.cancel,
+                        width=width or None, on_created=lambda d: entry.update(domid=d))
+                entry.update(phase="restored", domid=domid)
+                jrn.killpoint("restore-restored")
+                if not paused:
+                    self.hv.unpause(domid)
+            finally:
+                entry.remove()
             name = report.get("name") or self.hv.domain_info(domid).name
             log.info("restored domain %s (%d) from %s", name, domid, path)
             return {"op": "restore", "domain": name, "path": path, "paused": bool(paused),
@@ -372,25 +409,44 @@ class XendService:
         info = self._check_can_checkpoint(domid, "migrate")
         name = info.name
         self._claim(domid, "migrated")
+        mid = uuid.uuid4().hex
 
         def work(job: Job) -> Dict[str, Any]:
             renamed = []
+            entry = self.journal.begin(jrn.MIGRATE_OUT, domain=name, domid=domid, host=dst,
+                                       port=port, ssl=use_ssl, migration=mid, phase="preflight")
 
             def accepted() -> None:
+                entry.update(phase="streaming")
                 self.hv.rename_domain(domid, MIGRATING_PREFIX + name)
                 renamed.append(True)
+                jrn.killpoint("migrate-accepted")
+
+            def received(peer_domid: int) -> None:
+                jrn.killpoint("migrate-received")
+                entry.update(phase="go-sent", peer_domid=peer_domid)
 
             try:
-                report = relocation.migrate(_KeepName(self.hv, domid, name), domid, dst, port,
-                                            live=bool(live),
+                report = relocation.migrate(self.hv, domid, dst, port, live=bool(live),
                                             hooks=self.hooks, node=node, use_ssl=use_ssl,
-                                            progress=job.progress, cancel=job.cancel,
-                                            on_accepted=accepted)
+                                            progress=jrn.killpoint_progress(job.progress, "migrate-stream"),
+                                            cancel=job.cancel, on_accepted=accepted,
+                                            on_received=received, name=name,
+                                            migration_id=mid, journal=entry.note,
+                                            query_window=self.query_window,
+                                            ack_timeout=self.ack_timeout)
+            except relocation.MigrationInDoubt:
+                entry.update(phase="in-doubt", notes={})
+                raise
             except BaseException:
                 if renamed:
                     self._rename(domid, name)
+                entry.remove()
                 raise
+            entry.update(phase="done", notes={})
+            jrn.killpoint("migrate-done")
             self._destroy_source(domid, name)
+            entry.remove()
             log.info("migrated domain %s (%d) to %s:%d", name, domid, dst, port)
             return {"op": "migrate", "domain": name, "domid": domid, "host": dst, "port": port,
                     "ssl": use_ssl, **report}
@@ -419,8 +475,8 @@ class XendService:
         """xend's blocking ``xend.domain.save``."""
         return self._wait(self.job_save(dom, path, checkpoint))
 
-    def domain_restore(self, path: str, paused: bool = False) -> Dict[str, Any]:
-        return self._wait(self.job_restore(path, paused))
+    def domain_restore(self, path: str, paused: bool = False, width: int = 0) -> Dict[str, Any]:
+        return self._wait(self.job_restore(path, paused, width))
 
     def domain_migrate(self, dom: Any, dst: str, live: bool = False, port: int = 0,
                        node: int = -1, ssl: Optional[bool] = None,
@@ -428,9 +484,15 @@ class XendService:
         return self._wait(self.job_migrate(dom, dst, live, port, node, ssl, change_home_server))
 
     # -- relocation server callbacks --------------------------------------------
-    def incoming_restore(self, stream, peer: str) -> Tuple[int, Dict[str, Any]]:
-        domid, report = restore_domain(self.hv, stream, hooks=self.hooks, cancel=self._stopping)
-        log.info("domain %s (%d) arrived from %s", report.get("name"), domid, peer)
+    def incoming_restore(self, stream, peer: str, paused: bool = False,
+                         on_created: Optional[Callable[[int], None]] = None
+                         ) -> Tuple[int, Dict[str, Any]]:
+        """Restore an incoming migration (left paused for ``go`` when ``paused``)."""
+        domid, report = restore_domain(self.hv, jrn.killpoint_stream(stream, "incoming-stream"),
+                                       hooks=self.hooks, cancel=self._stopping,
+                                       paused=paused, on_created=on_created)
+        log.info("domain %s (%d) arrived from %s%s", report.get("name"), domid, peer,
+                 " (paused until the source says go)" if paused else "")
         return domid, report
 
     def check_offer(self, offer: Dict[str, Any]) -> List[str]:
@@ -468,6 +530,7 @@ class XendService:
     def node_info(self) -> List[List[Any]]:
         """``xm info``: ordered (key, value) pairs."""
         hv = self.hv
+        host = hv.host_info()
         rel = [f"{s.address or '*'}:{s.port}" + (" (ssl)" if s.ssl_context else "")
                for s in self.relocation_servers]
         pairs: List[Tuple[str, Any]] = [
@@ -477,6 +540,10 @@ class XendService:
             ("hypervisor", self.config.hypervisor.backend),
             ("nr_domains", len(hv.list_domains())),
             ("tmem_spec_version", hv.tmem_version()),
+            ("xen_release", host.xen_release),
+            ("tmem_can_move", "yes" if host.can_move_tmem else
+             f"no: this host cannot move tmem (Xen {host.xen_release}: the hypervisor copies "
+             "tmem pages only on its compression path, H8)"),
             ("tmem_capacity_mb", self.config.hypervisor.tmem_capacity_mb),
             ("tmem_free_mb", hv.tmem_free_pages() * 4096 // (1 << 20)),
             ("tmem_freeable_mb", hv.query_freeable_mb()),
@@ -490,6 +557,7 @@ class XendService:
             ("xend_unix_socket", self.config.unix_socket),
             ("xend_relocation_server", ", ".join(rel) or "off"),
             ("xend_jobs_running", len(self.jobs.running())),
+            ("xend_recovered", "; ".join(self.recovered) or "nothing"),
         ]
         return [[k, v] for k, v in pairs]
 
@@ -544,6 +612,158 @@ class XendService:
     def tmem_query_freeable_mb(self) -> int:
         return int(self.hv.query_freeable_mb())
 
+    # -- crash recovery ---------------------------------------------------------
+    def recover(self) -> List[str]:
+        """End every job a killed xend left in the journal; returns (and keeps
+        for ``xm info``) one line per job saying what was done.
+
+        Runs at ``xend start`` once the hypervisor is attached. A migration
+        whose outcome its destination cannot tell yet stays journaled (its
+        source paused) and is asked about again at the next start.
+        """
+        done: List[str] = []
+        for entry in self.journal.entries():
+            try:
+                line, finished = self._recover_entry(entry)
+            except Exception as exc:     # one broken entry must not stop the others
+                log.error("recovery: %s: failed: %s", entry.path, exc, exc_info=exc)
+                line, finished = f"{entry.op} {entry.doc.get('domain') or ''}: " \
+                                 f"recovery failed: {exc}", False
+            log.warning("recovery: %s", line)
+            done.append(line)
+            if finished:
+                entry.remove()
+        self.recovered = done
+        if not done:
+            log.info("recovery: no job was left in flight")
+        return done
+
+    def _find(self, domid: Any, *names: str) -> Optional[DomainInfo]:
+        """The domain ``domid`` if it still carries one of ``names`` (ids are
+        reused; a domain by another name is not ours to touch)."""
+        if not isinstance(domid, int) or domid <= DOM0:
+            return None
+        for info in self.hv.list_domains():
+            if info.domid == domid:
+                return info if not names or info.name in names else None
+        return None
+
+    def _recover_source(self, info: DomainInfo, name: str, notes: Dict[str, Any]) -> str:
+        """A source whose save or migration died: plugins undo (tmem SAVE_END),
+        log-dirty off, resumed, its name back."""
+        domid = info.domid
+        for plugin, exc in self.hooks.recover(self.hv, domid, notes or {}):
+            log.error("recovery: checkpoint plugin '%s' could not recover domain %s (%d): %s",
+                      plugin, name, domid, exc)
+        for step in (self.hv.disable_logdirty, self.hv.resume):
+            try:
+                step(domid)
+            except XendTmemError as exc:
+                log.error("recovery: %s of domain %s (%d) failed: %s", step.__name__, name,
+                          domid, exc)
+        if info.name != name:
+            self._rename(domid, name)
+        thawed = " with its tmem thawed" if notes.get("tmem") else ""
+        return f"domain {name} ({domid}) resumed{thawed}"
+
+    def _recover_entry(self, entry: jrn.Entry) -> Tuple[str, bool]:
+        d = entry.doc
+        op = entry.op
+        name = str(d.get("domain") or "")
+        domid = d.get("domid")
+        notes = d.get("notes") if isinstance(d.get("notes"), dict) else {}
+        phase = d.get("phase")
+        if op == jrn.SAVE:
+            return self._recover_save(d, name, domid, notes, phase), True
+        if op == jrn.RESTORE:
+            info = self._find(domid)
+            if phase == "restored" and info is not None:
+                if not d.get("paused"):
+                    self.hv.unpause(info.domid)
+                return (f"restore of {d.get('path')}: complete; domain {info.name} "
+                        f"({info.domid}) {'left paused' if d.get('paused') else 'started'}"), True
+            if info is not None:
+                self.hv.destroy_domain(info.domid)
+                return (f"restore of {d.get('path')}: interrupted; half-restored domain "
+                        f"{info.name} ({info.domid}) destroyed"), True
+            return f"restore of {d.get('path')}: interrupted before a domain existed", True
+        if op == jrn.MIGRATE_IN:
+            return self._recover_incoming(d, name, domid, phase), True
+        if op == jrn.MIGRATE_OUT:
+            return self._recover_outgoing(entry, d, name, domid, notes, phase)
+        return f"unknown journal entry {entry.path}", False
+
+    def _recover_save(self, d: Dict[str, Any], name: str, domid: Any, notes: Dict[str, Any],
+                      phase: Any) -> str:
+        path, tmp = str(d.get("path") or ""), str(d.get("tmp") or "")
+        checkpoint = bool(d.get("checkpoint"))
+        info = self._find(domid, name, MIGRATING_PREFIX + name)
+        if phase == "written":
+            if tmp and os.path.exists(tmp):
+                os.replace(tmp, path)         # complete and fsynced before "written"
+                _fsync_dir(path)
+            if info is None:
+                return f"save of {name} to {path}: complete"
+            if checkpoint:
+                return f"save of {name} to {path}: complete; " + \
+                    self._recover_source(info, name, notes)
+            self.hv.destroy_domain(info.domid)
+            return (f"save of {name} to {path}: complete; domain {name} ({info.domid}) "
+                    "destroyed as xm save does")
+        removed = ""
+        if tmp and os.path.exists(tmp):
+            _unlink(tmp)
+            removed = f"; partial file {tmp} removed"
+        if info is None:
+            return f"save of {name} to {path}: interrupted; the domain is gone{removed}"
+        return (f"save of {name} to {path}: interrupted; "
+                + self._recover_source(info, name, notes) + removed)
+
+    def _recover_incoming(self, d: Dict[str, Any], name: str, domid: Any, phase: Any) -> str:
+        mid = str(d.get("migration") or "")
+        peer = d.get("peer")
+        info = self._find(domid, name) if name else self._find(domid)
+        if phase in ("go", "restored"):
+            # "go" arrived (or a stock sender, which has no commit): it is ours
+            if info is not None and info.paused:
+                self.hv.unpause(info.domid)
+            self.journal.record_outcome(mid, relocation.RUNNING)
+            where = f"domain {info.name} ({info.domid})" if info else "the domain (gone since)"
+            return f"incoming migration {mid or ''} from {peer}: cleared to run; {where} started"
+        if info is not None:
+            self.hv.destroy_domain(info.domid)
+        self.journal.record_outcome(mid, relocation.ABORTED)
+        what = f"domain {info.name} ({info.domid}) destroyed" if info else "no domain was left"
+        return (f"incoming migration {mid or ''} of {name or 'a domain'} from {peer}: never "
+                f"got go; {what} (the source keeps it)")
+
+    def _recover_outgoing(self, entry: jrn.Entry, d: Dict[str, Any], name: str, domid: Any,
+                          notes: Dict[str, Any], phase: Any) -> Tuple[str, bool]:
+        host, mid = str(d.get("host") or ""), str(d.get("migration") or "")
+        port = int(d.get("port") or 0)
+        info = self._find(domid, name, MIGRATING_PREFIX + name)
+        where = f"migration of {name} to {host}:{port}"
+        if info is None:
+            return f"{where}: the source domain is gone", True
+        if phase == "done":
+            self.hv.destroy_domain(info.domid)
+            return f"{where}: it runs on {host}; the copy here ({info.domid}) destroyed", True
+        if phase not in ("go-sent", "in-doubt"):
+            return f"{where}: interrupted before go; " + \
+                self._recover_source(info, name, notes), True
+        answer, detail = relocation.query_migration(
+            host, port, mid, use_ssl=bool(d.get("ssl")),
+            window=min(self.query_window, RECOVERY_QUERY_WINDOW_S))
+        if answer == relocation.RUNNING:
+            self.hv.destroy_domain(info.domid)
+            return f"{where}: {detail}: it runs there; the copy here ({info.domid}) destroyed", True
+        if answer == relocation.ABORTED:
+            return f"{where}: {detail}: " + self._recover_source(info, name, notes), True
+        entry.update(phase="in-doubt")
+        return (f"{where}: cannot tell whether it runs there ({detail}); domain {info.name} "
+                f"({info.domid}) kept paused here; xend start asks again, or xm destroy "
+                f"{info.name} once it runs on {host}"), False
+
     # -- lifecycle --------------------------------------------------------------
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel running jobs and incoming restores, and wait for them."""
@@ -563,6 +783,15 @@ def _u32(value: Any, what: str) -> int:
     if not 0 <= n <= 0xFFFFFFFF:
         raise XendError(f"{what} must be 0..4294967295, got {n}")
     return n
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename into ``path``'s directory durable."""
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _unlink(path: str) -> None:

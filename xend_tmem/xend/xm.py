@@ -184,7 +184,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if not os.access(path, os.R_OK) or os.path.isdir(path):
         raise XmError(f"xm restore: Unable to read file {path}")
     proxy = server()
-    result = _job(proxy, lambda: proxy.xend.job.restore(path, bool(args.paused)),
+    # --width: the saving tools' unsigned long, for an image whose width the
+    # stream does not reveal (the daemon infers it otherwise)
+    call_args = (path, bool(args.paused)) + ((args.width,) if args.width else ())
+    result = _job(proxy, lambda: proxy.xend.job.restore(*call_args),
                   "restore", _show_progress(args), sys.stderr)
     _print_result(args, result)
     return EXIT_OK
@@ -312,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("restore", help="restore a domain from a saved file")
     p.add_argument("-p", "--paused", action="store_true", help="leave it paused")
+    p.add_argument("--width", type=int, choices=(4, 8), default=None,
+                   help="bytes of the saving toolstack's unsigned long (4: 32-bit tools); "
+                        "inferred from the image when omitted")
     p.add_argument("file")
     _report_options(p)
     p.set_defaults(func=cmd_restore)

@@ -1,0 +1,75 @@
+"""One behavioural suite, two backends: the in-process simulator and the hypervisor process.
+
+``hv`` (and ``sim`` where a test module parametrises its own fixture with
+:data:`both`) yields a :class:`~xend_tmem.hypervisor.interface.Hypervisor`:
+``"inprocess"`` a :class:`~xend_tmem.hypervisor.sim.SimHypervisor`,
+``"process"`` a :class:`~xend_tmem.hypervisor.client.HypervisorClient` of a
+hypervisor process started for the test in a fresh state directory, with the
+simulator's defaults (so both give the same answers), stopped and reaped by pid
+at teardown.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from typing import Any, Iterator, Tuple
+
+import pytest
+
+from xend_tmem.hypervisor.client import HypervisorClient, spawn
+from xend_tmem.hypervisor.server import ServeOptions
+from xend_tmem.hypervisor.sim import SimHypervisor
+
+BACKENDS = ["inprocess", "process"]
+DEFAULT_CAPACITY_MB = (1 << 22) // 256      # SimHypervisor's default tmem_capacity_pages
+STOP_TIMEOUT_S = 15.0
+
+# parametrise a test's ``sim`` fixture over both backends
+both = pytest.mark.parametrize("sim", BACKENDS, indirect=True)
+
+
+def start_process(release: str = "4.0.2", trace: bool = False, **kw: Any
+                  ) -> Tuple[HypervisorClient, "subprocess.Popen[bytes]", str]:
+    """A hypervisor process in a fresh (short) state directory and a client of it."""
+    state_dir = tempfile.mkdtemp(prefix="hv-")
+    kw.setdefault("capacity_mb", DEFAULT_CAPACITY_MB)
+    proc = spawn(ServeOptions(state_dir=state_dir, release=release, trace=trace, **kw))
+    return HypervisorClient(state_dir), proc, state_dir
+
+
+def stop_process(client: HypervisorClient, proc: "subprocess.Popen[bytes]", state_dir: str) -> None:
+    """Close the client, SIGTERM the process and reap it by pid (SIGKILL if it hangs)."""
+    client.close()
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"hypervisor process {proc.pid} ignored SIGTERM")
+    shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def backend(kind: str, **kw: Any) -> Iterator[Any]:
+    """Yield a hypervisor of ``kind`` ("inprocess" or "process"); clean up after."""
+    if kind == "inprocess":
+        sim = SimHypervisor(**({"release": kw["release"]} if "release" in kw else {}))
+        try:
+            yield sim
+        finally:
+            if hasattr(sim, "close"):
+                sim.close()
+        return
+    client, proc, state_dir = start_process(**kw)
+    try:
+        yield client
+    finally:
+        stop_process(client, proc, state_dir)
+
+
+@pytest.fixture(params=BACKENDS)
+def hv(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A fresh hypervisor of each backend (Xen 4.0.2, the simulator's defaults)."""
+    yield from backend(request.param)

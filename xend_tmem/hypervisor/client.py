@@ -1,0 +1,736 @@
+"""The toolstack's side of the hypervisor process: backend ``sim`` (see :mod:`.server`).
+
+:func:`connect` is the entry point of the ``sim`` backend: it connects to the
+hypervisor process of the state directory, starting one if none runs, and
+returns a :class:`HypervisorClient` that implements every call of
+:class:`~xend_tmem.hypervisor.interface.Hypervisor`.
+
+Thread safety: calls take a connection from a pool (one per concurrent caller,
+each with its own shared page buffer) and put it back, so xend's request
+threads never interleave messages and short-lived threads reuse connections.
+
+Pages never travel in messages. Tmem page batches are copied through the
+connection's memfd buffer (``save_get_pages`` by the hypervisor into it,
+``restore_put_pages`` by the client into it). Guest RAM is the domain's memfd,
+mapped here on first use: ``read_pages``/``write_pages`` copy from/to that
+mapping without a round trip. Like Xen's foreign mappings, a mapping keeps a
+destroyed domain's pages readable until the toolstack drops it; the client
+drops it when it destroys the domain, when ``list_domains`` no longer shows the
+domain, and when it finds itself talking to another hypervisor process.
+
+A lost hypervisor (process killed or stopped) makes every call raise
+:class:`~xend_tmem.errors.HypervisorError` with ``code`` ``errno.ECONNRESET``
+naming the call; a hypervisor started again later is reached again.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import (TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple,
+                    Union)
+
+from ..errors import HypervisorError, NoSuchDomain, XendTmemError
+from . import wire
+from .interface import OID, PAGE_SIZE, Buffer, DomainInfo, HostInfo
+from .server import PROTOCOL, ServeOptions, paths, raise_error, running_pid
+
+if TYPE_CHECKING:
+    from ..config import HypervisorSettings
+
+log = logging.getLogger("xend_tmem.hypervisor")
+
+BUFFER_SIZE = 16 << 20            # per connection: 4000 page records, 16 x tmem's 1 MiB batch
+START_TIMEOUT_S = 30.0
+BACKEND = "sim"
+
+
+class HypervisorStartError(XendTmemError):
+    """The hypervisor process could not be started (its reason, or where its log is)."""
+
+
+class _Conn:
+    __slots__ = ("sock", "buf", "view", "identity")
+
+    def __init__(self, sock: socket.socket, buf: mmap.mmap, identity: Dict[str, Any]) -> None:
+        self.sock = sock
+        self.buf = buf
+        self.view = memoryview(buf)
+        self.identity = identity
+
+    def close(self) -> None:
+        self.view.release()
+        try:
+            self.buf.close()
+        except BufferError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class _Mapping:
+    __slots__ = ("mm", "pages")
+
+    def __init__(self, mm: mmap.mmap, pages: int) -> None:
+        self.mm = mm
+        self.pages = pages
+
+
+def _reason(exc: HypervisorError) -> str:
+    prefix = f"hypervisor refused {exc.op}: "
+    text = str(exc)
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def _runs(pfns: Sequence[int], limit: int, op: str) -> List[Tuple[int, int]]:
+    """Contiguous runs ``(first_pfn, count)`` of ``pfns``, range-checked (as the sim)."""
+    runs: List[Tuple[int, int]] = []
+    start = prev = -2
+    for pfn in pfns:
+        if isinstance(pfn, bool) or not isinstance(pfn, int) or not 0 <= pfn < limit:
+            shown = f"{pfn:#x}" if isinstance(pfn, int) else repr(pfn)
+            raise HypervisorError(op, f"pfn {shown} is outside the domain's {limit} pages")
+        if pfn == prev + 1:
+            prev = pfn
+            continue
+        if start >= 0:
+            runs.append((start, prev - start + 1))
+        start = prev = pfn
+    if start >= 0:
+        runs.append((start, prev - start + 1))
+    return runs
+
+
+class HypervisorClient:
+    """A :class:`~xend_tmem.hypervisor.interface.Hypervisor` served by the process."""
+
+    def __init__(self, state_dir: str, buffer_size: int = BUFFER_SIZE) -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        self.sock_path = paths(self.state_dir)[0]
+        self.buffer_size = buffer_size
+        self._free: List[_Conn] = []
+        self._all: List[_Conn] = []
+        self._lock = threading.Lock()
+        self._maps: Dict[int, _Mapping] = {}
+        self._map_lock = threading.Lock()
+        self._instance: Optional[Tuple[int, float]] = None
+        self.identity: Dict[str, Any] = {}
+        self._closed = False
+
+    # -- connections ---------------------------------------------------------------
+    def _open(self) -> _Conn:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            with wire.ShortPath(self.sock_path) as address:
+                sock.connect(address)
+        except OSError:
+            sock.close()
+            raise
+        fd = os.memfd_create("xend-hv-buffer", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, self.buffer_size)
+            buf = mmap.mmap(fd, self.buffer_size)
+            try:
+                wire.send(sock, ("hello", (PROTOCOL,)), [fd])
+            except OSError:
+                buf.close()
+                sock.close()
+                raise
+        finally:
+            os.close(fd)
+        try:
+            reply, fds = wire.recv(sock)
+        except OSError:
+            buf.close()
+            sock.close()
+            raise
+        wire._close_all(fds)
+        identity = reply[1] if isinstance(reply, tuple) and reply[:1] == (wire.OK,) else {}
+        instance = (identity.get("pid"), identity.get("started"))
+        with self._map_lock:
+            if self._instance is not None and instance != self._instance:
+                log.warning("the hypervisor process changed (pid %s, was %s): dropping RAM "
+                            "mappings", instance[0], self._instance[0])
+                self._drop_maps()
+            self._instance = instance
+        self.identity = identity
+        conn = _Conn(sock, buf, identity)
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def _acquire(self, op: str) -> _Conn:
+        with self._lock:
+            if self._closed:
+                raise HypervisorError(op, "the hypervisor connection is closed")
+            if self._free:
+                return self._free.pop()
+        try:
+            return self._open()
+        except (OSError, wire.ConnectionLost) as exc:
+            raise HypervisorError(op, f"cannot reach the hypervisor process at "
+                                      f"{self.sock_path}: {exc.strerror or exc}"
+                                  if isinstance(exc, OSError) and exc.strerror else
+                                  f"cannot reach the hypervisor process at {self.sock_path}: "
+                                  f"{exc}", code=errno.ECONNRESET) from None
+
+    def _release(self, conn: _Conn) -> None:
+        with self._lock:
+            if conn not in self._all or conn in self._free:
+                return                   # discarded (lost) or already back
+            if self._closed:
+                self._all.remove(conn)
+                conn.close()
+            else:
+                self._free.append(conn)
+
+    def _discard(self, conn: _Conn) -> None:
+        with self._lock:
+            if conn in self._all:
+                self._all.remove(conn)
+        conn.close()
+
+    def _lost(self, op: str, conn: _Conn, exc: BaseException) -> HypervisorError:
+        self._discard(conn)
+        with self._lock:                 # the others are to the same dead process
+            stale, self._free = self._free, []
+            for c in stale:
+                self._all.remove(c)
+        for c in stale:
+            c.close()
+        return HypervisorError(op, f"lost the hypervisor process ({exc}); its domains are "
+                                   f"gone unless it is still running", code=errno.ECONNRESET)
+
+    def _exchange(self, conn: _Conn, op: str, method: str, args: Tuple[Any, ...]
+                  ) -> Tuple[Any, List[int]]:
+        try:
+            wire.send(conn.sock, (method, args))
+            reply, fds = wire.recv(conn.sock)
+        except (OSError, wire.ConnectionLost) as exc:
+            raise self._lost(op, conn, exc) from None
+        status, value = reply
+        if status != wire.OK:
+            wire._close_all(fds)
+            raise_error(op, value)
+        return value, fds
+
+    def _call(self, method: str, *args: Any) -> Any:
+        conn = self._acquire(method)
+        try:
+            value, fds = self._exchange(conn, method, method, args)
+        finally:
+            self._release(conn)
+        wire._close_all(fds)
+        return value
+
+    def close(self) -> None:
+        """Close every connection and RAM mapping; the hypervisor and its domains stay."""
+        with self._lock:
+            self._closed = True
+            conns, self._all, self._free = self._all, [], []
+        for c in conns:
+            c.close()
+        with self._map_lock:
+            self._drop_maps()
+
+    def identity_of_server(self) -> Dict[str, Any]:
+        """``hello``'s answer: pid, start time, release and defects of the process."""
+        conn = self._acquire("hello")
+        identity = conn.identity
+        self._release(conn)
+        return identity
+
+    # -- RAM mappings --------------------------------------------------------------
+    def _drop_maps(self) -> None:
+        maps, self._maps = self._maps, {}
+        for m in maps.values():
+            try:
+                m.mm.close()
+            except BufferError:
+                pass
+
+    def _forget(self, domid: int) -> None:
+        with self._map_lock:
+            m = self._maps.pop(domid, None)
+        if m is not None:
+            try:
+                m.mm.close()
+            except BufferError:
+                pass
+
+    def _mapping(self, domid: int, op: str) -> _Mapping:
+        m = self._maps.get(domid)
+        if m is not None:
+            return m
+        conn = self._acquire(op)
+        try:
+            size, fds = self._exchange(conn, op, "memory_fd", (domid,))
+        except HypervisorError as exc:
+            if exc.op == op or exc.code == errno.ECONNRESET:
+                raise
+            raise HypervisorError(op, _reason(exc), code=exc.code) from None
+        finally:
+            self._release(conn)
+        if len(fds) != 1:
+            wire._close_all(fds)
+            raise HypervisorError(op, f"the hypervisor sent {len(fds)} descriptors for "
+                                      f"domain {domid}'s RAM")
+        try:
+            mm = mmap.mmap(fds[0], size)
+        except (OSError, ValueError) as exc:
+            raise HypervisorError(op, f"cannot map domain {domid}'s RAM: {exc}") from None
+        finally:
+            os.close(fds[0])
+        with self._map_lock:
+            old = self._maps.get(domid)
+            if old is not None:
+                mm.close()
+                return old
+            m = self._maps[domid] = _Mapping(mm, size // PAGE_SIZE)
+        return m
+
+    # =====================================================================
+    # DomainControl
+    # =====================================================================
+    def list_domains(self) -> List[DomainInfo]:
+        infos = [DomainInfo(**d) for d in self._call("list_domains")]
+        live = {i.domid for i in infos}
+        for domid in [d for d in self._maps if d not in live]:
+            self._forget(domid)
+        return infos
+
+    def domain_info(self, domid: int) -> DomainInfo:
+        return DomainInfo(**self._call("domain_info", domid))
+
+    def create_domain(self, config: Mapping[str, object]) -> int:
+        return self._call("create_domain", dict(config))
+
+    def create_domain_shell(self, name: str, p2m_size: int, vcpus: int,
+                            config: Optional[Mapping[str, object]] = None) -> int:
+        return self._call("create_domain_shell", name, p2m_size, vcpus,
+                          None if config is None else dict(config))
+
+    def destroy_domain(self, domid: int) -> None:
+        self._forget(domid)
+        self._call("destroy_domain", domid)
+
+    def rename_domain(self, domid: int, name: str) -> None:
+        self._call("rename_domain", domid, name)
+
+    def pause(self, domid: int) -> None:
+        self._call("pause", domid)
+
+    def unpause(self, domid: int) -> None:
+        self._call("unpause", domid)
+
+    def suspend(self, domid: int) -> None:
+        self._call("suspend", domid)
+
+    def resume(self, domid: int) -> None:
+        self._call("resume", domid)
+
+    def online_vcpus(self, domid: int) -> List[int]:
+        return self._call("online_vcpus", domid)
+
+    def get_vcpu_context(self, domid: int, vcpu: int) -> bytes:
+        return self._call("get_vcpu_context", domid, vcpu)
+
+    def set_vcpu_context(self, domid: int, vcpu: int, data: Buffer) -> None:
+        self._call("set_vcpu_context", domid, vcpu, bytes(data))
+
+    def get_ext_vcpu_context(self, domid: int, vcpu: int) -> bytes:
+        return self._call("get_ext_vcpu_context", domid, vcpu)
+
+    def set_ext_vcpu_context(self, domid: int, vcpu: int, data: Buffer) -> None:
+        self._call("set_ext_vcpu_context", domid, vcpu, bytes(data))
+
+    def get_vcpu_xsave(self, domid: int, vcpu: int) -> bytes:
+        return self._call("get_vcpu_xsave", domid, vcpu)
+
+    def set_vcpu_xsave(self, domid: int, vcpu: int, data: Buffer) -> None:
+        self._call("set_vcpu_xsave", domid, vcpu, bytes(data))
+
+    def get_shared_info(self, domid: int) -> bytes:
+        return self._call("get_shared_info", domid)
+
+    def set_shared_info(self, domid: int, data: Buffer) -> None:
+        self._call("set_shared_info", domid, bytes(data))
+
+    # =====================================================================
+    # MemoryAccess: the foreign mapping
+    # =====================================================================
+    def p2m_size(self, domid: int) -> int:
+        return self._call("p2m_size", domid)
+
+    def read_pages(self, domid: int, pfns: Sequence[int]) -> bytes:
+        op = "read_pages"
+        m = self._mapping(domid, op)
+        mm = m.mm
+        runs = _runs(pfns, m.pages, op)
+        try:
+            parts = [mm[s * PAGE_SIZE:(s + n) * PAGE_SIZE] for s, n in runs]
+        except ValueError:                   # unmapped meanwhile: destroyed
+            raise NoSuchDomain(domid) from None
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def write_pages(self, domid: int, pfns: Sequence[int], data: Buffer) -> None:
+        op = "write_pages"
+        m = self._mapping(domid, op)
+        with memoryview(data) as raw, raw.cast("B") as src:
+            if src.nbytes != len(pfns) * PAGE_SIZE:
+                raise HypervisorError(op, f"{src.nbytes} bytes of data for {len(pfns)} pages")
+            mm = m.mm
+            pos = 0
+            for s, n in _runs(pfns, m.pages, op):
+                try:
+                    mm[s * PAGE_SIZE:(s + n) * PAGE_SIZE] = src[pos:pos + n * PAGE_SIZE]
+                except ValueError:           # unmapped meanwhile: destroyed
+                    raise NoSuchDomain(domid) from None
+                pos += n * PAGE_SIZE
+
+    def enable_logdirty(self, domid: int) -> None:
+        self._call("enable_logdirty", domid)
+
+    def disable_logdirty(self, domid: int) -> None:
+        self._call("disable_logdirty", domid)
+
+    def read_and_clear_dirty(self, domid: int) -> List[int]:
+        return self._call("read_and_clear_dirty", domid)
+
+    # =====================================================================
+    # TmemControl: save
+    # =====================================================================
+    def save_begin(self, domid: int, live: bool) -> bool:
+        return self._call("save_begin", domid, live)
+
+    def save_get_version(self, domid: int) -> int:
+        return self._call("save_get_version", domid)
+
+    def save_get_maxpools(self, domid: int) -> int:
+        return self._call("save_get_maxpools", domid)
+
+    def save_get_client_weight(self, domid: int) -> int:
+        return self._call("save_get_client_weight", domid)
+
+    def save_get_client_cap(self, domid: int) -> int:
+        return self._call("save_get_client_cap", domid)
+
+    def save_get_client_flags(self, domid: int) -> int:
+        return self._call("save_get_client_flags", domid)
+
+    def save_get_pool_flags(self, domid: int, pool_id: int) -> Optional[int]:
+        return self._call("save_get_pool_flags", domid, pool_id)
+
+    def save_get_pool_npages(self, domid: int, pool_id: int) -> int:
+        return self._call("save_get_pool_npages", domid, pool_id)
+
+    def save_get_pool_uuid(self, domid: int, pool_id: int) -> Tuple[int, int]:
+        return tuple(self._call("save_get_pool_uuid", domid, pool_id))  # type: ignore[return-value]
+
+    def save_get_next_page(self, domid: int, pool_id: int) -> Optional[Tuple[OID, int, bytes]]:
+        op = "save_get_next_page"
+        conn = self._acquire(op)
+        try:
+            got, _ = self._exchange(conn, op, op, (domid, pool_id))
+            if got is None:
+                return None
+            oid, index, n = got
+            return tuple(oid), index, bytes(conn.view[:n])  # type: ignore[return-value]
+        finally:
+            self._release(conn)
+
+    def save_get_pages(self, domid: int, pool_id: int, max_pages: int,
+                       out: Optional[Union[bytearray, memoryview]] = None) -> Tuple[int, bytes]:
+        """As the interface; several round trips when ``max_pages`` records exceed
+        the shared buffer (the same loop of SAVE_GET_NEXT_PAGE, continued)."""
+        op = "save_get_pages"
+        conn = self._acquire(op)
+        total = 0
+        pos = 0
+        parts: List[bytes] = []
+        try:
+            while True:
+                want = max_pages - total if isinstance(max_pages, int) else max_pages
+                (count, nbytes), _ = self._exchange(conn, op, op, (domid, pool_id, want))
+                if count:
+                    chunk = conn.view[:nbytes]
+                    if out is not None:
+                        with memoryview(out) as dst:
+                            if pos + nbytes > dst.nbytes:
+                                raise HypervisorError(op, f"the out buffer of {dst.nbytes} "
+                                                          f"bytes cannot hold "
+                                                          f"{pos + nbytes} bytes of records")
+                            dst[pos:pos + nbytes] = chunk
+                    else:
+                        parts.append(bytes(chunk))
+                    chunk.release()
+                    pos += nbytes
+                    total += count
+                if not count or not isinstance(max_pages, int) or total >= max_pages:
+                    break
+        finally:
+            self._release(conn)
+        if out is not None:
+            return total, memoryview(out)[:pos]  # type: ignore[return-value]
+        return total, parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def save_get_next_inv(self, domid: int) -> Optional[Tuple[int, OID, int]]:
+        got = self._call("save_get_next_inv", domid)
+        if got is None:
+            return None
+        pool_id, oid, index = got
+        return pool_id, tuple(oid), index  # type: ignore[return-value]
+
+    def save_get_invs(self, domid: int, start: int, max_count: int) -> List[Tuple[int, OID, int]]:
+        return [(p, tuple(o), i) for p, o, i in  # type: ignore[misc]
+                self._call("save_get_invs", domid, start, max_count)]
+
+    def save_end(self, domid: int) -> None:
+        self._call("save_end", domid)
+
+    # =====================================================================
+    # TmemControl: restore
+    # =====================================================================
+    def restore_begin(self, domid: int) -> None:
+        self._call("restore_begin", domid)
+
+    def restore_new_pool(self, domid: int, pool_id: int, flags: int, uuid: Tuple[int, int]) -> int:
+        return self._call("restore_new_pool", domid, pool_id, flags, tuple(uuid))
+
+    def _with_data(self, op: str, args: Tuple[Any, ...], data: Buffer) -> Any:
+        conn = self._acquire(op)
+        try:
+            with memoryview(data) as raw, raw.cast("B") as src:
+                n = src.nbytes
+                if n > len(conn.view):
+                    raise HypervisorError(op, f"a page of {n} bytes does not fit the "
+                                              f"{len(conn.view)}-byte buffer")
+                conn.view[:n] = src
+            value, _ = self._exchange(conn, op, op, args + (n,))
+        finally:
+            self._release(conn)
+        return value
+
+    def restore_put_page(self, domid: int, pool_id: int, oid: OID, index: int, data: Buffer) -> None:
+        self._with_data("restore_put_page", (domid, pool_id, tuple(oid), index), data)
+
+    def restore_put_pages(self, domid: int, pool_id: int, records: Buffer, count: int) -> None:
+        """As the interface; records beyond the shared buffer go in several round
+        trips (the same loop of RESTORE_PUT_PAGE, continued; stops at a refusal)."""
+        op = "restore_put_pages"
+        conn = self._acquire(op)
+        try:
+            with memoryview(records) as raw, raw.cast("B") as src:
+                size = len(conn.view)
+                n = src.nbytes
+                if n <= size or isinstance(count, bool) or not isinstance(count, int) \
+                        or count <= 0 or n % count:
+                    take = min(n, size)
+                    conn.view[:take] = src[:take]
+                    self._exchange(conn, op, op, (domid, pool_id, take, count))
+                    return
+                rs = n // count
+                per = max(1, size // rs)
+                done = 0
+                while done < count:
+                    k = min(per, count - done)
+                    conn.view[:k * rs] = src[done * rs:(done + k) * rs]
+                    self._exchange(conn, op, op, (domid, pool_id, k * rs, k))
+                    done += k
+        finally:
+            self._release(conn)
+
+    def restore_flush_page(self, domid: int, pool_id: int, oid: OID, index: int) -> None:
+        self._call("restore_flush_page", domid, pool_id, tuple(oid), index)
+
+    # -- client settings and admin ops -----------------------------------------------
+    def set_weight(self, domid: int, weight: int) -> None:
+        self._call("set_weight", domid, weight)
+
+    def set_cap(self, domid: int, cap: int) -> None:
+        self._call("set_cap", domid, cap)
+
+    def set_compress(self, domid: int, compress: bool) -> None:
+        self._call("set_compress", domid, compress)
+
+    def freeze(self, domid: int) -> None:
+        self._call("freeze", domid)
+
+    def thaw(self, domid: int) -> None:
+        self._call("thaw", domid)
+
+    def destroy(self, domid: int) -> None:
+        self._call("destroy", domid)
+
+    def flush(self, domid: int, pages: int) -> int:
+        return self._call("flush", domid, pages)
+
+    def tmem_list(self, domid: Optional[int], long: bool = False) -> str:
+        return self._call("tmem_list", domid, long)
+
+    def query_freeable_mb(self) -> int:
+        return self._call("query_freeable_mb")
+
+    # =====================================================================
+    # GuestTmem
+    # =====================================================================
+    def guest_new_pool(self, domid: int, persistent: bool, shared: bool = False,
+                       uuid: Tuple[int, int] = (0, 0), pagebits: int = 0) -> int:
+        return self._call("guest_new_pool", domid, persistent, shared, tuple(uuid), pagebits)
+
+    def guest_destroy_pool(self, domid: int, pool_id: int) -> None:
+        self._call("guest_destroy_pool", domid, pool_id)
+
+    def guest_put(self, domid: int, pool_id: int, oid: OID, index: int, data: Buffer) -> bool:
+        return self._with_data("guest_put", (domid, pool_id, tuple(oid), index), data)
+
+    def guest_get(self, domid: int, pool_id: int, oid: OID, index: int) -> Optional[bytes]:
+        op = "guest_get"
+        conn = self._acquire(op)
+        try:
+            n, _ = self._exchange(conn, op, op, (domid, pool_id, tuple(oid), index))
+            return None if n < 0 else bytes(conn.view[:n])
+        finally:
+            self._release(conn)
+
+    def guest_flush_page(self, domid: int, pool_id: int, oid: OID, index: int) -> bool:
+        return self._call("guest_flush_page", domid, pool_id, tuple(oid), index)
+
+    def guest_flush_object(self, domid: int, pool_id: int, oid: OID) -> int:
+        return self._call("guest_flush_object", domid, pool_id, tuple(oid))
+
+    # =====================================================================
+    # Inspection
+    # =====================================================================
+    def host_info(self) -> HostInfo:
+        d = dict(self._call("host_info"))
+        d["defects"] = tuple(d.get("defects") or ())
+        d["backend"] = BACKEND
+        return HostInfo(**d)
+
+    def tmem_version(self) -> int:
+        return self._call("tmem_version")
+
+    def tmem_free_pages(self) -> int:
+        return self._call("tmem_free_pages")
+
+    def guest_stats(self, domid: int) -> Dict[str, int]:
+        return self._call("guest_stats", domid)
+
+    def tmem_state(self, domid: int) -> Dict[str, Any]:
+        return self._call("tmem_state", domid)
+
+    def tmem_digest(self, domid: int) -> Dict[int, Tuple[int, str]]:
+        return {k: tuple(v) for k, v in self._call("tmem_digest", domid).items()}  # type: ignore[misc]
+
+    def ram_digest(self, domid: int) -> str:
+        return self._call("ram_digest", domid)
+
+    def op_trace(self, start: int = 0) -> List[str]:
+        return self._call("op_trace", start)
+
+
+# -- starting the process ------------------------------------------------------------
+
+def options(settings: "HypervisorSettings", state_dir: str, trace: bool = False) -> ServeOptions:
+    """The process options of a ``hypervisor:`` configuration section."""
+    return ServeOptions(state_dir=os.path.abspath(state_dir), release=settings.xen_release,
+                        defects=tuple(settings.defects), capacity_mb=settings.tmem_capacity_mb,
+                        prealloc_mb=settings.tmem_prealloc_mb, seed=settings.seed, trace=trace)
+
+
+_children: List["subprocess.Popen[bytes]"] = []   # ours to reap (it outlives xend's use)
+
+
+def spawn(opts: ServeOptions, timeout: float = START_TIMEOUT_S) -> "subprocess.Popen[bytes]":
+    """Start the hypervisor process detached (own session, output to its log) and
+    wait until it answers. Returns its process (the caller may reap it by pid;
+    it is kept here too so it is never collected while it runs). Another process
+    that won the race for the state directory counts as started (the returned
+    process has then exited). Raises HypervisorStartError."""
+    _children[:] = [c for c in _children if c.poll() is None]
+    os.makedirs(opts.state_dir, exist_ok=True)
+    log_path = paths(opts.state_dir)[2]
+    read_fd, write_fd = os.pipe()
+    try:
+        errlog = open(log_path, "ab")
+    except OSError as exc:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise HypervisorStartError(f"cannot open {log_path}: {exc.strerror or exc}") from None
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "xend_tmem.hypervisor.server", *opts.argv(),
+             "--ready-fd", str(write_fd)],
+            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=errlog, start_new_session=True, close_fds=True, cwd="/")
+    finally:
+        os.close(write_fd)
+        errlog.close()
+    answer = b""
+    deadline = time.monotonic() + timeout
+    with os.fdopen(read_fd, "rb") as ready:
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([ready], [], [], 0.2)
+            if readable:
+                chunk = os.read(ready.fileno(), 4096)
+                if not chunk:
+                    break
+                answer += chunk
+    text = answer.decode(errors="replace").strip()
+    if text != "ok" and time.monotonic() < deadline:
+        try:
+            child.wait(timeout=5)        # it closed the pipe: it is exiting
+        except subprocess.TimeoutExpired:
+            pass
+    if text == "ok":
+        _children.append(child)
+        return child
+    if "already running" in text:
+        pid = running_pid(opts.state_dir)
+        child.wait(timeout=10)
+        if pid:
+            return child
+    if child.poll() is None:
+        child.kill()                     # ours and useless: do not leave it behind
+        child.wait()
+        raise HypervisorStartError(f"the hypervisor process (pid {child.pid}) did not answer "
+                                   f"within {timeout:.0f} s (killed); see {log_path}")
+    if text.startswith("Error: "):
+        raise HypervisorStartError(f"cannot start the hypervisor: {text[len('Error: '):]}")
+    raise HypervisorStartError(f"the hypervisor process exited during start (status "
+                               f"{child.returncode}); see {log_path}")
+
+
+def connect(settings: "HypervisorSettings", state_dir: str) -> HypervisorClient:
+    """Backend ``sim``: the hypervisor process of ``state_dir``, started if none runs."""
+    client = HypervisorClient(state_dir)
+    try:
+        identity = client.identity_of_server()
+    except HypervisorError as exc:
+        if exc.code != errno.ECONNRESET:
+            raise
+        pid = spawn(options(settings, state_dir)).pid
+        log.info("started the hypervisor process (pid %d, Xen %s) for %s", pid,
+                 settings.xen_release, client.state_dir)
+        identity = client.identity_of_server()
+    running = (identity.get("release"), tuple(identity.get("defects") or ()))
+    wanted = (settings.xen_release, tuple(settings.defects))
+    if running != wanted:
+        log.warning("the running hypervisor (pid %s) imitates Xen %s%s; the configuration "
+                    "asks for Xen %s%s: that takes effect after 'xend-tmem hypervisor stop'",
+                    identity.get("pid"), running[0],
+                    f" with defects {','.join(running[1])}" if running[1] else "",
+                    wanted[0], f" with defects {','.join(wanted[1])}" if wanted[1] else "")
+    return client
