@@ -9,9 +9,10 @@ interface's ``tmem_digest`` (Inspection), which every backend provides.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Mapping, Optional
 
 from xend_tmem.hypervisor.interface import Hypervisor
+from xend_tmem.xend.progress import plural
 
 from . import hookimpl
 
@@ -41,3 +42,15 @@ def checkpoint_save_done(session, outcome) -> None:
 def checkpoint_restore_done(session, outcome) -> None:
     if outcome.ok:
         session.report[NAME] = _report("restore", _digest(session.hv, session.domid))
+
+
+@hookimpl
+def checkpoint_report_lines(report: Mapping[str, Any]) -> Optional[List[str]]:
+    mine = (report.get("plugins") or {}).get(NAME)
+    if not isinstance(mine, Mapping) or not isinstance(mine.get("pools"), Mapping):
+        return None
+    pages = mine.get("persistent_pages")
+    pages = pages if isinstance(pages, int) and not isinstance(pages, bool) else 0
+    return [f"{NAME}: {plural(pages, 'persistent tmem page')} in "
+            f"{plural(len(mine['pools']), 'pool')} hashed at {mine.get('at', '?')} "
+            "(sha256 per pool)"]

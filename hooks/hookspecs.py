@@ -15,9 +15,12 @@ Save-side phase order (the host owns it, ``xend_tmem/checkpoint.py``)::
     checkpoint_save_done             always, exactly once per setup (host's ``finally``)
 
 Restore side: ``checkpoint_restore_markers`` (when the manager is built),
-``checkpoint_restore_setup``, ``checkpoint_restore_chunk`` for each declared
-marker met in the stream (before ``p2m_size`` in the seed layout, or in the
-body), and ``checkpoint_restore_done`` always.
+``checkpoint_restore_setup``, ``checkpoint_restore_chunk`` of the owning plugin
+for each declared marker met in the stream (before ``p2m_size`` in the seed
+layout, or in the body), and ``checkpoint_restore_done`` always.
+``checkpoint_inspect_chunk`` lets ``xend-tmem inspect`` describe a plugin's chunk.
+``checkpoint_report_lines`` renders a plugin's own section of a finished
+operation's report (the host knows none of its keys).
 
 Hooks report failure by raising; they never swallow errors. Implementations
 must not give parameters default values (pluggy never fills them).
@@ -135,13 +138,30 @@ def checkpoint_restore_setup(session) -> None:
 
 @_hookspec(firstresult=True)
 def checkpoint_restore_chunk(session, marker: int, reader, offset: int) -> Optional[bool]:
-    """A chunk with a declared marker was met; its marker int is consumed.
+    """A chunk with a marker this plugin declared was met; its marker int is consumed.
 
+    The host calls only the plugin that owns the marker (its marker registry,
+    built from ``checkpoint_restore_markers``); a plugin that declares markers
+    must implement this hook.
     :param session: the restore session.
     :param marker: the chunk id (e.g. -5).
     :param reader: the :class:`~xend_tmem.binio.StreamReader`; consume exactly the chunk.
     :param offset: stream offset of the marker, for error messages.
-    :return: ``True`` when handled (first result wins); ``None`` to pass.
+    :return: ``True`` when read; anything else is an error naming the plugin.
+    """
+
+
+@_hookspec(firstresult=True)
+def checkpoint_inspect_chunk(marker: int, reader, offset: int) -> Optional[Dict[str, Any]]:
+    """``xend-tmem inspect`` met a chunk with a marker this plugin declared.
+
+    Optional, but without it ``inspect`` cannot read past this plugin's chunks
+    (the stream has no chunk lengths). Called only for the owning plugin, with
+    no hypervisor and no session: describe, never restore.
+    :param marker: the chunk id; its int is consumed.
+    :param reader: the :class:`~xend_tmem.binio.StreamReader`; consume exactly the chunk.
+    :param offset: stream offset of the marker, for error messages.
+    :return: a small JSON-able mapping shown as the chunk's ``info`` (``None``: nothing to say).
     """
 
 
@@ -190,4 +210,23 @@ def checkpoint_recover(hv, domid: int, notes: Mapping[str, Any]) -> None:
     :param hv: the hypervisor backend. :param domid: the source domain.
     :param notes: this plugin's journaled facts.
     Raise to report a failure; the host logs it and goes on with the others.
+    """
+
+
+# -- reports ---------------------------------------------------------------------------
+
+@_hookspec
+def checkpoint_report_lines(report: Mapping[str, Any]) -> Optional[List[str]]:
+    """Render this plugin's part of a finished save, restore or migration report.
+
+    Called by the daemon (which has the plugins that wrote the report) when the
+    operation has succeeded, to build the human report ``xm`` prints; only the
+    plugin knows what its keys mean. The host shows the section of a plugin that
+    does not implement this hook as ``key=value``.
+    :param report: the operation's result: ``op`` ("save", "restore" or
+        "migrate"), ``domain``, ... and ``plugins``, each plugin's section keyed
+        by its name (read your own; do not change it).
+    :return: lines without trailing newline, each starting ``<plugin name>: ``;
+        ``None`` when this plugin has nothing to say about this report (e.g. no
+        section in it). Raising costs only this plugin's lines.
     """

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Mapping, Optional
 
 from xend_tmem.codec.tmemchunk import MARKERS
+from xend_tmem.tmem.report import report_lines
 from xend_tmem.tmem.restore import TmemRestorer
 from xend_tmem.tmem.save import TmemSaveJob, TmemSizes, check_movable
 from xend_tmem.tmem.settings import parse_settings
@@ -109,6 +110,16 @@ def checkpoint_restore_done(session, outcome) -> None:
     session.report[NAME] = {"pages": restorer.page_count, "invalidations": restorer.invalidation_count,
                             "tmem_bytes": restorer.bytes,
                             "frozen": bool(restorer.saved and restorer.saved.frozen)}
+
+
+# -- report -------------------------------------------------------------------------
+
+@hookimpl
+def checkpoint_report_lines(report: Mapping[str, Any]) -> Optional[List[str]]:
+    mine = (report.get("plugins") or {}).get(NAME)
+    if not isinstance(mine, Mapping):
+        return None
+    return report_lines(NAME, report.get("op"), mine)
 
 
 # -- migration pre-flight ------------------------------------------------------------

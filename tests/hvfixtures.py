@@ -10,10 +10,11 @@ at teardown.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
-from typing import Any, Iterator, Tuple
+from typing import Any, Callable, Iterator, Tuple
 
 import pytest
 
@@ -25,8 +26,9 @@ BACKENDS = ["inprocess", "process"]
 DEFAULT_CAPACITY_MB = (1 << 22) // 256      # SimHypervisor's default tmem_capacity_pages
 STOP_TIMEOUT_S = 15.0
 
-# parametrise a test's ``sim`` fixture over both backends
+# parametrise a test's ``sim`` fixture (or ``new_hv`` factory) over both backends
 both = pytest.mark.parametrize("sim", BACKENDS, indirect=True)
+both_new = pytest.mark.parametrize("new_hv", BACKENDS, indirect=True)
 
 
 def start_process(release: str = "4.0.2", trace: bool = False, **kw: Any
@@ -73,3 +75,17 @@ def backend(kind: str, **kw: Any) -> Iterator[Any]:
 def hv(request: pytest.FixtureRequest) -> Iterator[Any]:
     """A fresh hypervisor of each backend (Xen 4.0.2, the simulator's defaults)."""
     yield from backend(request.param)
+
+
+@pytest.fixture
+def new_hv(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """``new_hv(release="4.0.2")``: as many fresh hypervisors of the parametrised
+    backend (default in-process) as a test needs; all cleaned up after it."""
+    kind = getattr(request, "param", "inprocess")
+    with contextlib.ExitStack() as stack:
+        def make(release: str = "4.0.2") -> Any:
+            gen = backend(kind, release=release)
+            hv = next(gen)
+            stack.callback(gen.close)
+            return hv
+        yield make

@@ -42,7 +42,7 @@ def test_counts_without_pages_and_text_form():
     assert "pages" not in doc["chunks"][0]["pools"][0]
     assert doc["chunks"][1]["invalidation_count"] == 3
     text = inspect("--chunks", vec).stdout
-    assert "chunk -5 TMEM at offset 0" in text and "3 invalidations" in text
+    assert "chunk -5 TMEM (plugin 'tmem') at offset 0" in text and "3 invalidations" in text
     assert "persistent" in text
 
 
@@ -81,11 +81,13 @@ def test_raw_stream_and_wrong_width(image, tmp_path):
 
 @pytest.mark.parametrize("cut", [5, 18, 400, 9000, -3])
 def test_truncated_image_one_line_error(image, tmp_path, cut):
+    """One error line; what did arrive is described on stdout (issue 8 #11)."""
     bad = tmp_path / "bad.img"
     bad.write_bytes(image.read_bytes()[:cut])
     r = inspect(bad)
-    assert r.returncode == 1 and r.stdout == ""
+    assert r.returncode == 1
     assert r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1
+    assert f"truncated at offset {bad.stat().st_size}" in r.stdout and "missing: " in r.stdout
 
 
 def test_missing_file():
@@ -118,5 +120,5 @@ def test_tools_width_is_inferred_for_images_and_bare_streams(tmp_path, width, ct
         assert r.returncode == 0, r.stderr
         assert (json.loads(r.stdout)["width"], json.loads(r.stdout)["width_inferred"]) == (width, False)
         r = inspect("--width", str(12 - width), path)        # the wrong override fails cleanly
-        assert r.returncode == 1 and r.stdout == ""
+        assert r.returncode == 1 and "missing: " in r.stdout
         assert r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1

@@ -461,3 +461,23 @@ def test_service_keeps_an_in_doubt_source_paused_and_journaled(hosts, mocker) ->
     assert info.name == "migrating-web1" and not info.running
     (entry,) = src.svc.journal.entries()
     assert entry.doc["phase"] == "in-doubt" and entry.doc["migration"]
+
+
+def test_a_start_that_fails_after_go_destroys_the_copy_and_the_source_resumes(hosts,
+                                                                              source) -> None:
+    from xend_tmem.errors import HypervisorError
+    hv, domid, hooks = source
+    dst = hosts()
+
+    def broken_unpause(d: int) -> None:
+        raise HypervisorError("unpause", f"domain {d} cannot run")
+
+    dst.server.unpause = broken_unpause
+    with pytest.raises(PeerError, match=r"did not start domain web1 .*cannot start domain web1"
+                                        r".* destroyed its copy; the domain was resumed here"):
+        relocation.migrate(hv, domid, "127.0.0.1", dst.server.port, live=False, hooks=hooks,
+                           name="web1", ack_timeout=5, query_window=2)
+    assert hv.domain_info(domid).running
+    assert hv.tmem_state(domid)["client"]["frozen"] is False
+    settle(dst)
+    assert dst.copies() == []

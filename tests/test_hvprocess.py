@@ -174,6 +174,22 @@ def _script(hv: Any) -> Dict[str, Any]:
     call("tmem_digest", r)
     call("ram_digest", d)
     call("op_trace", 0)
+    # xm's everyday commands (issue 8 #9); times normalised, they differ run to run
+    call("set_memory_target", d, 1)
+    out["balloon"] = hv.domain_info(d).memory_mib
+    out["vcpu_info"] = [(v["vcpu"], v["cpu"], v["online"], v["running"], v["blocked"])
+                        for v in call("vcpu_info", d)]
+    out["domain_uptime"] = 0 <= call("domain_uptime", d) < 600
+    out["console_output"] = [ln.split("] ", 1)[-1]
+                             for ln in call("console_output", d).splitlines()]
+    out["read_console_ring"] = "Xen version" in call("read_console_ring", False)
+    call("read_console_ring", True)
+    out["ring_cleared"] = hv.read_console_ring(False)
+    s = hv.create_domain({"name": "down", "memory": 1, "vcpus": 1})
+    call("shutdown_domain", s, "poweroff")
+    down = hv.domain_info(s)
+    out["shutdown_domain"] = (down.state, down.shutdown_reason)
+    hv.destroy_domain(s)
     call("destroy", r)
     call("destroy_domain", r)
     out["after"] = [(i.domid, i.name, i.state) for i in hv.list_domains()]
@@ -393,3 +409,40 @@ def test_connect_attaches_and_warns_when_the_release_differs(caplog: pytest.LogC
         if other is not None:
             other.close()
         stop_process(client, p, state_dir)
+
+
+def test_a_domain_destroyed_by_another_client_is_unmapped_at_the_next_listing(
+        proc: HypervisorClient) -> None:
+    other = HypervisorClient(proc.state_dir)
+    try:
+        d = proc.create_domain(DOMAIN)
+        first = proc.read_pages(d, [1])
+        other.destroy_domain(d)
+        # like Xen's foreign mapping, the old mapping still reads the dying domain's pages
+        assert proc.read_pages(d, [1]) == first
+        assert d not in [i.domid for i in proc.list_domains()]
+        assert isinstance(_error(lambda: proc.read_pages(d, [1])), NoSuchDomain)
+    finally:
+        other.close()
+
+
+def test_a_listing_never_unmaps_a_domain_mapped_while_it_ran(proc: HypervisorClient,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    real = proc._call
+    made: List[int] = []
+
+    def racing_call(method: str, *args: Any) -> Any:
+        value = real(method, *args)
+        if method == "list_domains":          # another thread restores meanwhile
+            e = real("create_domain_shell", "e", 16, 1, None)
+            proc.write_pages(e, [0], page(1))
+            made.append(e)
+        return value
+    monkeypatch.setattr(proc, "_call", racing_call)
+    proc.list_domains()
+    (e,) = made
+    mapping = proc._maps[e]
+    monkeypatch.setattr(proc, "_call", real)
+    assert proc.read_pages(e, [0]) == page(1)
+    assert proc._maps[e] is mapping           # kept, not dropped and made again

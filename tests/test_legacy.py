@@ -273,10 +273,30 @@ def test_body_tmem_without_handler(marker):
     assert ei.value.offset == where
 
 
-@pytest.mark.parametrize("marker", [-7, 0, 1, -21])
-def test_handlers_only_for_tmem_markers(marker):
-    with pytest.raises(ValueError, match="only the tmem"):
+@pytest.mark.parametrize("marker", [-7, -1, 0, 1])
+def test_no_handlers_for_host_ids(marker):
+    with pytest.raises(ValueError, match="parsed by the host"):
         L.LegacyReader(io.BytesIO(), handlers={marker: lambda r, m, o: None})
+
+
+def test_plugin_marker_dispatched_and_unowned_one_named():
+    """-21 is no Xen id: a plugin that owns it reads it; without one, its offset is named."""
+    b = build_pv(8)
+    data = b.data()
+    at = b.offsets["tmem6"]
+    data = data[:at] + struct.pack("<iI", -21, 7) + data[at:]
+    seen = []
+
+    def handler(r, m, o):
+        seen.append((m, o, r.u32("x")))
+
+    rec = Recorder()
+    read(data, 8, rec=rec, handlers={-5: rec.tmem_handler, -6: rec.tmem_handler, -21: handler})
+    assert seen == [(-21, at, 7)]
+    with pytest.raises(StreamError, match=rf"chunk -21 at offset {at}: not a chunk id Xen "
+                                          "defined, and no checkpoint plugin") as ei:
+        read(data, 8)
+    assert ei.value.offset == at and ei.value.value == -21
 
 
 def test_host_chunk_ids_exclude_tmem():

@@ -170,3 +170,36 @@ def test_inspect_shows_a_plugin_chunk_by_its_owner(tmp_path: Path) -> None:
     with pytest.raises(StreamError, match=rf"chunk -100 at offset {at}"):
         insp.inspect_file(str(path), chunks_only=False, with_pages=False,
                           hooks=plugins.get_plugin_manager(["tmem"], {}))
+
+
+def test_a_plugin_chunk_before_p2m_size_is_dispatched_too() -> None:
+    """``checkpoint_save_before_header`` is open to any plugin: the reader hands a
+    plugin marker met where ``p2m_size`` would be to its owner."""
+
+    class Early(Stamp):
+        @hookimpl
+        def checkpoint_save_before_header(self, session) -> None:
+            self.checkpoint_save_after_suspend(session)
+
+        @hookimpl
+        def checkpoint_save_after_suspend(self, session) -> None:
+            if not getattr(self, "_sent", False):
+                self._sent = True
+                super().checkpoint_save_after_suspend(session)
+
+    saver = Early()
+    data = _image(saver)
+    at = _marker_offset(data, saver.payload(1))
+    header_len = 20 + int.from_bytes(data[16:20], "big")
+    assert at == header_len                     # the stream's very first int
+    reader = Stamp()
+    restore_domain(SimHypervisor(), io.BytesIO(data),
+                   hooks=plugins.get_plugin_manager(["tmem"], {}, extra=[reader]))
+    assert reader.read == [saver.payload(1)] and reader.offsets == [at]
+
+
+def test_tmem_without_its_plugin_names_the_plugin_and_the_key() -> None:
+    data = _image()
+    with pytest.raises(StreamError, match=r"enable the 'tmem' checkpoint plugin \(toolstack "
+                                          r"configuration key checkpoint-plugins\)"):
+        restore_domain(SimHypervisor(), io.BytesIO(data), hooks=plugins.get_plugin_manager([], {}))

@@ -101,6 +101,34 @@ def test_off_a_terminal_progress_is_lines_for_a_log() -> None:
     assert any("tmem" in ln for ln in lines) and lines[-1].startswith("migrate: done")
 
 
+def test_the_daemons_phase_start_sets_the_boundary() -> None:
+    clock, log = Clock(), io.StringIO()
+    d = progress.ProgressDisplay(log, "save", clock=clock)
+    for done in (10, 30):
+        clock.now += 1
+        d.update("rounds", done * MiB, 100 * MiB, 0)
+    clock.now += 1
+    d.update("tmem", 50 * MiB, 80 * MiB, 40 * MiB)   # tmem began at 40 MiB, first seen at 50
+    clock.now += 1
+    d.update("tmem", 60 * MiB, 80 * MiB, 40 * MiB)
+    d.finish("save: done")
+    rounds, tmem, done = log.getvalue().splitlines()
+    assert "40.0 MiB / 100.0 MiB  40%" in rounds, rounds
+    assert "20.0 MiB / 40.0 MiB  50%" in tmem, tmem
+
+
+def test_a_job_says_where_its_phase_began() -> None:
+    from xend_tmem.xend.jobs import Job
+    job = Job(1, "migrate", "web1")
+    job.progress("rounds", 4, 100)
+    job.progress("rounds", 8, 100)
+    assert job.status()["phase_start"] == 0
+    job.progress("tmem", 12, 20)             # reported after its first piece of work
+    assert job.status()["phase_start"] == 8
+    job.progress("commit", 0, None)          # a counter that restarted
+    assert job.status()["phase_start"] == 0
+
+
 @pytest.fixture
 def proxy(mocker):
     p = mocker.MagicMock(name="proxy")

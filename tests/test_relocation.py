@@ -135,7 +135,8 @@ def test_restore_failure_on_the_receiver_resumes_the_source(source, hooks, recei
         raise StreamError("pool flags wrong", offset=1234, field="pool flags", value=5)
 
     rx = receivers(hooks, restore=failing_restore)
-    with pytest.raises(PeerError, match=r"pool flags wrong \(from 127\.0\.0\.1\)$"):
+    with pytest.raises(PeerError, match=r"pool flags wrong \(from 127\.0\.0\.1\); domain web1 was "
+                                        r"not started on 127\.0\.0\.1 and keeps running here$"):
         relocation.migrate(hv, domid, "127.0.0.1", rx.server.port, live=False, hooks=hooks)
     assert_source_intact(hv, domid)
 

@@ -56,6 +56,7 @@ def test_failed_save_removes_its_temp_file_and_gives_the_name_back(svc, tmp_path
     st = wait(svc, svc.job_save("web1", str(tmp_path / "web1.img"), False))
     assert st["state"] == "failed" and st["error"] == "cannot write this" and st["fault_code"] == 2
     assert names_during == ["migrating-web1", "web1"]
+    assert svc.journal.entries() == []                     # the job ended: nothing owed
     assert os.listdir(tmp_path) == []
     assert svc.hv.domain_info(svc.domid("web1")).name == "web1"
     assert svc._busy == {}

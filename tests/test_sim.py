@@ -17,7 +17,7 @@ from xend_tmem.hypervisor.interface import (CLIENT_COMPRESS, CLIENT_FROZEN, EFRO
                                             DomainControl, TmemControl)
 from xend_tmem.hypervisor.sim import MAX_TICK_OPS, SimHypervisor
 
-from hvfixtures import backend, both
+from hvfixtures import backend, both, both_new, new_hv  # noqa: F401 (fixture)
 
 VECTORS = Path(__file__).parent / "data" / "vectors"
 A5, CD = 0xA5A5A5A5A5A5A5A5, 0x0123456789ABCDEF
@@ -349,10 +349,11 @@ def test_walk_follows_put_order_overwrite_moves_to_end(sim: SimHypervisor) -> No
         sim.save_get_next_page(d, 0)
 
 
-def test_batched_walk_equals_per_page_walk() -> None:
+@both_new
+def test_batched_walk_equals_per_page_walk(new_hv) -> None:
     sims = []
     for _ in range(2):
-        s = SimHypervisor()
+        s = new_hv()
         d = make(s, [dict(ppool(0, 5), bulk={"pages": 700, "objects": 3})])
         for i in range(0, 700, 7):                             # holes and reused slots
             s.guest_flush_page(d, 0, *BulkSpec(700, 3).key(i))
@@ -377,17 +378,19 @@ def test_batched_walk_equals_per_page_walk() -> None:
     assert s.save_get_next_page(d, 0) is None                  # shared cursor at the end
 
 
-def test_all_ones_oid_is_storable() -> None:
+@both_new
+def test_all_ones_oid_is_storable(new_hv) -> None:
     for version, o in ((1, ONES), (0, (2**64 - 1, 0, 0))):
-        s = SimHypervisor(tmem_version=version)
+        s = new_hv("4.0.2" if version else "4.0.0")
         d = make(s, [ppool(0, 0)], version=version)
         assert s.guest_put(d, 0, o, 2**32 - 1, page(1))
         s.save_begin(d, False)
         assert walk(s, d, 0) == [(o, 2**32 - 1, page(1))]
 
 
-def test_v0_client_takes_one_word_oids() -> None:
-    s = SimHypervisor(tmem_version=0)
+@both_new
+def test_v0_client_takes_one_word_oids(new_hv) -> None:
+    s = new_hv("4.0.0")
     d = make(s, [ppool(0, 0)], version=0)
     with pytest.raises(HypervisorError, match="one-word OIDs"):
         s.guest_put(d, 0, (1, 2, 0), 0, page(1))
@@ -800,10 +803,11 @@ def test_workload_thread(sim: SimHypervisor) -> None:
     assert sim.guest_stats(d)["tmem_puts"] == done
 
 
-def test_digest_is_canonical_across_spec_versions() -> None:
+@both_new
+def test_digest_is_canonical_across_spec_versions(new_hv) -> None:
     digests = []
     for version in (0, 1):
-        s = SimHypervisor(tmem_version=version)
+        s = new_hv("4.0.2" if version else "4.0.0")
         d = make(s, [dict(ppool(2, 0, obj=1), bulk={"pages": 40, "objects": 3})], version=version)
         for n in (9, 2, 2**40):
             s.guest_put(d, 2, (n, 0, 0), n & 0xFF, page(n & 0xFF))

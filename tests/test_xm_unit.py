@@ -11,6 +11,7 @@ from typing import Any, Dict, List
 import pytest
 
 from xend_tmem.errors import ConfigError, NoSuchDomain
+from xend_tmem.plugins import get_plugin_manager
 from xend_tmem.xend import progress, rpc, xm
 
 
@@ -43,6 +44,8 @@ SAVE_RESULT = {
                          "tmem_bytes": 8 << 20, "pages": 2048, "invalidations": 0,
                          "frozen_s": 0.0, "pools": 2}},
 }
+TMEM_HOOKS = get_plugin_manager(["tmem"], {})
+SAVE_RESULT["report_lines"] = progress.report_lines(SAVE_RESULT, TMEM_HOOKS)  # as xend renders it
 
 
 # -- errors and exit codes --------------------------------------------------------
@@ -145,7 +148,7 @@ def test_save_sends_an_absolute_path_and_prints_the_report(proxy, capsys, tmp_pa
     assert rc == 0 and err == ""                   # stderr is no terminal under pytest
     proxy.xend.job.save.assert_called_once_with("web1", str(tmp_path / "web1.img"), True)
     proxy.xend.job.status.assert_called_with(7)
-    assert out.splitlines() == progress.report_lines(SAVE_RESULT)
+    assert out.splitlines() == SAVE_RESULT["report_lines"]
     assert "plan non-live (the guest is suspended)" in out
     assert "8.0 MiB of tmem (2048 pages), 0 pages invalidated, guest tmem frozen 0.000 s" in out
 
@@ -219,7 +222,7 @@ def test_progress_drawn_on_a_terminal_only(proxy, mocker, capsys) -> None:
     assert "\r" in shown and "save: memory rounds" in shown and "save: tmem" in shown
     assert shown.rstrip("\n").rsplit("\r", 1)[-1].startswith("save: done  72.0 MiB in 0.50 s")
     report = capsys.readouterr().out
-    assert report.splitlines() == progress.report_lines(SAVE_RESULT)
+    assert report.splitlines() == SAVE_RESULT["report_lines"]
 
     tty.truncate(0)
     tty.seek(0)
@@ -279,7 +282,7 @@ def test_human_units() -> None:
 def test_display_rate_eta_and_redraw_throttle() -> None:
     now = [0.0]
     out = io.StringIO()
-    d = progress.ProgressDisplay(out, "migrate", clock=lambda: now[0])
+    d = progress.ProgressDisplay(out, "migrate", clock=lambda: now[0], tty=True)
     d.update("rounds", 0, 100 << 20)
     assert d.rate() is None and d.drawn == 1
     now[0] = 1.0
@@ -298,10 +301,11 @@ def test_display_rate_eta_and_redraw_throttle() -> None:
 
 def test_report_lines_for_each_operation() -> None:
     lines = progress.report_lines({**SAVE_RESULT, "op": "migrate", "host": "h", "port": 8002,
-                                   "live": True, "peer_domid": 4, "downtime_s": 0.0123})
+                                   "live": True, "peer_domid": 4, "downtime_s": 0.0123},
+                                  TMEM_HOOKS)
     assert lines[0].startswith("Migrated domain web1 to h:8002 (live), now id=4 there: 72.0 MiB")
     assert lines[-1] == "downtime: 12.3 ms until the image was sent"
-    assert "pools=2" in lines[2]
+    assert "2 pools" in lines[2]
     lines = progress.report_lines({"op": "save", "domain": "x", "path": "/p", "bytes": 1,
                                    "elapsed_s": 0, "plugins": {}})
     assert "tmem: not carried (no checkpoint plugin handled this domain)" in lines

@@ -410,7 +410,8 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
     try:
         hooks.restore_setup(session)
         reader = legacy.LegacyReader(r, width=width, guest="pv", handlers=handlers,
-                                     on_pages=on_pages, p2m_hint=p2m_expected)
+                                     on_pages=on_pages, p2m_hint=p2m_expected,
+                                     registry=hooks.registry)
         stream_header = reader.read_header()
         if stream_header.p2m_size != p2m_expected:
             hint = (f"; read with {reader.width}-byte tools' words as inferred, give the "

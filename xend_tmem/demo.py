@@ -5,7 +5,9 @@ simulated domain with RAM, gigabyte-scale tmem (persistent, ephemeral and
 shared pools) and a running guest workload on the first, live-migrates it to
 the second with ``xm migrate --live``, and checks that the tmem the destination
 restored equals the source's at suspend (the ``tmem-digest`` plugin records
-both). Everything is driven through the commands an administrator uses; the
+both). ``xm migrate --progress`` shows each phase with its rate and ETA (a bar
+per phase on a terminal, a line per phase and every few seconds in a log).
+Everything is driven through the commands an administrator uses; the
 daemons, their hypervisor processes (``xend-tmem hypervisor stop --force``) and
 the directory are removed at the end, also on failure or Ctrl-C.
 """
@@ -26,7 +28,7 @@ from typing import Any, Dict, List
 import yaml
 
 from .tmem.settings import LAYOUTS, PLANS
-from .xend.progress import report_lines
+from .xend.progress import plural, shown_lines
 
 SIZES = {  # --size: (persistent tmem MiB, RAM MiB)
     "small": (64, 64),
@@ -83,10 +85,12 @@ class _Host:
                         XM_SERVER=str(self.dir / "xmlrpc.sock"))
         self.started = False
 
-    def run(self, *cmd: str, capture: bool = True, check: bool = True) -> subprocess.CompletedProcess:
+    def run(self, *cmd: str, capture: bool = True, check: bool = True,
+            show_stderr: bool = False) -> subprocess.CompletedProcess:
+        """``show_stderr``: the command's stderr goes straight to ours (its progress)."""
         r = subprocess.run(list(cmd), env=self.env, text=True,
                            stdout=subprocess.PIPE if capture else None,
-                           stderr=subprocess.PIPE if capture else None)
+                           stderr=subprocess.PIPE if capture and not show_stderr else None)
         if check and r.returncode:
             msg = (r.stderr or r.stdout or "").strip().splitlines()
             raise DemoError(f"{' '.join(cmd[:3])} on host {self.name} failed: "
@@ -97,9 +101,10 @@ class _Host:
         self.run(sys.executable, "-m", "xend_tmem.xend.daemon", command)
         self.started = command == "start"
 
-    def xm(self, *args: str, capture: bool = True, check: bool = True) -> subprocess.CompletedProcess:
+    def xm(self, *args: str, capture: bool = True, check: bool = True,
+           show_stderr: bool = False) -> subprocess.CompletedProcess:
         return self.run(sys.executable, "-m", "xend_tmem.xend.xm", *args, capture=capture,
-                        check=check)
+                        check=check, show_stderr=show_stderr)
 
 
 class DemoError(Exception):
@@ -156,6 +161,7 @@ def main(args: argparse.Namespace) -> int:
     src, dst = hosts
     ok = False
     try:
+        _say("starting two xend daemons on 127.0.0.1, each with its hypervisor process")
         for h in hosts:
             h.xend("start")
         _say(f"two xend daemons on 127.0.0.1 (relocation ports {src.port} and {dst.port}), "
@@ -163,23 +169,27 @@ def main(args: argparse.Namespace) -> int:
         dom = root / "demo1.yaml"
         dom.write_text(yaml.safe_dump(_domain(tmem_mib, ram_mib), sort_keys=False))
         t0 = time.monotonic()
+        _say(f"creating demo1 on the source: {ram_mib} MiB RAM, {tmem_mib} MiB persistent tmem "
+             f"(+{max(1, tmem_mib // 8)} MiB ephemeral, 2 MiB shared) ...")
         src.xm("create", str(dom))
-        _say(f"created demo1 on the source: {ram_mib} MiB RAM, {tmem_mib} MiB persistent tmem "
-             f"(+{max(1, tmem_mib // 8)} MiB ephemeral, 2 MiB shared) in "
-             f"{time.monotonic() - t0:.1f} s; the guest workload is running")
+        _say(f"created demo1 in {time.monotonic() - t0:.1f} s; its guest workload runs for "
+             "2 s before the migration")
         time.sleep(2.0)
-        _say(f"xm migrate --live demo1 127.0.0.1 -p {dst.port} (plan {args.plan}, "
+        _say(f"xm migrate --live --progress -p {dst.port} demo1 127.0.0.1 (plan {args.plan}, "
              f"layout {args.layout})")
-        r = src.xm("migrate", "--live", "--json", "-p", str(dst.port), "demo1", "127.0.0.1",
-                   check=False)
+        # xm's progress goes to our stderr: a bar per phase on a terminal, a line
+        # per phase and every few seconds in a log (--progress)
+        r = src.xm("migrate", "--live", "--json", "--progress", "-p", str(dst.port), "demo1",
+                   "127.0.0.1", check=False, show_stderr=True)
         if r.returncode:
-            raise DemoError(f"migration failed: {(r.stderr or '').strip()}")
+            raise DemoError(f"the migration failed (xm migrate exited {r.returncode}; its "
+                            "error is above)")
         result = json.loads(r.stdout)
         problems = _verify(result)
         if args.json:
             print(json.dumps(result, indent=2, sort_keys=True))
         else:
-            for line in report_lines(result):
+            for line in shown_lines(result):
                 print(line)
         listing = dst.xm("list").stdout.splitlines()
         running = any(line.split()[:1] == ["demo1"] and "r" in line.split()[4]
@@ -191,7 +201,8 @@ def main(args: argparse.Namespace) -> int:
         pools = result["plugins"]["tmem-digest"]["pools"]
         pages = sum(p["pages"] for p in pools.values())
         print(f"verified: the destination's persistent tmem equals the source's at suspend "
-              f"({pages} pages in {len(pools)} pools, sha256 per pool); demo1 is "
+              f"({plural(pages, 'page')} in {plural(len(pools), 'pool')}, sha256 per pool); "
+              "demo1 is "
               f"{'running' if running else 'NOT running'} on the destination")
         print("(the time until the destination confirmed includes this verification: each "
               "host hashes all persistent tmem while the guest is stopped)")
@@ -201,6 +212,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     finally:
+        if any(h.started for h in hosts):
+            _say("stopping the daemons and their hypervisor processes")
         for h in hosts:
             if h.started:
                 h.run(sys.executable, "-m", "xend_tmem.xend.daemon", "stop", check=False)

@@ -14,14 +14,14 @@ import pluggy
 
 from xend_tmem.hooks import PROJECT, hookspecs
 
-from .errors import ConfigError, PluginError
+from .codec.legacy import HOST_CHUNK_IDS, MarkerRegistry
+from .errors import ConfigError, PluginError, StreamError
 from .session import Outcome, Pending, RestoreSession, SaveSession
 
 ENTRY_POINT_GROUP = "xend_tmem.checkpoint"
 
-# Chunk ids the host parses itself (SPEC §2.2): a plugin may not claim them.
-HOST_CHUNK_IDS = frozenset([-1, -2, -3, -4, -7, -8, -9, -10, -11, -12, -13, -14, -15,
-                            -16, -17, -18, -19, -20])
+# Chunk ids the host parses itself (SPEC §2.2) are HOST_CHUNK_IDS (codec.legacy):
+# a plugin may not claim them.
 
 
 def installed_plugins() -> Dict[str, Any]:
@@ -43,29 +43,59 @@ class CheckpointHooks:
         self.pm = pm
         self.settings = settings
         self.enabled = list(enabled)
-        self._markers = self._collect_markers()
+        self.registry = self._collect_markers()
 
     # -- manager facts ------------------------------------------------------
-    def _collect_markers(self) -> Dict[int, str]:
-        owners: Dict[int, str] = {}
-        for impl in self.pm.hook.checkpoint_restore_markers.get_hookimpls():
+    def _collect_markers(self) -> MarkerRegistry:
+        """The marker registry: each declared marker and the plugin that owns it.
+
+        A plugin that declares markers must read them: the stream has no chunk
+        lengths, so a chunk nobody parses ends every restore.
+        """
+        declared = []
+        readers = {impl.plugin_name
+                   for impl in self.pm.hook.checkpoint_restore_chunk.get_hookimpls()}
+        for impl in reversed(self.pm.hook.checkpoint_restore_markers.get_hookimpls()):
             name = impl.plugin_name
-            declared = impl.function() or []
-            for marker in declared:
-                if not isinstance(marker, int) or marker >= 0:
-                    raise PluginError(f"checkpoint plugin '{name}' declares marker {marker!r}: "
-                                      "markers are negative chunk ids")
-                if marker in HOST_CHUNK_IDS:
-                    raise PluginError(f"checkpoint plugin '{name}' declares marker {marker}, "
-                                      "a chunk id the host parses itself")
-                if marker in owners:
-                    raise PluginError(f"checkpoint plugins '{owners[marker]}' and '{name}' "
-                                      f"both declare marker {marker}")
-                owners[marker] = name
-        return owners
+            markers = impl.function() or []
+            if not isinstance(markers, (list, tuple, set, frozenset)):
+                raise PluginError(f"checkpoint plugin '{name}' returned {markers!r} from "
+                                  "checkpoint_restore_markers, not a list of markers")
+            declared.append((name, list(markers)))
+        registry = MarkerRegistry.from_declarations(declared)
+        for name, markers in declared:
+            if markers and name not in readers:
+                raise PluginError(f"checkpoint plugin '{name}' declares marker {markers[0]} but "
+                                  "does not implement checkpoint_restore_chunk")
+        return registry
 
     def restore_markers(self) -> Set[int]:
-        return set(self._markers)
+        return set(self.registry.markers)
+
+    def _owner_impl(self, hook_name: str, marker: int):
+        """The ``hook_name`` implementation of the plugin that owns ``marker``, or None."""
+        owner = self.registry.owner(marker)
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            if impl.plugin_name == owner:
+                return impl
+        return None
+
+    def inspect_chunk(self, marker: int, reader, offset: int) -> Optional[Dict[str, Any]]:
+        """Describe a plugin's chunk for ``inspect`` through its owner's
+        ``checkpoint_inspect_chunk``; PluginError when the owner cannot (then
+        nothing after the chunk can be read: the stream has no chunk lengths)."""
+        owner = self.registry.owner(marker)
+        impl = self._owner_impl("checkpoint_inspect_chunk", marker)
+        if impl is None:
+            raise PluginError(f"chunk {marker} at offset {offset} belongs to checkpoint plugin "
+                              f"'{owner}', which cannot describe its chunks (it does not "
+                              "implement checkpoint_inspect_chunk)")
+        kwargs = {"marker": marker, "reader": reader, "offset": offset}
+        info = impl.function(**{a: kwargs[a] for a in impl.argnames})
+        if info is not None and not isinstance(info, dict):
+            raise PluginError(f"checkpoint plugin '{owner}' described chunk {marker} as "
+                              f"{type(info).__name__}, not a mapping")
+        return info
 
     # -- save ---------------------------------------------------------------
     def save_setup(self, session: SaveSession) -> None:
@@ -99,8 +129,16 @@ class CheckpointHooks:
         self.pm.hook.checkpoint_restore_setup(session=session)
 
     def restore_chunk(self, session: RestoreSession, marker: int, reader, offset: int) -> bool:
-        return bool(self.pm.hook.checkpoint_restore_chunk(session=session, marker=marker,
-                                                          reader=reader, offset=offset))
+        """Hand the chunk to the plugin that owns ``marker``, and to no other."""
+        impl = self._owner_impl("checkpoint_restore_chunk", marker)
+        if impl is None:
+            raise self.registry.unowned(marker, offset)
+        kwargs = {"session": session, "marker": marker, "reader": reader, "offset": offset}
+        if not impl.function(**{a: kwargs[a] for a in impl.argnames}):
+            raise StreamError(f"checkpoint plugin '{impl.plugin_name}' declares marker {marker} "
+                              f"but did not read the chunk at offset {offset}", offset=offset,
+                              field="chunk id", value=marker)
+        return True
 
     def restore_done(self, session: RestoreSession, outcome: Outcome) -> List[Tuple[str, BaseException]]:
         return self._call_each("checkpoint_restore_done", session=session, outcome=outcome)
@@ -133,6 +171,26 @@ class CheckpointHooks:
             except BaseException as exc:  # noqa: B902 - reported by the host
                 errors.append((impl.plugin_name, exc))
         return errors
+
+    # -- reports --------------------------------------------------------------
+    def report_lines(self, report: Mapping[str, Any]) -> Dict[str, List[str]]:
+        """Each plugin's ``checkpoint_report_lines``, keyed by plugin name, in the
+        configured order. The operation has already succeeded, so a plugin that
+        raises or returns something other than lines gets one line saying so
+        instead of costing the whole report."""
+        out: Dict[str, List[str]] = {}
+        for impl in reversed(self.pm.hook.checkpoint_report_lines.get_hookimpls()):
+            name = impl.plugin_name
+            try:
+                lines = impl.function(**{a: report for a in impl.argnames})
+                if lines is not None and (not isinstance(lines, list)
+                                          or not all(isinstance(ln, str) for ln in lines)):
+                    raise TypeError(f"returned {type(lines).__name__}, not a list of str")
+                out[name] = list(lines or [])
+            except Exception as exc:  # noqa: B902 - reported in the report itself
+                out[name] = [f"{name}: report not rendered ({type(exc).__name__}: {exc})"]
+        order = {n: i for i, n in enumerate(self.enabled)}
+        return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
     # -- helpers ------------------------------------------------------------
     def _call_each(self, hook_name: str, **kwargs: Any) -> List[Tuple[str, BaseException]]:

@@ -136,7 +136,8 @@ def test_migration_to_a_stock_xend(xends, tmp_path: Path) -> None:
     finally:
         peer.close()
     assert r.returncode == 1
-    assert r.stderr == "Error: restore failed: disk full (from 127.0.0.1)\n"
+    assert r.stderr == ("Error: restore failed: disk full (from 127.0.0.1); domain still1 was "
+                        "not started on 127.0.0.1 and keeps running here\n")
     assert_untouched(a, "still1", domid)
 
 

@@ -22,6 +22,7 @@ from ..config import ToolstackConfig, load_toolstack_config
 from ..errors import ConfigError, XendTmemError
 
 STOP_TIMEOUT_S = 60.0
+CALL_TIMEOUT_S = 30.0           # a hypervisor that does not answer is not waited for forever
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +60,7 @@ def cmd_stop(config: ToolstackConfig, force: bool) -> int:
     if pid is None:
         print("the hypervisor is not running")
         return 0
-    client = HypervisorClient(state_dir)
+    client = HypervisorClient(state_dir, timeout=CALL_TIMEOUT_S)
     try:
         guests = [d for d in client.list_domains() if d.domid != 0]
         if guests and not force:
@@ -110,9 +111,9 @@ def cmd_status(config: ToolstackConfig) -> int:
     if pid is None:
         print("the hypervisor is not running")
         return 3
-    client = HypervisorClient(state_dir)
+    client = HypervisorClient(state_dir, timeout=CALL_TIMEOUT_S)
     try:
-        identity = client.identity_of_server()
+        identity = client.server_identity()
         n = len(client.list_domains()) - 1
     except XendTmemError:
         print(f"the hypervisor is running (pid {pid}) but does not answer")

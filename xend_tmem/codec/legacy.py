@@ -27,7 +27,7 @@ from typing import (BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional,
                     Tuple, Union)
 
 from ..binio import CHUNK, StreamReader, StreamWriter, ensure_reader
-from ..errors import SaveError, StreamError
+from ..errors import PluginError, SaveError, StreamError
 from .image import QEMU_SIGNATURE
 
 PAGE_SIZE = 4096
@@ -90,8 +90,10 @@ CHUNK_NAMES: Dict[int, str] = {
     HVM_IOREQ_SERVER_PFN: "HVM_IOREQ_SERVER_PFN",
     HVM_NR_IOREQ_SERVER_PAGES: "HVM_NR_IOREQ_SERVER_PAGES",
 }
-# The ids this codec parses itself; a plugin may declare only the tmem markers.
+# The ids this codec parses itself (SPEC §2.2 less the tmem markers): reserved.
 HOST_CHUNK_IDS = frozenset(CHUNK_NAMES) - frozenset(TMEM_MARKERS)
+# Chunks Xen defined but left to a plugin: which plugin an unclaimed one needs.
+XEN_PLUGIN_MARKERS: Dict[int, str] = {TMEM: "tmem", TMEM_EXTRA: "tmem"}
 
 DM_RECORD_0002 = b"DeviceModelRecord0002"
 REMUS_DM_STATE = b"RemusDeviceModelState"
@@ -363,6 +365,92 @@ def write_hvm_tail(w: StreamWriter, magic_pfns: Sequence[int], hvm_context: byte
         w.write(dm_state)
 
 
+# -- marker registry ------------------------------------------------------------
+
+class MarkerRegistry:
+    """Which checkpoint plugin owns which chunk marker: the one table the reader,
+    the writer and ``inspect`` consult.
+
+    The stream has no chunk lengths, so a chunk can be skipped only by the code
+    that knows its layout: every marker met in a stream must be either one of
+    Xen's own ids (:data:`HOST_CHUNK_IDS`, reserved, parsed here) or owned by
+    exactly one plugin. Built once per plugin manager; immutable.
+    """
+
+    host_ids = HOST_CHUNK_IDS
+
+    def __init__(self, owners: Optional[Mapping[int, str]] = None) -> None:
+        self._owners: Dict[int, str] = {}
+        for marker, owner in (owners or {}).items():
+            self._claim(owner, marker)
+
+    @classmethod
+    def from_declarations(cls, declared: Iterable[Tuple[str, Iterable[int]]]) -> "MarkerRegistry":
+        """A registry from ``(plugin name, markers)`` pairs; a bad claim raises
+        :class:`~xend_tmem.errors.PluginError` naming the plugin and the marker."""
+        reg = cls()
+        for owner, markers in declared:
+            for marker in markers:
+                reg._claim(owner, marker)
+        return reg
+
+    def _claim(self, owner: str, marker: object) -> None:
+        if not isinstance(marker, int) or isinstance(marker, bool) or marker >= 0:
+            raise PluginError(f"checkpoint plugin '{owner}' declares marker {marker!r}: "
+                              "markers are negative chunk ids")
+        if marker in HOST_CHUNK_IDS:
+            raise PluginError(f"checkpoint plugin '{owner}' declares marker {marker} "
+                              f"({CHUNK_NAMES[marker]}), a chunk id the host parses itself")
+        if marker in self._owners:
+            raise PluginError(f"checkpoint plugins '{self._owners[marker]}' and '{owner}' "
+                              f"both declare marker {marker}")
+        self._owners[marker] = owner
+
+    @property
+    def markers(self) -> frozenset:
+        """Every plugin-owned marker (what ``check_p2m_size`` must keep clear of)."""
+        return frozenset(self._owners)
+
+    def owner(self, marker: int) -> Optional[str]:
+        """The plugin that declared ``marker``, or None."""
+        return self._owners.get(marker)
+
+    def describe(self, marker: int) -> str:
+        """``-5 TMEM (plugin 'tmem')``, ``-100 (plugin 'stamp')``, ``-7 TSC_INFO``."""
+        name = CHUNK_NAMES.get(marker)
+        owner = self._owners.get(marker)
+        return (f"{marker}" + (f" {name}" if name else "")
+                + (f" (plugin '{owner}')" if owner is not None else ""))
+
+    def unowned(self, marker: int, offset: int, *, before_header: bool = False) -> StreamError:
+        """The error for a marker no enabled plugin reads: names it, its offset and,
+        for a chunk Xen left to a known plugin, which plugin to enable."""
+        plugin = XEN_PLUGIN_MARKERS.get(marker)
+        if plugin is not None:
+            if before_header:
+                problem = (f"stream starts with {plugin} chunk {marker} (seed layout) at offset "
+                           f"{offset} but no plugin handles {plugin}")
+            else:
+                problem = f"{plugin} chunk {marker} at offset {offset} but no plugin handles {plugin}"
+            problem += (f": enable the '{plugin}' checkpoint plugin (toolstack configuration "
+                        "key checkpoint-plugins)")
+        else:
+            problem = (f"chunk {marker} at offset {offset}: not a chunk id Xen defined, and no "
+                       "checkpoint plugin enabled here declares it")
+            if self._owners:
+                problem += (" (enabled plugins' markers: "
+                            + ", ".join(self.describe(m) for m in sorted(self._owners, reverse=True))
+                            + ")")
+        return StreamError(problem, offset=offset, field="first int" if before_header
+                           else "chunk id", value=marker)
+
+    def __contains__(self, marker: object) -> bool:
+        return marker in self._owners
+
+    def __repr__(self) -> str:
+        return f"MarkerRegistry({self._owners!r})"
+
+
 # -- reader -------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -515,9 +603,11 @@ def detect_width(low: int, following: bytes, guest: str = "pv",
 class LegacyReader:
     """Reads one legacy stream: :meth:`read_header`, :meth:`read_body`, :meth:`read_tail`.
 
-    ``handlers[marker](reader, marker, offset)`` is called for each tmem chunk
-    (``-5``/``-6``) with the marker already consumed and must consume exactly
-    its payload. ``on_pages(pfns, types, data, offset)`` gets each batch: entry
+    ``handlers[marker](reader, marker, offset)`` is called for each chunk a
+    plugin owns (tmem: ``-5``/``-6``) with the marker already consumed and must
+    consume exactly its payload; ``registry`` (the plugin manager's
+    :class:`MarkerRegistry`) names owners in errors. Any other marker that is
+    not one of Xen's ids is an error naming it and its offset. ``on_pages(pfns, types, data, offset)`` gets each batch: entry
     pfns and 4-bit types, a memoryview over the data of the entries that carry
     data (valid only during the call — copy what you keep) and the stream
     offset of that data. ``on_chunk`` sees every other chunk once consumed.
@@ -528,18 +618,20 @@ class LegacyReader:
                  handlers: Optional[Mapping[int, ChunkHandler]] = None,
                  on_pages: Optional[PagesCallback] = None,
                  on_chunk: Optional[Callable[[ChunkInfo], None]] = None, *,
-                 p2m_hint: Optional[int] = None) -> None:
+                 p2m_hint: Optional[int] = None,
+                 registry: Optional[MarkerRegistry] = None) -> None:
         if width is not None:
             _check_width(width)
         if guest not in ("pv", "hvm"):
             raise ValueError(f"guest must be 'pv' or 'hvm', not {guest!r}")
         handlers = dict(handlers or {})
         for marker, fn in handlers.items():
-            if marker not in TMEM_MARKERS:
-                raise ValueError(f"chunk {marker!r} cannot have a handler: only the tmem "
-                                 f"markers {TMEM_MARKERS} are left to plugins")
+            if not isinstance(marker, int) or marker >= 0 or marker in HOST_CHUNK_IDS:
+                raise ValueError(f"chunk {marker!r} cannot have a handler: page batches, the "
+                                 "end and Xen's own chunk ids are parsed by the host")
             if not callable(fn):
                 raise ValueError(f"handler for chunk {marker} is not callable")
+        self.registry = registry if registry is not None else MarkerRegistry()
         self._r = ensure_reader(r)
         # None until read_header() infers it (see detect_width)
         self.width: Optional[int] = width
@@ -564,26 +656,28 @@ class LegacyReader:
         first = r.s32("p2m_size")
         layout = "released"
         seed_chunk = None
-        if first in TMEM_MARKERS:
-            if first != TMEM:
+        at = start
+        # chunks before p2m_size: the seed layout's -5, or any plugin's marker
+        # (writers keep p2m_size clear of every plugin marker: check_p2m_size)
+        while first in TMEM_MARKERS or first in self._handlers:
+            if first == TMEM_EXTRA:
                 raise StreamError(f"stream starts with tmem chunk {first}, which only follows "
                                   "the header: the seed layout moves only -5 before p2m_size",
-                                  offset=start, field="first int", value=first)
+                                  offset=at, field="first int", value=first)
             handler = self._handlers.get(first)
             if handler is None:
-                raise StreamError(f"stream starts with tmem chunk {first} (seed layout) at "
-                                  f"offset {start} but no plugin handles tmem",
-                                  offset=start, field="first int", value=first)
-            handler(r, first, start)
-            seed_chunk = ChunkInfo(first, start, r.offset - start - 4)
+                raise self.registry.unowned(first, at, before_header=True)
+            handler(r, first, at)
+            chunk = ChunkInfo(first, at, r.offset - at - 4)
+            if first == TMEM:
+                seed_chunk = chunk
+                layout = "seed"
             if self._on_chunk is not None:
-                self._on_chunk(seed_chunk)
-            layout = "seed"
-            p2m_at = r.offset
-            low = r.u32("p2m_size")
-        else:
-            p2m_at = start
-            low = first & 0xFFFFFFFF
+                self._on_chunk(chunk)
+            at = r.offset
+            first = r.s32("p2m_size")
+        p2m_at = at
+        low = first & 0xFFFFFFFF
         if self.width is None:
             self.width = detect_width(low, r.peek(12), self.guest, self.p2m_hint)
         width = self.width
@@ -704,12 +798,8 @@ class LegacyReader:
                 _need(r, 12, CHUNK_NAMES[n])
                 info.hvm_params[n] = _HVM_PARAM.unpack_from(r.buf, r.pos)[1]
                 r.skip(12)
-            elif n in TMEM_MARKERS:
-                handler = self._handlers.get(n)
-                if handler is None:
-                    raise StreamError(f"tmem chunk {n} at offset {at} but no plugin handles "
-                                      "tmem", offset=at, field="chunk id", value=n)
-                handler(r, n, at)
+            elif n in self._handlers:
+                self._handlers[n](r, n, at)
             elif n == VCPU_INFO:
                 info.vcpu_info = self._read_vcpu_info()
             elif n == TSC_INFO:
@@ -735,8 +825,7 @@ class LegacyReader:
                 r.discard(length, "toolstack data")
                 info.toolstack_len = length
             else:
-                raise StreamError(f"unknown chunk {n}: not a chunk id Xen ever defined",
-                                  offset=at, field="chunk id", value=n)
+                raise self.registry.unowned(n, at)
             self._record(info, n, at)
 
     def _record(self, info: BodyInfo, n: int, at: int) -> None:
@@ -912,7 +1001,8 @@ def read_stream(r: Union[StreamReader, BinaryIO], width: Optional[int] = 8, gues
 
 
 __all__ = [
-    "PAGE_SIZE", "MAX_BATCH", "TMEM_MARKERS", "HOST_CHUNK_IDS", "HVM_PARAM_IDS", "CHUNK_NAMES",
+    "PAGE_SIZE", "MAX_BATCH", "TMEM_MARKERS", "HOST_CHUNK_IDS", "XEN_PLUGIN_MARKERS",
+    "MarkerRegistry", "HVM_PARAM_IDS", "CHUNK_NAMES",
     "DM_SIGNATURES", "UnencodableError", "check_p2m_size", "write_p2m_size", "write_pv_ext_info",
     "write_p2m_frame_list", "p2m_frame_count", "write_page_batch", "write_vcpu_info",
     "write_tsc_info", "write_hvm_param", "write_toolstack", "write_compressed_data",

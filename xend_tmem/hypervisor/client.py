@@ -78,11 +78,12 @@ class _Conn:
 
 
 class _Mapping:
-    __slots__ = ("mm", "pages")
+    __slots__ = ("mm", "pages", "gen")
 
-    def __init__(self, mm: mmap.mmap, pages: int) -> None:
+    def __init__(self, mm: mmap.mmap, pages: int, gen: int) -> None:
         self.mm = mm
         self.pages = pages
+        self.gen = gen              # when it was made (see list_domains)
 
 
 def _reason(exc: HypervisorError) -> str:
@@ -113,8 +114,12 @@ def _runs(pfns: Sequence[int], limit: int, op: str) -> List[Tuple[int, int]]:
 class HypervisorClient:
     """A :class:`~xend_tmem.hypervisor.interface.Hypervisor` served by the process."""
 
-    def __init__(self, state_dir: str, buffer_size: int = BUFFER_SIZE) -> None:
+    def __init__(self, state_dir: str, buffer_size: int = BUFFER_SIZE,
+                 timeout: Optional[float] = None) -> None:
+        """``timeout`` bounds each call (a command-line tool facing a hung
+        hypervisor); xend waits as long as a call takes (a GiB-scale create)."""
         self.state_dir = os.path.abspath(state_dir)
+        self.timeout = timeout
         self.sock_path = paths(self.state_dir)[0]
         self.buffer_size = buffer_size
         self._free: List[_Conn] = []
@@ -122,6 +127,7 @@ class HypervisorClient:
         self._lock = threading.Lock()
         self._maps: Dict[int, _Mapping] = {}
         self._map_lock = threading.Lock()
+        self._map_gen = 0
         self._instance: Optional[Tuple[int, float]] = None
         self.identity: Dict[str, Any] = {}
         self._closed = False
@@ -129,6 +135,7 @@ class HypervisorClient:
     # -- connections ---------------------------------------------------------------
     def _open(self) -> _Conn:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(self.timeout)
         try:
             with wire.ShortPath(self.sock_path) as address:
                 sock.connect(address)
@@ -176,12 +183,10 @@ class HypervisorClient:
                 return self._free.pop()
         try:
             return self._open()
-        except (OSError, wire.ConnectionLost) as exc:
+        except OSError as exc:
             raise HypervisorError(op, f"cannot reach the hypervisor process at "
-                                      f"{self.sock_path}: {exc.strerror or exc}"
-                                  if isinstance(exc, OSError) and exc.strerror else
-                                  f"cannot reach the hypervisor process at {self.sock_path}: "
-                                  f"{exc}", code=errno.ECONNRESET) from None
+                                      f"{self.sock_path}: {exc.strerror or exc}",
+                                  code=errno.ECONNRESET) from None
 
     def _release(self, conn: _Conn) -> None:
         with self._lock:
@@ -242,7 +247,7 @@ class HypervisorClient:
         with self._map_lock:
             self._drop_maps()
 
-    def identity_of_server(self) -> Dict[str, Any]:
+    def server_identity(self) -> Dict[str, Any]:
         """``hello``'s answer: pid, start time, release and defects of the process."""
         conn = self._acquire("hello")
         identity = conn.identity
@@ -295,17 +300,22 @@ class HypervisorClient:
             if old is not None:
                 mm.close()
                 return old
-            m = self._maps[domid] = _Mapping(mm, size // PAGE_SIZE)
+            self._map_gen += 1
+            m = self._maps[domid] = _Mapping(mm, size // PAGE_SIZE, self._map_gen)
         return m
 
     # =====================================================================
     # DomainControl
     # =====================================================================
     def list_domains(self) -> List[DomainInfo]:
+        gen = self._map_gen
         infos = [DomainInfo(**d) for d in self._call("list_domains")]
         live = {i.domid for i in infos}
-        for domid in [d for d in self._maps if d not in live]:
-            self._forget(domid)
+        # a mapping made before the listing whose domain it lacks: destroyed (by
+        # another client); ids are not reused, so a newer mapping is left alone
+        for domid, m in list(self._maps.items()):
+            if domid not in live and m.gen <= gen:
+                self._forget(domid)
         return infos
 
     def domain_info(self, domid: int) -> DomainInfo:
@@ -364,6 +374,15 @@ class HypervisorClient:
 
     def set_shared_info(self, domid: int, data: Buffer) -> None:
         self._call("set_shared_info", domid, bytes(data))
+
+    def shutdown_domain(self, domid: int, reason: str) -> None:
+        self._call("shutdown_domain", domid, reason)
+
+    def set_memory_target(self, domid: int, target_mib: int) -> None:
+        self._call("set_memory_target", domid, target_mib)
+
+    def vcpu_info(self, domid: int) -> List[Dict[str, Any]]:
+        return self._call("vcpu_info", domid)
 
     # =====================================================================
     # MemoryAccess: the foreign mapping
@@ -640,6 +659,15 @@ class HypervisorClient:
     def op_trace(self, start: int = 0) -> List[str]:
         return self._call("op_trace", start)
 
+    def domain_uptime(self, domid: int) -> float:
+        return self._call("domain_uptime", domid)
+
+    def console_output(self, domid: int) -> str:
+        return self._call("console_output", domid)
+
+    def read_console_ring(self, clear: bool = False) -> str:
+        return self._call("read_console_ring", clear)
+
 
 # -- starting the process ------------------------------------------------------------
 
@@ -717,14 +745,14 @@ def connect(settings: "HypervisorSettings", state_dir: str) -> HypervisorClient:
     """Backend ``sim``: the hypervisor process of ``state_dir``, started if none runs."""
     client = HypervisorClient(state_dir)
     try:
-        identity = client.identity_of_server()
+        identity = client.server_identity()
     except HypervisorError as exc:
         if exc.code != errno.ECONNRESET:
             raise
         pid = spawn(options(settings, state_dir)).pid
         log.info("started the hypervisor process (pid %d, Xen %s) for %s", pid,
                  settings.xen_release, client.state_dir)
-        identity = client.identity_of_server()
+        identity = client.server_identity()
     running = (identity.get("release"), tuple(identity.get("defects") or ()))
     wanted = (settings.xen_release, tuple(settings.defects))
     if running != wanted:

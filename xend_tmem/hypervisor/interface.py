@@ -79,6 +79,7 @@ class DomainInfo:
     cpu_time: float = 0.0
     guest: str = "pv"
     config: Dict[str, object] = field(default_factory=dict)
+    shutdown_reason: str = ""    # "poweroff", "reboot", "halt" once the guest shut down
 
     @property
     def state(self) -> str:
@@ -139,6 +140,21 @@ class DomainControl(Protocol):
         """``DOMCTL_setvcpuextstate``: the per-vcpu xsave record of ``xcnt``."""
     def get_shared_info(self, domid: int) -> bytes: ...
     def set_shared_info(self, domid: int, data: Buffer) -> None: ...
+    def shutdown_domain(self, domid: int, reason: str) -> None:
+        """Ask the guest to shut down (``reason`` "poweroff", "reboot" or "halt"):
+        xend's ``XendDomainInfo.shutdown`` writes ``control/shutdown`` in xenstore;
+        the guest acknowledges and calls ``SCHEDOP_shutdown``, after which
+        :meth:`domain_info` shows ``shutdown`` with ``shutdown_reason``. A paused
+        guest acknowledges only when it runs again. The toolstack then destroys
+        the domain or restarts it (xend's on_poweroff / on_reboot)."""
+    def set_memory_target(self, domid: int, target_mib: int) -> None:
+        """The balloon target (xend's ``setMemoryTarget``: ``memory/target`` in
+        xenstore, within ``XEN_DOMCTL_max_mem``): 1 MiB .. the domain's maximum;
+        :meth:`domain_info` reports the memory the guest then holds."""
+    def vcpu_info(self, domid: int) -> List[Dict[str, Any]]:
+        """``XEN_DOMCTL_getvcpuinfo`` per vcpu, for ``xm vcpu-list``: dicts with
+        ``vcpu``, ``cpu``, ``online``, ``running``, ``blocked``, ``cpu_time`` (s),
+        ``affinity``."""
 
 
 class MemoryAccess(Protocol):
@@ -261,6 +277,16 @@ class Inspection(Protocol):
     def op_trace(self, start: int = 0) -> List[str]:
         """The tmem control-op trace lines from ``start`` on (the vectors'
         ``xen-restore.trace`` format); empty where the backend keeps none."""
+    def domain_uptime(self, domid: int) -> float:
+        """Seconds since the domain was built (domain 0: since the hypervisor
+        started), for ``xm uptime``. Xen keeps no such counter: xend computed it
+        from the domain's ``start_time``; a backend on Xen does the same."""
+    def console_output(self, domid: int) -> str:
+        """What the guest printed on its console (the PV console ring as
+        xenconsoled logs it), for ``xm console``; bounded to the last lines."""
+    def read_console_ring(self, clear: bool = False) -> str:
+        """The hypervisor's console ring (``XEN_SYSCTL_readconsole``, ``xm dmesg``);
+        ``clear`` empties it after reading (``xm dmesg -c``)."""
 
 
 class Hypervisor(DomainControl, MemoryAccess, TmemControl, GuestTmem, Inspection, Protocol):

@@ -35,7 +35,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from .. import errors as errors_mod
 from ..errors import HypervisorError, XendTmemError
@@ -159,7 +159,7 @@ def error_tuple(exc: BaseException) -> Tuple[str, str, Dict[str, Any], Tuple[Any
     return type(exc).__name__, str(exc), attrs, args
 
 
-def raise_error(method: str, err: Sequence[Any]) -> "NoReturn":  # type: ignore[name-defined]
+def raise_error(method: str, err: Sequence[Any]) -> NoReturn:
     """Raise the exception a server reply describes, same type and text."""
     name, text, attrs, args = err
     cls = getattr(errors_mod, name, None)
@@ -257,7 +257,11 @@ class _Connection:
             if not isinstance(exc, (XendTmemError, *_BUILTIN_ERRORS.values())):
                 log.exception("%s failed", method)
             reply = (wire.ERR, error_tuple(exc))
-        wire.send(self.sock, reply, fds)
+        try:
+            wire.send(self.sock, reply, fds)
+        except ValueError as exc:       # a result marshal cannot carry: a bug, say so
+            log.exception("%s: cannot send the reply", method)
+            wire.send(self.sock, (wire.ERR, error_tuple(RuntimeError(str(exc)))))
 
     # -- calls whose pages travel through the buffer -------------------------------
     def _data(self, nbytes: int) -> memoryview:

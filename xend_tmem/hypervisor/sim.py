@@ -56,7 +56,8 @@ import threading
 import time
 import zlib
 from array import array
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from collections import deque
+from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..domconfig import (DomainConfig, TmemSpec, WorkloadSpec, parse_domain_config,
                          workload_from_image)
@@ -90,6 +91,9 @@ POOL_RESERVED = 0xFFFFFFFF & ~(POOL_PERSIST | POOL_SHARED | POOL_PRECOMPRESSED
                                | POOL_PAGEBITS_MASK | POOL_VERSION_MASK)
 
 _STAMP = struct.Struct("<QQ")
+CONSOLE_LINES = 200               # per guest console log (xenconsoled keeps a file; bounded here)
+CONRING_LINES = 1000              # the hypervisor's console ring (Xen's conring: 16 KiB)
+SHUTDOWN_REASONS = ("poweroff", "reboot", "halt")
 # A configured domain's RAM is stamped in full at creation: prefault it in one
 # go where the platform can (several times cheaper than a fault per page). A
 # restore shell stays lazy: its size comes from a stream, and memory should be
@@ -173,7 +177,8 @@ class _Domain:
     __slots__ = ("domid", "name", "memory_mib", "vcpus", "p2m", "ram", "paused", "suspended",
                  "dirty", "vcpu_ctx", "shared_info", "config", "cpu_time", "client", "stats",
                  "workload", "rng", "acc", "wl_next", "ram_gen", "is_dom0", "ext_ctx", "xsave",
-                 "ram_fd", "log", "guest")
+                 "ram_fd", "log", "guest", "started", "console", "shutdown_reason",
+                 "shutdown_pending", "arrived")
 
     def __init__(self, domid: int, name: str, memory_mib: int, vcpus: int, p2m: int,
                  ram: Optional[mmap.mmap], config: Dict[str, object]) -> None:
@@ -205,10 +210,15 @@ class _Domain:
         self.wl_next = 0
         self.ram_gen = 0
         self.is_dom0 = False
+        self.started = time.monotonic()     # xm uptime counts from here
+        self.console: Deque[str] = deque(maxlen=CONSOLE_LINES)   # what the guest printed
+        self.shutdown_reason = ""           # SCHEDOP_shutdown's reason once acknowledged
+        self.shutdown_pending = ""          # control/shutdown written, not yet acknowledged
+        self.arrived = False                # built for a restore: says so when it first runs
 
     @property
     def running(self) -> bool:
-        return not (self.paused or self.suspended)
+        return not (self.paused or self.suspended or self.shutdown_reason)
 
 
 class SimHypervisor:
@@ -254,6 +264,12 @@ class SimHypervisor:
         self._io_thread: Optional[threading.Thread] = None
         self._io_wake: Optional[Tuple[int, int]] = None     # pipe: guest set changed
         self._closed = False
+        self._t0 = time.monotonic()
+        self._conring: Deque[str] = deque(maxlen=CONRING_LINES)
+        self._printk(f"Xen version {self.profile.release} (xend-tmem simulated hypervisor)")
+        self._printk(f"tmem: transcendent memory enabled, spec version {self._version}, "
+                     f"capacity {tmem_capacity_pages // PAGES_PER_MIB} MiB"
+                     + (f", defects {','.join(defects)}" if defects else ""))
 
     # =====================================================================
     # internals
@@ -527,6 +543,7 @@ class SimHypervisor:
                 del self._domains[d.domid]
                 self._release_ram(d)
                 raise
+            self._boot_console(d)
             return d.domid
 
     def _build_tmem(self, d: _Domain, spec: TmemSpec, op: str) -> None:
@@ -822,8 +839,10 @@ class SimHypervisor:
         with self._lock:
             d = self._dom(domid)
             return DomainInfo(domid=d.domid, name=d.name, memory_mib=d.memory_mib, vcpus=d.vcpus,
-                              running=d.running, paused=d.paused, shutdown=d.suspended,
-                              cpu_time=d.cpu_time, config=dict(d.config))
+                              running=d.running, paused=d.paused,
+                              shutdown=d.suspended or bool(d.shutdown_reason),
+                              cpu_time=d.cpu_time, config=dict(d.config),
+                              shutdown_reason=d.shutdown_reason)
 
     def list_domains(self) -> List[DomainInfo]:
         with self._lock:
@@ -848,6 +867,9 @@ class SimHypervisor:
             ram = self._alloc_ram(p2m_size, op, populate=False)
             d = self._new_domain(name, memory, vcpus, p2m_size, ram, cfg)
             d.paused = True
+            d.arrived = True
+            self._printk(f"domain {d.domid} ({name}) built for a restore: {memory} MiB, "
+                         f"{vcpus} vcpus")
             d.vcpu_ctx = [bytes(VCPU_CONTEXT_SIZE)] * vcpus
             self._set_workload(d, workload)
             return d.domid
@@ -860,6 +882,7 @@ class SimHypervisor:
             self._drop_client(d)
             del self._domains[domid]
             self._release_ram(d)
+            self._printk(f"domain {domid} ({d.name}) destroyed")
 
     def close(self) -> None:
         """Stop every guest process (reaped by pid) and this hypervisor's
@@ -910,6 +933,7 @@ class SimHypervisor:
                 if d.running and d.guest is not None:
                     d.guest.command(CMD_RUN, wait=False)
                 raise
+            self._run_state_events(d, before)
 
     def pause(self, domid: int) -> None:
         """Returns once the guest has stopped writing (its acknowledgement)."""
@@ -1764,3 +1788,116 @@ class SimHypervisor:
                 return {}
             return {i: p.store.digest() for i, p in enumerate(c.pools)
                     if p is not None and p.persistent}
+
+    # =====================================================================
+    # xm's everyday commands: shutdown, balloon, vcpus, uptime, consoles
+    # =====================================================================
+    def _printk(self, message: str) -> None:
+        """A line in the hypervisor's console ring (``xm dmesg``), Xen's format."""
+        self._conring.append(f"(XEN) [{time.monotonic() - self._t0:12.6f}] {message}")
+
+    @staticmethod
+    def _say(d: _Domain, message: str) -> None:
+        """A line on the guest's console, stamped like a Linux kernel message."""
+        d.console.append(f"[{time.monotonic() - d.started:12.6f}] {message}")
+
+    def _boot_console(self, d: _Domain) -> None:
+        """What a PV Linux guest prints while it boots (the simulated guest's kernel)."""
+        self._printk(f"domain {d.domid} ({d.name}) built: {d.memory_mib} MiB, {d.vcpus} vcpus")
+        for line in ("Booting paravirtualized kernel on Xen",
+                     f"Xen version: {self.profile.release} (simulated)",
+                     f"Memory: {d.memory_mib} MiB available to the guest ({d.p2m} pages)",
+                     f"SMP: brought up {d.vcpus} vcpu{'s' if d.vcpus != 1 else ''}",
+                     "Initialising Xen virtual ethernet driver",
+                     "xen_balloon: Initialising balloon driver",
+                     "Xen tmem: frontend enabled (cleancache, frontswap)"
+                     if d.client is not None else "Xen tmem: no tmem pools configured",
+                     "Freeing unused kernel memory"):
+            self._say(d, line)
+        d.console.append(f"{d.name} login:")     # getty's prompt: user space, no stamp
+
+    def _run_state_events(self, d: _Domain, before: Tuple[bool, bool]) -> None:
+        """Console lines for suspend/resume/arrival, and a shutdown request the
+        guest acknowledges now that it runs again (caller holds the lock)."""
+        was_paused, was_suspended = before
+        if d.suspended and not was_suspended:
+            self._say(d, "xen: control/shutdown=suspend: suspending (save or migration)")
+        elif was_suspended and not d.suspended:
+            self._say(d, "xen: resumed in place (the save was a checkpoint or did not finish)")
+        if d.running and d.arrived:
+            d.arrived = False
+            self._say(d, f"xen: resumed after save/migration: now domain {d.domid} on this host")
+        if d.running and d.shutdown_pending:
+            self._acknowledge_shutdown(d)
+
+    def _acknowledge_shutdown(self, d: _Domain) -> None:
+        """The guest's side of a shutdown: it prints, stops, and calls SCHEDOP_shutdown."""
+        reason, d.shutdown_pending = d.shutdown_pending, ""
+        self._say(d, f"xen: control/shutdown={reason}: shutting down")
+        self._say(d, "Restarting system." if reason == "reboot" else "System halted.")
+        d.shutdown_reason = reason
+        self._sync_guest(d, "shutdown_domain")       # the guest process stops (a barrier)
+        self._printk(f"domain {d.domid} ({d.name}) shut down: reason {reason}")
+
+    def shutdown_domain(self, domid: int, reason: str) -> None:
+        """Ask the guest to shut down; a running guest acknowledges at once, a
+        paused or suspended one when it runs again (see the interface)."""
+        op = "shutdown_domain"
+        if reason not in SHUTDOWN_REASONS:
+            raise HypervisorError(op, f"shutdown reason {reason!r} is not one of "
+                                      f"{', '.join(SHUTDOWN_REASONS)}", code=errno.EINVAL)
+        with self._lock:
+            d = self._guest_dom(domid, op)
+            if d.shutdown_reason:
+                return                            # already shut down: xend will finish it
+            d.shutdown_pending = reason
+            if d.running:
+                self._acknowledge_shutdown(d)
+
+    def set_memory_target(self, domid: int, target_mib: int) -> None:
+        """The balloon driver reaches the target at once (the simulated guest
+        always cooperates); bounded by the domain's maximum (its memory)."""
+        op = "set_memory_target"
+        with self._lock:
+            d = self._dom(domid)
+            maximum = DOM0_MEMORY_MIB if d.is_dom0 else -(-d.p2m // PAGES_PER_MIB)
+            if isinstance(target_mib, bool) or not isinstance(target_mib, int) \
+                    or not 1 <= target_mib <= maximum:
+                raise HypervisorError(op, f"memory target {target_mib!r} MiB for domain {domid} "
+                                          f"({d.name}) is outside 1..{maximum} MiB (its maximum)",
+                                      code=errno.EINVAL)
+            old, d.memory_mib = d.memory_mib, target_mib
+            if not d.is_dom0:
+                self._say(d, f"xen_balloon: memory target {target_mib} MiB (was {old} MiB)")
+
+    def vcpu_info(self, domid: int) -> List[Dict[str, Any]]:
+        """Per vcpu: ``vcpu``, ``cpu`` (physical), ``online``, ``running``,
+        ``blocked``, ``cpu_time`` (s), ``affinity``. The domain's cpu time is
+        shared evenly; a running domain's vcpus run, a paused one's block."""
+        with self._lock:
+            d = self._dom(domid)
+            cpus = os.cpu_count() or 1
+            return [{"vcpu": i, "cpu": (d.domid + i) % cpus, "online": True,
+                     "running": d.running, "blocked": not d.running,
+                     "cpu_time": d.cpu_time / d.vcpus, "affinity": "any cpu"}
+                    for i in range(d.vcpus)]
+
+    def domain_uptime(self, domid: int) -> float:
+        """Seconds since the domain was built (domain 0: since the hypervisor started)."""
+        with self._lock:
+            d = self._dom(domid)
+            return time.monotonic() - (self._t0 if d.is_dom0 else d.started)
+
+    def console_output(self, domid: int) -> str:
+        """What the guest printed on its console (the last CONSOLE_LINES lines)."""
+        with self._lock:
+            d = self._guest_dom(domid, "console_output")
+            return "".join(line + "\n" for line in d.console)
+
+    def read_console_ring(self, clear: bool = False) -> str:
+        """The hypervisor's console ring; ``clear`` empties it after reading."""
+        with self._lock:
+            text = "".join(line + "\n" for line in self._conring)
+            if clear:
+                self._conring.clear()
+            return text

@@ -247,6 +247,7 @@ class Daemon:
     def __init__(self, config: ToolstackConfig) -> None:
         self.config = config
         self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
         self.pidfile = PidFile(config.pid_file)
         self.rpc: Optional[UnixXMLRPCServer] = None
         self._serving = False
@@ -267,6 +268,7 @@ class Daemon:
             log_domains(self.hv)
             self.service = XendService(cfg, self.hv, hooks, plugin_errors)
             self.service.recover()       # end what a killed xend left in flight (journal)
+            self.service.finish_shutdowns()   # guests that shut down while xend was away
             if cfg.unix_xmlrpc_server:
                 _clear_stale_socket(cfg.unix_socket)
                 self.rpc = UnixXMLRPCServer(cfg.unix_socket)
@@ -290,9 +292,19 @@ class Daemon:
     def stop(self, *_: Any) -> None:
         self.stop_event.set()
 
+    def request_reload(self, *_: Any) -> None:
+        """SIGHUP: re-read the configuration (done by :meth:`run`, not in the handler)."""
+        self.reload_event.set()
+
     def run(self) -> None:
         while not self.stop_event.wait(0.5):
-            pass
+            if self.reload_event.is_set():
+                self.reload_event.clear()
+                if self.service is not None:
+                    try:
+                        self.service.reload()
+                    except XendTmemError as exc:
+                        log.error("SIGHUP: configuration not reloaded: %s", exc)
         log.info("xend stopping")
         self.shutdown()
 
@@ -330,7 +342,7 @@ def foreground(config: ToolstackConfig, ready_fd: Optional[int] = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, daemon.request_reload)
     _report_start(ready_fd, None)
     daemon.run()
     return 0
@@ -432,6 +444,33 @@ def cmd_status(config: ToolstackConfig) -> int:
     return 0
 
 
+def cmd_reload(config: ToolstackConfig) -> int:
+    """``xend reload``: the running daemon re-reads its configuration and says what
+    changed; without the XML-RPC socket it gets SIGHUP (the log says what changed)."""
+    pid = running_pid(config.pid_file)
+    if pid is None:
+        print("Error: xend is not running", file=sys.stderr)
+        return 3
+    if not config.unix_xmlrpc_server:
+        os.kill(pid, signal.SIGHUP)
+        print(f"sent SIGHUP to xend (pid {pid}); {config.logfile} says what changed")
+        return 0
+    import xmlrpc.client
+    from . import rpc
+    try:
+        lines = rpc.connect(config.unix_socket, timeout=60.0).xend.reload()
+    except xmlrpc.client.Fault as fault:
+        print(f"Error: {fault.faultString}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"Error: cannot reach xend at {config.unix_socket}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    for line in lines or ["nothing changed"]:
+        print(line)
+    return 0
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     """Usage errors as ``Error: ...`` and exit 1, like every other xend/xm error."""
 
@@ -447,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "/etc/xen/xend-config.yaml)")
     p.add_argument("--foreground", action="store_true", help="same as the foreground command")
     p.add_argument("command", nargs="?", choices=("start", "stop", "restart", "status",
-                                                  "foreground"))
+                                                  "reload", "foreground"))
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     return p
 
@@ -474,6 +513,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_stop(config)
     if command == "status":
         return cmd_status(config)
+    if command == "reload":
+        return cmd_reload(config)
     rc = cmd_stop(config)
     return rc if rc else cmd_start(config)
 

@@ -37,6 +37,7 @@ class Job:
         self.target = target
         self.state = "running"
         self.phase = "queued"
+        self.phase_start = 0      # ``done`` when the phase began: a display's bar per phase
         self.done = 0
         self.total: Optional[int] = None
         self.started = time.monotonic()
@@ -51,6 +52,10 @@ class Job:
 
     def progress(self, phase: str, done: int, total: Optional[int]) -> None:
         """The checkpoint path's progress callback."""
+        if phase != self.phase:
+            # the path reports after each piece of work, so a phase began where the
+            # previous one last reported (unless the counter restarted)
+            self.phase_start = self.done if self.done <= int(done) else int(done)
         self.phase = phase
         self.done = int(done)
         self.total = int(total) if total is not None else None
@@ -59,7 +64,8 @@ class Job:
         end = self.finished if self.finished is not None else time.monotonic()
         out: Dict[str, Any] = {
             "id": self.id, "op": self.op, "target": self.target, "state": self.state,
-            "phase": self.phase, "done": self.done, "total": self.total,
+            "phase": self.phase, "phase_start": self.phase_start, "done": self.done,
+            "total": self.total,
             "elapsed_s": round(end - self.started, 3),
         }
         if self.result is not None:

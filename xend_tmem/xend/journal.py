@@ -148,8 +148,10 @@ class Journal:
                     pass
                 continue
             out.append(Entry(self, path, doc))
+        mine = f".{os.getpid()}."
         for name in os.listdir(self.directory):
-            if name.endswith(".tmp"):      # a write cut short: the old file stands
+            # a write cut short by a dead xend: the old file stands (ours may be in flight)
+            if name.endswith(".tmp") and mine not in name:
                 try:
                     os.unlink(os.path.join(self.directory, name))
                 except OSError:

@@ -116,6 +116,7 @@ ACK_TIMEOUT_S = _seconds("XEND_TMEM_TEST_ACK_TIMEOUT_S", 300.0)
 GO_TIMEOUT_S = _seconds("XEND_TMEM_TEST_GO_TIMEOUT_S", 60.0)
 # sender: how long to keep asking an unreachable peer before saying "in doubt"
 QUERY_WINDOW_S = _seconds("XEND_TMEM_TEST_QUERY_WINDOW_S", 30.0)
+STARTING_WAIT_S = 30.0       # a query waits this long for a start in progress
 DRAIN_AFTER_ERROR_S = 2.0     # let the sender read our (err ...) before we close
 _FRAME = struct.Struct(">I")
 
@@ -185,6 +186,7 @@ DiscardFn = Callable[[int], None]
 # states of an incoming migration (the receiver's side of the handshake)
 STREAMING = "streaming"
 AWAITING_GO = "awaiting-go"
+STARTING = "starting"        # go arrived, unpausing
 RUNNING = "running"
 ABORTED = "aborted"
 UNKNOWN = "unknown"
@@ -285,6 +287,7 @@ class RelocationServer:
         self.port = self._sock.getsockname()[1]
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)    # an incoming's state moved
         self._conns: Set[socket.socket] = set()
         self._threads: Set[threading.Thread] = set()
         self._accept_thread: Optional[threading.Thread] = None
@@ -415,17 +418,30 @@ class RelocationServer:
         return False
 
     def go(self, inc: Incoming) -> bool:
-        """``go`` arrived: start the domain unless a query aborted it first."""
-        with self._lock:
+        """``go`` arrived: start the domain unless a query aborted it first.
+
+        A query arriving while it starts waits for the outcome; if the start
+        fails the copy is destroyed (the source, told so, resumes its own)."""
+        with self._changed:
             if inc.state != AWAITING_GO:
                 return False
+            inc.state = STARTING
+        try:
+            if inc.entry is not None:
+                inc.entry.update(phase="go")
+            jrn.killpoint("incoming-go")
+            if self.unpause is None or inc.domid is None:
+                raise XendTmemError("relocation server cannot start domains (not bound to xend)")
+            self.unpause(inc.domid)
+        except BaseException:
+            with self._changed:
+                inc.state = ABORTED
+                self._changed.notify_all()
+            self._destroy_copy(inc, "it could not be started")
+            raise
+        with self._changed:
             inc.state = RUNNING
-        if inc.entry is not None:
-            inc.entry.update(phase="go")
-        jrn.killpoint("incoming-go")
-        if self.unpause is None or inc.domid is None:
-            raise XendTmemError("relocation server cannot start domains (not bound to xend)")
-        self.unpause(inc.domid)
+            self._changed.notify_all()
         if self.journal is not None:
             self.journal.record_outcome(inc.migration_id, RUNNING)
         if inc.entry is not None:
@@ -437,7 +453,7 @@ class RelocationServer:
     def abort(self, inc: Incoming, why: str) -> bool:
         """No ``go`` (or a failure): destroy the copy unless it already runs."""
         with self._lock:
-            if inc.state in (RUNNING, ABORTED):
+            if inc.state in (STARTING, RUNNING, ABORTED):
                 return inc.state == ABORTED
             inc.state = ABORTED
         self._destroy_copy(inc, why)
@@ -456,8 +472,10 @@ class RelocationServer:
     def resolve(self, migration_id: str) -> str:
         """A query: ``running``, ``aborted`` (a copy awaiting ``go`` is destroyed
         now, atomically with respect to ``go``) or ``unknown``."""
-        with self._lock:
+        with self._changed:
             inc = self._migrations.get(migration_id)
+            if inc is not None:
+                self._changed.wait_for(lambda: inc.state != STARTING, STARTING_WAIT_S)
             if inc is not None and inc.state in (STREAMING, AWAITING_GO):
                 inc.state = ABORTED
                 destroy = True
@@ -467,7 +485,7 @@ class RelocationServer:
             if destroy:
                 self._destroy_copy(inc, "the source asked and had no answer to go")
                 return ABORTED
-            return inc.state
+            return inc.state if inc.state in (RUNNING, ABORTED) else UNKNOWN
         if self.journal is not None:
             known = self.journal.outcome(migration_id)
             if known in (RUNNING, ABORTED):
@@ -614,7 +632,7 @@ class _Receiver:
             log.error("relocation: domain %s (%d) from %s could not be started: %s",
                       inc.name, domid, self.peer, exc)
             self._send_quietly(err_line(type(exc).__name__, f"cannot start domain {inc.name} "
-                                        f"({domid}) here: {exc}; it is paused here"))
+                                        f"({domid}) here: {exc}; the copy here was destroyed"))
             return
         if not started:
             self._send_quietly(err_line("Error", f"migration {inc.migration_id} was aborted "
@@ -947,7 +965,7 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
     sock = _connect(host, port, use_ssl, connect_timeout)
     ch = _Channel(sock, host)
     op = "sslreceive" if use_ssl else "receive"
-    state: Dict[str, Any] = {"go": False}
+    state: Dict[str, Any] = {"go": False, "accepted": False}
     try:
         sock.settimeout(io_timeout)
         progress("preflight", 0, None)
@@ -984,6 +1002,7 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
             raise PeerError(f"{reply_error_message(reply)} (from {host})")
         if reply != ["ready", op]:
             raise PeerError(f"unexpected answer {sxp.to_string(reply)} (from {host})")
+        state["accepted"] = True
         if on_accepted is not None:
             on_accepted()
         writer = _PeerWriter(ch, cancel, io_timeout, framed=extended)
@@ -1003,10 +1022,11 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
                     raise PeerError(f"unexpected answer {sxp.to_string(answer)} (from {host})")
                 return
             writer.end()
+            state["sent_at"] = time.monotonic()
             answer = ch.read_reply(timeout=ack_timeout)
             if answer is None:
                 raise PeerError(f"{host} closed the connection before confirming the restore "
-                                f"of domain {label}: it was resumed here")
+                                f"of domain {label}")
             if answer[0] == "err":
                 raise PeerError(f"{reply_error_message(answer)} (from {host})")
             if answer[0] != "received":
@@ -1016,7 +1036,6 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
             if on_received is not None:
                 on_received(state["peer_domid"] if state["peer_domid"] is not None else -1)
             state["go"] = True               # from here the source is not resumed blindly
-            state["go_at"] = time.monotonic()
             try:
                 ch.send_line(["go"])
             except PeerError as exc:
@@ -1041,16 +1060,18 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
             report["destination"] = _peer_report(sxp.child_value(answer, "report"))
             # suspend here until the destination confirmed the domain runs there
             report["resumed_after_s"] = round(
-                float(report.get("downtime_s", 0.0)) + time.monotonic() - state["go_at"], 6)
+                float(report.get("downtime_s", 0.0)) + time.monotonic() - state["sent_at"], 6)
             return report
-        if why is None:
-            why = (f"{host} closed the connection after go" if answer is None else
-                   f"{host} answered {reply_error_message(answer) if answer[0] == 'err' else sxp.to_string(answer)}")
+        if why is None and answer is None:
+            why = f"{host} closed the connection after go"
+        elif why is None and answer is not None:
+            said = reply_error_message(answer) if answer[0] == "err" else sxp.to_string(answer)
+            why = f"{host} answered {said}"
         return _resolve_in_doubt(hv, domid, label, host, port, use_ssl, mid, why, report,
                                  query_window)
     except PeerError as exc:
-        if state["go"]:
-            raise               # the messages after go say where the domain is
+        if state["go"] or not state["accepted"]:
+            raise       # after go the messages say where it is; before, nothing was touched
         raise PeerError(f"{exc}; domain {label} was not started on {host} and keeps running "
                         "here") from None
     finally:

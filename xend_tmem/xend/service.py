@@ -16,11 +16,12 @@ whose ``go`` may have gone out is settled by asking the destination.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import platform
 import socket
-import tempfile
 import threading
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -29,13 +30,14 @@ from .. import __version__
 from ..checkpoint import domain_sxp, restore_domain, save_domain
 from ..codec import sxp
 from ..config import ToolstackConfig
-from ..domconfig import load_domain_config
-from ..errors import NoSuchDomain, XendTmemError
+from ..domconfig import WORKLOAD_KEYS, load_domain_config, parse_domain_config, workload_from_image
+from ..errors import ConfigError, NoSuchDomain, XendTmemError
 from ..hypervisor.interface import DomainInfo, Hypervisor
-from ..plugins import CheckpointHooks
+from ..plugins import CheckpointHooks, get_plugin_manager
 from . import journal as jrn
 from . import relocation
 from .jobs import Job, JobTable
+from .progress import report_lines
 from .rpc import UnixXMLRPCServer
 
 log = logging.getLogger("xend_tmem.xend")
@@ -47,6 +49,7 @@ STATES = ("running", "blocked", "paused", "shutdown", "crashed", "dying")
 BLOCKING_WAIT_S = 24 * 3600.0
 REPORT_GRACE_S = 1.0         # at stop: time for xm to read how its job ended
 RECOVERY_QUERY_WINDOW_S = 10.0   # xend start: how long to try a destination that is down
+IN_DOUBT_RETRY_S = relocation._seconds("XEND_TMEM_TEST_IN_DOUBT_RETRY_S", 30.0)
 
 
 class XendError(XendTmemError):
@@ -86,6 +89,7 @@ class XendService:
         self._busy: Dict[int, str] = {}
         self._stopping = threading.Event()
         self.recovered: List[str] = []          # what recover() ended, for xm info
+        self._doubt_thread: Optional[threading.Thread] = None
         self.query_window = relocation.QUERY_WINDOW_S   # a job asking its destination
         self.ack_timeout = relocation.ACK_TIMEOUT_S
 
@@ -128,6 +132,7 @@ class XendService:
             "xend.node.tmem_set_cap": self.tmem_set_cap,
             "xend.node.tmem_set_compress": self.tmem_set_compress,
             "xend.node.tmem_query_freeable_mb": self.tmem_query_freeable_mb,
+            **self.xm_methods(),
         }
 
     def register(self, server: UnixXMLRPCServer) -> None:
@@ -339,7 +344,8 @@ class XendService:
                     "checkpoint": bool(checkpoint), **report}
 
         try:
-            return self.jobs.start("save", name, work, cleanup=lambda: self._release(domid)).id
+            return self.jobs.start("save", name, self._reported(work),
+                                   cleanup=lambda: self._release(domid)).id
         except BaseException:
             out.close()
             _unlink(tmp)
@@ -380,7 +386,7 @@ class XendService:
                     **report, "domid": domid}
 
         try:
-            return self.jobs.start("restore", os.path.basename(path), work).id
+            return self.jobs.start("restore", os.path.basename(path), self._reported(work)).id
         except BaseException:
             inp.close()
             raise
@@ -427,9 +433,10 @@ class XendService:
                 entry.update(phase="go-sent", peer_domid=peer_domid)
 
             try:
+                progress = jrn.killpoint_progress(job.progress, "migrate-stream")
                 report = relocation.migrate(self.hv, domid, dst, port, live=bool(live),
                                             hooks=self.hooks, node=node, use_ssl=use_ssl,
-                                            progress=jrn.killpoint_progress(job.progress, "migrate-stream"),
+                                            progress=progress,
                                             cancel=job.cancel, on_accepted=accepted,
                                             on_received=received, name=name,
                                             migration_id=mid, journal=entry.note,
@@ -437,6 +444,7 @@ class XendService:
                                             ack_timeout=self.ack_timeout)
             except relocation.MigrationInDoubt:
                 entry.update(phase="in-doubt", notes={})
+                self._watch_in_doubt()
                 raise
             except BaseException:
                 if renamed:
@@ -451,9 +459,22 @@ class XendService:
             return {"op": "migrate", "domain": name, "domid": domid, "host": dst, "port": port,
                     "ssl": use_ssl, **report}
 
-        return self.jobs.start("migrate", name, work, cleanup=lambda: self._release(domid)).id
+        return self.jobs.start("migrate", name, self._reported(work),
+                               cleanup=lambda: self._release(domid)).id
 
     # -- jobs -----------------------------------------------------------------
+    def _reported(self, work: Callable[[Job], Dict[str, Any]]) -> Callable[[Job], Dict[str, Any]]:
+        """``work`` whose result also carries its human report (``report_lines``),
+        rendered here because only this daemon's plugins know their report keys."""
+        def run(job: Job) -> Dict[str, Any]:
+            result = work(job)
+            try:
+                result["report_lines"] = report_lines(result, self.hooks)
+            except Exception:   # the operation succeeded; xm then renders the host's part
+                log.exception("job %d: rendering its report failed", job.id)
+            return result
+        return run
+
     def job_status(self, job_id: int) -> Dict[str, Any]:
         return self.jobs.get(job_id).status()
 
@@ -636,7 +657,39 @@ class XendService:
         self.recovered = done
         if not done:
             log.info("recovery: no job was left in flight")
+        self._watch_in_doubt()
         return done
+
+    def _watch_in_doubt(self) -> None:
+        """Keep asking the destinations of migrations in doubt (their sources
+        stay paused) until each is settled or xend stops."""
+        with self._lock:
+            if self._doubt_thread is not None and self._doubt_thread.is_alive():
+                return
+            self._doubt_thread = threading.Thread(target=self._settle_in_doubt, daemon=True,
+                                                  name="migrations-in-doubt")
+            self._doubt_thread.start()
+
+    def _settle_in_doubt(self) -> None:
+        while not self._stopping.wait(IN_DOUBT_RETRY_S):
+            left = 0
+            for entry in self.journal.entries():
+                if entry.op != jrn.MIGRATE_OUT or entry.doc.get("phase") != "in-doubt":
+                    continue
+                try:
+                    line, finished = self._recover_entry(entry)
+                except Exception as exc:
+                    log.error("migration in doubt %s: %s", entry.path, exc)
+                    left += 1
+                    continue
+                if finished:
+                    entry.remove()
+                    log.warning("migration in doubt settled: %s", line)
+                    self.recovered.append(line)
+                else:
+                    left += 1
+            if not left:
+                return
 
     def _find(self, domid: Any, *names: str) -> Optional[DomainInfo]:
         """The domain ``domid`` if it still carries one of ``names`` (ids are
@@ -729,7 +782,8 @@ class XendService:
                 self.hv.unpause(info.domid)
             self.journal.record_outcome(mid, relocation.RUNNING)
             where = f"domain {info.name} ({info.domid})" if info else "the domain (gone since)"
-            return f"incoming migration {mid or ''} from {peer}: cleared to run; {where} started"
+            return (f"incoming migration {mid or ''} of {name or 'a domain'} from {peer}: "
+                    f"cleared to run; {where} started")
         if info is not None:
             self.hv.destroy_domain(info.domid)
         self.journal.record_outcome(mid, relocation.ABORTED)
@@ -768,11 +822,277 @@ class XendService:
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel running jobs and incoming restores, and wait for them."""
         self._stopping.set()
+        self._join_shutdown_watch(timeout)
         self.jobs.cancel_all()
         for server in self.relocation_servers:
             server.stop(timeout)
         if not self.jobs.wait_all(timeout, reported_within=REPORT_GRACE_S):
             log.error("some jobs did not stop within %.0f s", timeout)
+
+    # -- xm's everyday commands (issue 8 #9) ----------------------------------------
+    _shutdown_watch: Optional[threading.Thread] = None
+    _shutdown_requests: Optional[Dict[int, str]] = None
+
+    def xm_methods(self) -> Dict[str, Callable[..., Any]]:
+        """The XML-RPC methods of shutdown/reboot, mem-set, vcpu-list, uptime,
+        console, dmesg, log, create from an xm/SXP file, and reload."""
+        return {
+            "xend.domain.create_config": self.domain_create_config,
+            "xend.domain.shutdown": self.domain_shutdown,
+            "xend.domain.setMemoryTarget": self.domain_set_memory_target,
+            "xend.domain.getVCPUInfo": self.domain_vcpu_info,
+            "xend.domain.uptime": self.domain_uptime,
+            "xend.domain.console": self.domain_console,
+            "xend.node.dmesg.info": self.node_dmesg,
+            "xend.node.dmesg.clear": self.node_dmesg_clear,
+            "xend.node.log": self.node_log,
+            "xend.reload": self.reload,
+        }
+
+    def domain_create_config(self, config: Any, source: str = "domain file") -> Dict[str, Any]:
+        """``xm create`` of an xm (Python-syntax) or SXP file, which xm reads itself
+        (as xm did): the domain config mapping it made, validated here again."""
+        if not isinstance(config, dict):
+            raise XendError(f"a domain config is a mapping, got {type(config).__name__}")
+        cfg = parse_domain_config(dict(config), source=str(source))
+        with self._lock:
+            other = self._name_in_use(cfg.name)
+            if other is not None:
+                raise XendError(f"Domain '{cfg.name}' already exists with ID '{other}'")
+            domid = self.hv.create_domain(dict(config))
+        log.info("created domain %s (%d) from %s", cfg.name, domid, source)
+        return {"domid": domid, "name": cfg.name}
+
+    def domain_shutdown(self, dom: Any, reason: str = "poweroff") -> Dict[str, Any]:
+        """``xm shutdown``/``xm reboot``: ask the guest; once it has acknowledged,
+        the domain is destroyed (poweroff, halt) or restarted with its config
+        (reboot) by the shutdown watch. ``acknowledged`` is False for a paused
+        guest, which acknowledges when unpaused."""
+        if reason not in SHUTDOWN_REASONS:
+            raise XendError(f"shutdown reason must be one of {', '.join(SHUTDOWN_REASONS)}, "
+                            f"got {reason!r}")
+        what = "reboot" if reason == "reboot" else "shut down"
+        domid = self.domid(dom)
+        self._refuse_privileged(domid, what)
+        self._refuse_busy(domid, what)
+        self._refuse_when_stopping()
+        name = self.hv.domain_info(domid).name
+        self.hv.shutdown_domain(domid, reason)
+        log.info("domain %s (%d): %s requested", name, domid, reason)
+        with self._lock:
+            if self._shutdown_requests is None:
+                self._shutdown_requests = {}
+            self._shutdown_requests[domid] = reason
+        acknowledged = bool(self.hv.domain_info(domid).shutdown_reason)
+        self._start_shutdown_watch()
+        return {"domid": domid, "name": name, "acknowledged": acknowledged}
+
+    def _start_shutdown_watch(self) -> None:
+        with self._lock:
+            if self._shutdown_watch is not None and self._shutdown_watch.is_alive():
+                return
+            self._shutdown_watch = threading.Thread(target=self._shutdown_loop,
+                                                    name="xend-shutdown-watch", daemon=True)
+            self._shutdown_watch.start()
+
+    def _join_shutdown_watch(self, timeout: float) -> None:
+        watch = self._shutdown_watch
+        if watch is not None:
+            watch.join(timeout)
+
+    def _shutdown_loop(self) -> None:
+        """Xen's @releaseDomain watch, by polling: finish every acknowledged
+        shutdown; ends when no requested shutdown is outstanding."""
+        while not self._stopping.wait(SHUTDOWN_POLL_S):
+            try:
+                outstanding = self.finish_shutdowns()
+            except XendTmemError as exc:
+                log.error("shutdown watch: %s", exc)
+                continue
+            if not outstanding:
+                with self._lock:
+                    if not self._shutdown_requests:
+                        self._shutdown_watch = None
+                        return
+
+    def finish_shutdowns(self) -> int:
+        """Destroy or restart every guest that shut down (also run at ``xend
+        start``, for guests that shut down while xend was away); returns how
+        many requested shutdowns the guests have not acknowledged yet."""
+        infos = self.hv.list_domains()
+        live = {i.domid for i in infos}
+        for info in infos:
+            if info.domid == DOM0 or info.shutdown_reason not in SHUTDOWN_REASONS:
+                continue
+            with self._lock:
+                if info.domid in self._busy:
+                    continue
+                self._complete_shutdown(info)
+                live.discard(info.domid)
+        with self._lock:
+            requests = self._shutdown_requests or {}
+            for domid in [d for d in requests if d not in live]:
+                del requests[domid]
+            return len(requests)
+
+    def _complete_shutdown(self, info: DomainInfo) -> None:
+        """xend's on_poweroff=destroy / on_reboot=restart (caller holds the lock)."""
+        self.hv.destroy_domain(info.domid)
+        if info.shutdown_reason != "reboot":
+            log.info("domain %s (%d) shut down (%s); destroyed", info.name, info.domid,
+                     info.shutdown_reason)
+            return
+        try:
+            config = _restart_config(info)
+            domid = self.hv.create_domain(config)
+        except XendTmemError as exc:
+            log.error("domain %s (%d) rebooted but could not be restarted: %s", info.name,
+                      info.domid, exc)
+            return
+        log.info("domain %s (%d) rebooted; restarted as domain %d", info.name, info.domid,
+                 domid)
+
+    def domain_set_memory_target(self, dom: Any, mem: Any) -> bool:
+        """``xm mem-set DOM MB``: the balloon target, within the domain's maximum."""
+        domid = self.domid(dom)
+        target = _u32(mem, "memory target (MiB)")
+        self.hv.set_memory_target(domid, target)
+        log.info("domain %s: memory target %d MiB", dom, target)
+        return True
+
+    def _domains_or_one(self, dom: Any) -> List[DomainInfo]:
+        if dom in (None, ""):
+            return sorted(self.hv.list_domains(), key=lambda i: i.domid)
+        return [self.hv.domain_info(self.domid(dom))]
+
+    def domain_vcpu_info(self, dom: Any = None) -> List[Dict[str, Any]]:
+        """``xm vcpu-list [DOM]``: one row per vcpu (every domain without DOM)."""
+        rows: List[Dict[str, Any]] = []
+        for info in self._domains_or_one(dom):
+            for v in self.hv.vcpu_info(info.domid):
+                state = "--p" if info.paused else ("r--" if v["running"] else "-b-")
+                rows.append({"name": info.name, "domid": info.domid, "vcpu": v["vcpu"],
+                             "cpu": v["cpu"] if v["online"] else -1, "state": state,
+                             "cpu_time": float(v["cpu_time"]), "affinity": v["affinity"]})
+        return rows
+
+    def domain_uptime(self, dom: Any = None) -> List[Dict[str, Any]]:
+        """``xm uptime [DOM]``: seconds since each domain was built."""
+        return [{"name": i.name, "domid": i.domid,
+                 "uptime": float(self.hv.domain_uptime(i.domid))}
+                for i in self._domains_or_one(dom)]
+
+    def domain_console(self, dom: Any) -> str:
+        """``xm console DOM``: what the guest printed (its console log)."""
+        domid = self.domid(dom)
+        if domid == DOM0:
+            raise XendError("Domain-0's console is the host's own terminal")
+        return self.hv.console_output(domid)
+
+    def node_dmesg(self) -> str:
+        """``xm dmesg``: the hypervisor's console ring."""
+        return self.hv.read_console_ring(False)
+
+    def node_dmesg_clear(self) -> str:
+        """``xm dmesg -c``: the ring, then emptied."""
+        return self.hv.read_console_ring(True)
+
+    def node_log(self) -> str:
+        """``xm log``: xend's log file (its last LOG_TAIL_BYTES)."""
+        path = self.config.logfile
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(0, size - LOG_TAIL_BYTES))
+                data = f.read(LOG_TAIL_BYTES)
+        except OSError as exc:
+            raise XendError(f"cannot read the log {path}: {exc.strerror or exc}") from None
+        text = data.decode("utf-8", "replace")
+        if size > LOG_TAIL_BYTES:
+            text = f"(the first {size - LOG_TAIL_BYTES} bytes are left out; see {path})\n" + \
+                text.split("\n", 1)[-1]
+        return _XML_UNSAFE.sub("?", text)
+
+    def reload(self) -> List[str]:
+        """Re-read the configuration file (``xend reload``, SIGHUP) and apply what
+        can change while xend runs: loglevel, xend-relocation-hosts-allow and the
+        checkpoint plugins' sections (used from the next save, restore or
+        migration). Every other changed key is named as needing a restart and
+        keeps its running value. A broken file changes nothing (ConfigError).
+        Returns one line per changed key."""
+        from ..config import load_toolstack_config
+        old = self.config
+        new = load_toolstack_config(old.path)
+        lines: List[str] = []
+        hooks = self.hooks
+        if new.plugin_settings != old.plugin_settings:
+            if new.checkpoint_plugins == old.checkpoint_plugins:
+                where = new.path or "configuration"
+                try:
+                    hooks = get_plugin_manager(self.hooks.enabled, new.plugin_settings)
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
+                for name in sorted(set(new.plugin_settings) | set(old.plugin_settings)):
+                    if new.plugin_settings.get(name) != old.plugin_settings.get(name):
+                        lines.append(f"{name}: plugin settings applied (from the next save, "
+                                     f"restore or migration)")
+        if new.loglevel != old.loglevel:
+            logging.getLogger().setLevel(getattr(logging, new.loglevel))
+            lines.append(f"loglevel: {old.loglevel} -> {new.loglevel} (applied)")
+        if new.relocation_hosts_allow != old.relocation_hosts_allow:
+            patterns = new.hosts_allow_patterns()
+            for server in self.relocation_servers:
+                server.hosts_allow = list(patterns)
+            shown = " ".join(new.relocation_hosts_allow) or "(every host)"
+            lines.append(f"xend-relocation-hosts-allow: {shown} (applied)")
+        plugins_applied = hooks is not self.hooks
+        self.hooks = hooks
+        for key in _restart_only_changes(old, new):
+            lines.append(f"{key}: changed in the file; takes effect at the next xend restart "
+                         f"(not applied)")
+        self.config = dataclasses.replace(old, loglevel=new.loglevel,
+                                          relocation_hosts_allow=new.relocation_hosts_allow,
+                                          plugin_settings=new.plugin_settings
+                                          if plugins_applied else old.plugin_settings)
+        log.warning("configuration reloaded from %s: %s", old.path or "defaults",
+                    "; ".join(lines) or "nothing changed")
+        return lines
+
+
+SHUTDOWN_REASONS = ("poweroff", "reboot", "halt")
+SHUTDOWN_POLL_S = 0.1
+LOG_TAIL_BYTES = 1 << 20
+_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _restart_config(info: DomainInfo) -> Dict[str, Any]:
+    """A rebooted domain's config: its own, in the form ``create_domain`` takes
+    (a restored domain's came from an image's SXP, where numbers are strings).
+    A reboot is a fresh boot: the guest's tmem starts empty."""
+    cfg = info.config or {}
+    config: Dict[str, Any] = {"name": info.name,
+                              "memory": int(str(cfg.get("memory", info.memory_mib))),
+                              "vcpus": int(str(cfg.get("vcpus", info.vcpus)))}
+    if isinstance(cfg.get("workload"), dict):
+        spec = workload_from_image(cfg["workload"], f"domain {info.name} config")
+        config["workload"] = {k: getattr(spec, k) for k in WORKLOAD_KEYS}
+    return config
+
+
+def _restart_only_changes(old: ToolstackConfig, new: ToolstackConfig) -> List[str]:
+    """Configuration keys that differ and can change only with a restart."""
+    from ..config import _KEYS
+    names = {attr: key for key, (attr, _, _) in _KEYS.items()}
+    names["hypervisor"] = "hypervisor"
+    live = {"path", "loglevel", "relocation_hosts_allow", "plugin_settings"}
+    out = []
+    for f in dataclasses.fields(old):
+        if f.name not in live and getattr(old, f.name) != getattr(new, f.name):
+            out.append(names.get(f.name, f.name))
+    if old.checkpoint_plugins != new.checkpoint_plugins and \
+            old.plugin_settings != new.plugin_settings:
+        out.append("plugin sections (with checkpoint-plugins changed)")
+    return out
 
 
 def _u32(value: Any, what: str) -> int:

@@ -8,8 +8,10 @@ too, which took ids only). Paths are made absolute here, as xm did, because the
 daemon has its own working directory.
 
 ``save``, ``restore`` and ``migrate`` run as daemon jobs that ``xm`` polls: on a
-terminal (stderr) it draws phase, bytes, rate and ETA; off a terminal, or with
-``--quiet``, it prints only the final report (``--json`` for the same as JSON).
+terminal (stderr) it draws a bar per phase with bytes, rate and ETA; off a
+terminal it prints only the final report (``--json`` for the same as JSON)
+unless ``--progress`` asks for progress lines fit for a log; ``--quiet`` never
+shows progress. The report is the one the daemon rendered with its plugins.
 Ctrl-C cancels the job; the daemon then resumes the source domain.
 """
 from __future__ import annotations
@@ -18,13 +20,17 @@ import argparse
 import http.client
 import json
 import os
+import stat
 import sys
 import time
 import xmlrpc.client
-from typing import Any, Callable, Dict, NoReturn, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, TextIO
 
+from .. import __version__
+from ..errors import ConfigError
+from ..xmconfig import load_domain_file
 from . import rpc
-from .progress import ProgressDisplay, report_lines, summary_line
+from .progress import ProgressDisplay, shown_lines, summary_line
 
 POLL_S = 0.1
 CANCEL_WAIT_S = 60.0
@@ -37,6 +43,10 @@ class XmError(Exception):
     def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
         super().__init__(message)
         self.code = code
+
+
+class XmUsageError(XmError):
+    """A command used wrongly: ``xm`` prints that command's usage, then the error."""
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -55,8 +65,10 @@ def server() -> xmlrpc.client.ServerProxy:
 
 
 def _job(proxy: Any, start: Callable[[], int], label: str, show_progress: bool,
-         stream: TextIO) -> Dict[str, Any]:
-    """Start a job, poll it to the end (drawing progress), return its result."""
+         stream: TextIO, total_hint: Optional[int] = None) -> Dict[str, Any]:
+    """Start a job, poll it to the end (drawing progress), return its result.
+    ``total_hint``: the bytes to expect when the daemon does not say (a restore
+    reads the whole image file), for a percentage and an ETA."""
     job_id = start()
     display = ProgressDisplay(stream, label) if show_progress else None
     status: Dict[str, Any] = {}
@@ -66,7 +78,9 @@ def _job(proxy: Any, start: Callable[[], int], label: str, show_progress: bool,
         try:
             status = proxy.xend.job.status(job_id)
             if display is not None:
-                display.update(status["phase"], status["done"], status.get("total"))
+                total = status.get("total")
+                display.update(status["phase"], status["done"],
+                               total_hint if total is None else total, status.get("phase_start"))
             if status["state"] != "running":
                 break
             if deadline is not None and time.monotonic() > deadline:
@@ -93,26 +107,48 @@ def _job(proxy: Any, start: Callable[[], int], label: str, show_progress: bool,
     raise xmlrpc.client.Fault(status.get("fault_code") or 2, status.get("error") or "failed")
 
 
+def _file_size(path: str) -> Optional[int]:
+    """A regular file's size (a restore's expected bytes); None for anything else."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
 def _show_progress(args: argparse.Namespace) -> bool:
-    return not args.quiet and sys.stderr.isatty()
+    """On a terminal a bar per phase; off one only with ``--progress`` (lines for a log)."""
+    return not args.quiet and (args.progress or sys.stderr.isatty())
 
 
 def _print_result(args: argparse.Namespace, result: Dict[str, Any]) -> None:
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
-        for line in report_lines(result):
+        for line in shown_lines(result):
             print(line)
 
 
 # -- commands -------------------------------------------------------------------
 
 def cmd_create(args: argparse.Namespace) -> int:
+    """A YAML domain file goes to xend by path (xend reads it); xm's own
+    Python-syntax and SXP files are read here, never executed, as xm did
+    (:mod:`xend_tmem.xmconfig`), and xend gets the config they make."""
     path = os.path.abspath(args.config)
     if not os.access(path, os.R_OK):
         raise XmError(f"xm create: Unable to read file {path}")
     print(f'Using config file "{args.config}".')
-    out = server().xend.domain.create(path)
+    try:
+        domain_file = load_domain_file(path)
+    except ConfigError as exc:
+        raise XmError(str(exc)) from None
+    for note in domain_file.notes:
+        print(f"Note: {note}")
+    if domain_file.format == "yaml":
+        out = server().xend.domain.create(path)
+    else:
+        out = server().xend.domain.create_config(domain_file.config, path)
     print(f"Started domain {out['name']} (id={out['domid']})")
     return EXIT_OK
 
@@ -188,7 +224,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     # stream does not reveal (the daemon infers it otherwise)
     call_args = (path, bool(args.paused)) + ((args.width,) if args.width else ())
     result = _job(proxy, lambda: proxy.xend.job.restore(*call_args),
-                  "restore", _show_progress(args), sys.stderr)
+                  "restore", _show_progress(args), sys.stderr, _file_size(path))
     _print_result(args, result)
     return EXIT_OK
 
@@ -275,6 +311,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress display (the final report is still printed)")
+    p.add_argument("--progress", action="store_true",
+                   help="show progress also when stderr is not a terminal: a line per "
+                        "phase and every few seconds, for logs")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
 
 
@@ -285,10 +324,13 @@ def _tmem_dom(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="xm", description="Manage xend-tmem domains "
-                             "(XM_SERVER selects the daemon's socket).")
+                             "(XM_SERVER selects the daemon's socket). "
+                             "'xm help COMMAND' shows one command's usage.")
+    parser.add_argument("--version", action="version", version=f"xm (xend-tmem) {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
 
-    p = sub.add_parser("create", help="create a domain from a domain YAML file")
+    p = sub.add_parser("create", help="create a domain from a domain file (YAML, or xm's "
+                                      "Python-syntax or SXP file, read without being run)")
     p.add_argument("config")
     p.set_defaults(func=cmd_create)
 
@@ -362,7 +404,193 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="host and daemon information")
     p.set_defaults(func=cmd_info)
+    _add_everyday_commands(sub)
     return parser
+
+
+# -- the everyday commands (issue 8 #9) ------------------------------------------------
+
+def _all_guests(proxy: Any) -> List[Dict[str, Any]]:
+    return [d for d in proxy.xend.domains_with_state(False, "all", False) if d["domid"] != 0]
+
+
+def _shutdown(reason: str) -> Callable[[argparse.Namespace], int]:
+    """``xm shutdown``/``xm reboot``: ask the guests; ``-w`` waits until each is
+    gone (shutdown) or back under a new id (reboot); ``-a`` every guest."""
+    def run(args: argparse.Namespace) -> int:
+        if args.all and args.dom is not None:
+            raise XmUsageError("give either a domain or -a, not both")
+        if not args.all and args.dom is None:
+            raise XmUsageError(f"xm {args.command}: give a domain or -a for all domains")
+        proxy = server()
+        targets = [d["name"] for d in _all_guests(proxy)] if args.all else [args.dom]
+        asked: Dict[int, str] = {}
+        for dom in targets:
+            out = proxy.xend.domain.shutdown(dom, reason)
+            asked[out["domid"]] = out["name"]
+            if not out["acknowledged"]:
+                print(f"Domain {out['name']} is not running (paused or suspended): its guest "
+                      f"acknowledges the {args.command} when it runs again", file=sys.stderr)
+        if args.wait:
+            _wait_for(proxy, asked, reason == "reboot")
+        return EXIT_OK
+    return run
+
+
+def _wait_for(proxy: Any, asked: Dict[int, str], reboot: bool) -> None:
+    """Poll until every asked domain id is gone (and, for a reboot, its name is back)."""
+    waiting = dict(asked)
+    while waiting:
+        domains = proxy.xend.domains_with_state(False, "all", False)
+        ids = {d["domid"] for d in domains}
+        names = {d["name"]: d["domid"] for d in domains}
+        for domid, name in list(waiting.items()):
+            if domid in ids:
+                continue
+            if reboot and names.get(name) is None:
+                continue
+            del waiting[domid]
+            print(f"Domain {name} rebooted" if reboot else f"Domain {name} terminated")
+        if waiting:
+            time.sleep(POLL_S)
+
+
+def cmd_mem_set(args: argparse.Namespace) -> int:
+    server().xend.domain.setMemoryTarget(args.dom, args.mem)
+    return EXIT_OK
+
+
+VCPU_HEADER = "%-32s %5s %5s %5s %5s %9s %s" % ("Name", "ID", "VCPU", "CPU", "State", "Time(s)",
+                                                "CPU Affinity")
+
+
+def cmd_vcpu_list(args: argparse.Namespace) -> int:
+    proxy = server()
+    rows: List[Dict[str, Any]] = []
+    for dom in args.domains or [None]:
+        rows += proxy.xend.domain.getVCPUInfo(dom)
+    print(VCPU_HEADER)
+    for r in rows:
+        print("%-32s %5d %5d %5s %5s %9.1f %s" % (r["name"], r["domid"], r["vcpu"],
+                                                 r["cpu"] if r["cpu"] >= 0 else "-",
+                                                 r["state"], r["cpu_time"], r["affinity"]))
+    return EXIT_OK
+
+
+def format_uptime(seconds: float) -> str:
+    """xm's form: ``H:MM:SS``, with ``N day(s), `` in front after a day."""
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{days} day{'s' if days != 1 else ''}, {clock}" if days else clock
+
+
+def cmd_uptime(args: argparse.Namespace) -> int:
+    proxy = server()
+    rows: List[Dict[str, Any]] = []
+    for dom in args.domains or [None]:
+        rows += proxy.xend.domain.uptime(dom)
+    print("%-32s %5s %s" % ("Name", "ID", "Uptime"))
+    for r in rows:
+        print("%-32s %5d %s" % (r["name"], r["domid"], format_uptime(r["uptime"])))
+    return EXIT_OK
+
+
+def cmd_dmesg(args: argparse.Namespace) -> int:
+    dmesg = server().xend.node.dmesg
+    sys.stdout.write(dmesg.clear() if args.clear else dmesg.info())
+    return EXIT_OK
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    sys.stdout.write(server().xend.node.log())
+    return EXIT_OK
+
+
+def cmd_domid(args: argparse.Namespace) -> int:
+    print(server().xend.domain(args.dom)["domid"])
+    return EXIT_OK
+
+
+def cmd_domname(args: argparse.Namespace) -> int:
+    print(server().xend.domain(args.dom)["name"])
+    return EXIT_OK
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    sys.stdout.write(server().xend.domain.console(args.dom))
+    return EXIT_OK
+
+
+def _add_everyday_commands(sub: Any) -> None:
+    for name, reason, text in (("shutdown", "poweroff", "shut a domain down (the guest "
+                                "acknowledges, then it is destroyed)"),
+                               ("reboot", "reboot", "reboot a domain (the guest acknowledges, "
+                                "then it restarts with the same config)")):
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("-w", "--wait", action="store_true",
+                       help="wait until the shutdown or reboot is complete")
+        p.add_argument("-a", "--all", action="store_true", help="every domain but Domain-0")
+        p.add_argument("dom", nargs="?", help="domain name or id")
+        p.set_defaults(func=_shutdown(reason))
+
+    p = sub.add_parser("mem-set", help="set a domain's memory (the balloon target)")
+    p.add_argument("dom", help="domain name or id")
+    p.add_argument("mem", type=int, metavar="MB", help="target in MiB, up to its maximum")
+    p.set_defaults(func=cmd_mem_set)
+
+    p = sub.add_parser("vcpu-list", help="list the vcpus of domains")
+    p.add_argument("domains", nargs="*", metavar="DOM")
+    p.set_defaults(func=cmd_vcpu_list)
+
+    p = sub.add_parser("uptime", help="time since each domain was built")
+    p.add_argument("domains", nargs="*", metavar="DOM")
+    p.set_defaults(func=cmd_uptime)
+
+    p = sub.add_parser("dmesg", help="the hypervisor's console messages")
+    p.add_argument("-c", "--clear", action="store_true", help="clear them after printing")
+    p.set_defaults(func=cmd_dmesg)
+
+    p = sub.add_parser("log", help="xend's log")
+    p.set_defaults(func=cmd_log)
+
+    p = sub.add_parser("domid", help="a domain's id from its name")
+    p.add_argument("dom", metavar="NAME")
+    p.set_defaults(func=cmd_domid)
+
+    p = sub.add_parser("domname", help="a domain's name from its id")
+    p.add_argument("dom", metavar="ID")
+    p.set_defaults(func=cmd_domname)
+
+    p = sub.add_parser("console", help="print a domain's console log (the simulated guest "
+                                       "takes no input, so xm does not attach)")
+    p.add_argument("dom", help="domain name or id")
+    p.set_defaults(func=cmd_console)
+
+    p = sub.add_parser("help", help="list the commands, or show one command's usage")
+    p.add_argument("topic", nargs="?", metavar="COMMAND")
+    p.set_defaults(func=None, help_for=True)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _help(parser: argparse.ArgumentParser, topic: Optional[str]) -> int:
+    if topic is None:
+        parser.print_help(sys.stdout)
+        return EXIT_OK
+    commands = _subparsers(parser)
+    if topic not in commands:
+        print(f"Error: unknown command {topic!r} (xm help lists the commands)", file=sys.stderr)
+        return EXIT_ERROR
+    commands[topic].print_help(sys.stdout)
+    return EXIT_OK
 
 
 def _fix_tmem_set(args: argparse.Namespace) -> None:
@@ -374,7 +602,13 @@ def _fix_tmem_set(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # reported by the command's own parser, so its usage is the one shown
+        command = _subparsers(parser).get(args.command or "", parser)
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "help_for", False):
+        return _help(parser, args.topic)
     if not getattr(args, "func", None):
         parser.print_usage(sys.stderr)
         print("Error: a command is required (xm -h lists them)", file=sys.stderr)
@@ -382,6 +616,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _fix_tmem_set(args)
     try:
         return args.func(args)
+    except XmUsageError as exc:
+        _subparsers(parser)[args.command].print_usage(sys.stderr)
+        print(f"Error: {exc}", file=sys.stderr)
+        return exc.code
     except XmError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.code
