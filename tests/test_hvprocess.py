@@ -173,6 +173,7 @@ def _script(hv: Any) -> Dict[str, Any]:
     call("tmem_state", r)
     call("tmem_digest", r)
     call("ram_digest", d)
+    call("guest_heartbeat", d)                         # no workload: (0, 0) on both
     call("op_trace", 0)
     # xm's everyday commands (issue 8 #9); times normalised, they differ run to run
     call("set_memory_target", d, 1)

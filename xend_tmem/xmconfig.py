@@ -22,7 +22,7 @@ from __future__ import annotations
 import ast
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping
 
 from .codec import sxp
 from .domconfig import parse_domain_config
@@ -52,7 +52,7 @@ _OTHER_SETTINGS = {
     "xen_platform_pci", "e820_host", "gfx_passthru", "ip", "netmask", "gateway", "hostname",
     "dhcp", "nfs_server", "nfs_root", "interface", "console_autoconnect", "features", "fda",
     "fdb", "loader", "nomigrate", "pci_msitranslate", "pci_power_mgmt", "blkif", "netif",
-    "tpmif", "cpu_weight", "vfb", "description", "extid", "pool_name", "bootentry",
+    "tpmif", "description", "extid", "pool_name", "bootentry",
 }
 XM_SETTINGS = frozenset(_INT_SETTINGS | _LIST_SETTINGS | _OTHER_SETTINGS)
 

@@ -406,3 +406,13 @@ def test_xend_reload_without_a_daemon_says_so(xends) -> None:
     x = xends.write_config("n")
     r = x.xend_cmd("reload")
     assert r.returncode != 0 and "not running" in (r.stdout + r.stderr)
+
+
+def test_console_of_a_migrated_guest_says_it_arrived(xends) -> None:
+    a, b = xends.start("src"), xends.start("dst")
+    small(a, "mig1", workload={"ram_dirty_pages_per_s": 50, "seed": 5})
+    a.xm_ok("migrate", "-l", "-p", str(b.port), "mig1", "127.0.0.1")
+    console = b.xm_ok("console", "mig1").splitlines()
+    assert any("resumed after save/migration" in ln for ln in console), console
+    assert "mig1" not in a.domains()
+    b.xm_ok("destroy", "mig1")

@@ -656,6 +656,10 @@ class HypervisorClient:
     def ram_digest(self, domid: int) -> str:
         return self._call("ram_digest", domid)
 
+    def guest_heartbeat(self, domid: int) -> Tuple[int, int]:
+        ns, count = self._call("guest_heartbeat", domid)
+        return int(ns), int(count)
+
     def op_trace(self, start: int = 0) -> List[str]:
         return self._call("op_trace", start)
 

@@ -28,6 +28,17 @@ cast to ``"Q"`` are single instructions on x86-64, whose total store order
 makes "stores become visible in program order" the only ordering the
 protocol needs.
 
+Heartbeat (issue 7): while it runs, the guest writes its own clock into its
+RAM at least every millisecond: :data:`HEARTBEAT` at :data:`HEARTBEAT_OFFSET`
+of the last page (:func:`heartbeat_pfn`), clear of the pfn and name words at
++0 and the workload's stamp at +16. RAM moves with the domain, so after a
+migration the destination reads the last beat the source wrote and waits for
+the first beat its own guest writes; both are ``CLOCK_MONOTONIC`` of one host,
+and their difference is the stop the guest itself noticed
+(:func:`xend_tmem.heartbeat.guest_gap_ms`). A restarted guest process
+continues the count it finds in RAM. Only guest processes beat (the
+in-process :meth:`~xend_tmem.hypervisor.sim.SimHypervisor.tick` does not).
+
 This module is imported by the guest process: it imports nothing heavy at
 module level (``subprocess`` only inside :meth:`GuestProcess.spawn`) and
 nothing else from ``xend_tmem``.
@@ -72,6 +83,48 @@ MSG = struct.Struct("<IIII")            # tmem puts, gets, flushes; elapsed micr
 STAMP = struct.Struct("<QQ")            # at +16 in a page: generation, random word
 ACK_TIMEOUT_S = 10.0                    # a guest that cannot stop in this time is hung
 _U32 = 0xFFFFFFFF
+
+# the heartbeat record in guest RAM: magic, seq (odd while a beat is being
+# written), CLOCK_MONOTONIC ns of the last beat, beats so far
+HEARTBEAT = struct.Struct("<QQQQ")
+HEARTBEAT_MAGIC = 0x3174616562474E58    # "XNGbeat1"
+HEARTBEAT_OFFSET = 64                   # in the last page of RAM
+HEARTBEAT_PERIOD_S = 0.0008             # nominal; at most ~1 ms between beats while running
+_HB_RETRIES = 1000                      # a reader racing a writer: bounded retries
+
+
+def heartbeat_pfn(p2m: int) -> int:
+    """The page holding the heartbeat: the last page of RAM."""
+    return p2m - 1
+
+
+def _heartbeat_words(ram: mmap.mmap, p2m: int) -> Tuple[memoryview, memoryview]:
+    off = heartbeat_pfn(p2m) * PAGE_SIZE + HEARTBEAT_OFFSET
+    raw = memoryview(ram)[off:off + HEARTBEAT.size]
+    return raw, raw.cast("Q")
+
+
+def read_heartbeat(ram: mmap.mmap, p2m: int) -> Tuple[int, int]:
+    """``(last beat ns, beats)`` from a domain's RAM; ``(0, 0)`` before any beat.
+
+    A seqlock read (8-byte loads, see the module doc): a beat being written
+    is waited out, so ns and count always belong to the same beat.
+    """
+    if p2m <= 0:
+        return 0, 0
+    raw, w = _heartbeat_words(ram, p2m)
+    try:
+        for _ in range(_HB_RETRIES):
+            s1 = w[1]
+            if s1 & 1:
+                continue
+            magic, ns, count = w[0], w[2], w[3]
+            if w[1] == s1:
+                return (ns, count) if magic == HEARTBEAT_MAGIC else (0, 0)
+        return 0, 0            # a writer stuck mid-beat (killed): no beat to report
+    finally:
+        w.release()
+        raw.release()
 
 
 def bitmap_len(p2m: int) -> int:
@@ -313,10 +366,11 @@ class GuestProcess:
 def run(ram: mmap.mmap, log: GuestLog, sock: socket.socket, seed: int, ppid: int) -> int:
     """The guest's loop; returns when told to exit or its hypervisor is gone.
 
-    Every wake-up (its tick, or a nudge) first plays the writes owed for the
-    time since the last batch -- a guest dirtying memory continuously has done
-    them by now -- and only then acknowledges commands and epochs, so a
-    barrier or a flip sees every write made before it, as with a real guest.
+    Every wake-up (its tick, a heartbeat, or a nudge) first plays the writes
+    owed for the time since the last batch -- a guest dirtying memory
+    continuously has done them by now -- and beats, and only then
+    acknowledges commands and epochs, so a barrier or a flip sees every write
+    made before it (the last beat included), as with a real guest.
     """
     ctl, rates, bitmaps, p2m = log.ctl, log.rates, log.bitmaps, log.p2m
     rng = random.Random(seed)
@@ -329,64 +383,101 @@ def run(ram: mmap.mmap, log: GuestLog, sock: socket.socket, seed: int, ppid: int
     acc = [0.0, 0.0, 0.0, 0.0]
     pending = [0, 0, 0, 0]
     last = time.monotonic()
-    while True:
-        readable, _, _ = select.select([sock], [], [], 0.1 if stopped else TICK_S)
-        if readable:
-            while True:
-                try:
-                    if not sock.recv(64):
-                        return 0                 # the hypervisor closed its end, or died
-                except BlockingIOError:
-                    break
-                except OSError:
-                    return 0
-        if os.getppid() != ppid:
-            return 0                             # orphaned: the hypervisor died
-        if not stopped:
-            # the batch: marks go to the bitmap of the epoch acknowledged
-            # *before* it (see GuestProcess.flip_epoch)
-            now = time.monotonic()
-            elapsed = now - last
-            last = now
-            counts = []
-            for i in range(4):
-                acc[i] += rates[i] * elapsed
-                n = int(acc[i])
-                acc[i] -= n
-                counts.append(min(n, MAX_TICK_OPS))
-            gen = ctl[SLOT_RAM_WRITES]
-            for _ in range(counts[0]):
-                pfn = randrange(p2m)
-                gen += 1
-                pack_into(ram, pfn * PAGE_SIZE + 16, gen, getrandbits(64))
-                bitmap[pfn] = 1                  # after the page
-            ctl[SLOT_RAM_WRITES] = gen
-            pending[0] += counts[1]
-            pending[1] += counts[2]
-            pending[2] += counts[3]
-            pending[3] += int(elapsed * 1e6)
-            if any(pending[:3]) or pending[3] >= TICK_S * 1e6:
-                try:
-                    sock.send(MSG.pack(*(min(v, _U32) for v in pending)))
-                    pending = [0, 0, 0, 0]
-                except BlockingIOError:
-                    pass                         # the hypervisor is behind: send it later
-        seq = ctl[SLOT_CMD_SEQ]                  # seq first: the host stores it after CMD
-        cmd = ctl[SLOT_CMD]
-        if cmd == CMD_EXIT:
-            return 0
-        if seq != acked:
-            if stopped and cmd == CMD_RUN:
-                last = time.monotonic()          # no catching up for time spent stopped
-            stopped = cmd != CMD_RUN
-            ctl[SLOT_ACK_SEQ] = seq
-            acked = seq
-        e = ctl[SLOT_EPOCH]
-        if e != epoch:
-            epoch = e
-            bitmap = bitmaps[e & 1]
-            ctl[SLOT_EPOCH_ACK] = e
-        ctl[SLOT_HEARTBEAT] = time.monotonic_ns()
+    hb_pfn = heartbeat_pfn(p2m)
+    hb_raw, hb = _heartbeat_words(ram, p2m)
+    beats = hb[3] if hb[0] == HEARTBEAT_MAGIC else 0    # a moved guest keeps counting
+    hb[1] &= ~1                        # a beat a killed predecessor left half-written
+    next_beat = 0.0
+    timeout = 0.0                      # look at the first command at once
+    try:
+        while True:
+            readable, _, _ = select.select([sock], [], [], timeout)
+            if readable:
+                while True:
+                    try:
+                        if not sock.recv(64):
+                            return 0             # the hypervisor closed its end, or died
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        return 0
+            if os.getppid() != ppid:
+                return 0                         # orphaned: the hypervisor died
+            resumed = False
+            if not stopped:
+                # the batch: marks go to the bitmap of the epoch acknowledged
+                # *before* it (see GuestProcess.flip_epoch)
+                now = time.monotonic()
+                elapsed = now - last
+                last = now
+                counts = []
+                for i in range(4):
+                    acc[i] += rates[i] * elapsed
+                    n = int(acc[i])
+                    acc[i] -= n
+                    counts.append(min(n, MAX_TICK_OPS))
+                gen = ctl[SLOT_RAM_WRITES]
+                for _ in range(counts[0]):
+                    pfn = randrange(p2m)
+                    gen += 1
+                    pack_into(ram, pfn * PAGE_SIZE + 16, gen, getrandbits(64))
+                    bitmap[pfn] = 1              # after the page
+                ctl[SLOT_RAM_WRITES] = gen
+                pending[0] += counts[1]
+                pending[1] += counts[2]
+                pending[2] += counts[3]
+                pending[3] += int(elapsed * 1e6)
+                # one message per tick (the heartbeat wakes us far more often),
+                # and at once when a command waits: a barrier plays every op
+                if pending[3] >= TICK_S * 1e6 or (any(pending[:3])
+                                                   and ctl[SLOT_CMD_SEQ] != acked):
+                    try:
+                        sock.send(MSG.pack(*(min(v, _U32) for v in pending)))
+                        pending = [0, 0, 0, 0]
+                    except BlockingIOError:
+                        pass                     # the hypervisor is behind: send it later
+                beats += 1
+                next_beat = _beat(hb, beats) + HEARTBEAT_PERIOD_S
+                bitmap[hb_pfn] = 1               # after the page, as every write
+            seq = ctl[SLOT_CMD_SEQ]              # seq first: the host stores it after CMD
+            cmd = ctl[SLOT_CMD]
+            if cmd == CMD_EXIT:
+                return 0
+            if seq != acked:
+                if stopped and cmd == CMD_RUN:
+                    last = time.monotonic()      # no catching up for time spent stopped
+                    resumed = True
+                stopped = cmd != CMD_RUN
+                ctl[SLOT_ACK_SEQ] = seq
+                acked = seq
+            e = ctl[SLOT_EPOCH]
+            if e != epoch:
+                epoch = e
+                bitmap = bitmaps[e & 1]
+                ctl[SLOT_EPOCH_ACK] = e
+            if resumed:
+                # the first beat as soon as the guest runs again: the gap in the
+                # beats is the stop the guest noticed
+                beats += 1
+                next_beat = _beat(hb, beats) + HEARTBEAT_PERIOD_S
+                bitmap[hb_pfn] = 1
+            ctl[SLOT_HEARTBEAT] = time.monotonic_ns()
+            timeout = 0.1 if stopped else max(0.0, min(TICK_S, next_beat - time.monotonic()))
+    finally:
+        hb.release()
+        hb_raw.release()
+
+
+def _beat(hb: memoryview, beats: int) -> float:
+    """Write one heartbeat (seqlock: seq odd while writing); returns its time in s."""
+    now_ns = time.monotonic_ns()
+    seq = hb[1] + 1
+    hb[1] = seq
+    hb[0] = HEARTBEAT_MAGIC
+    hb[2] = now_ns
+    hb[3] = beats
+    hb[1] = seq + 1
+    return now_ns / 1e9
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -274,6 +274,12 @@ class Inspection(Protocol):
         non-live save walk."""
     def ram_digest(self, domid: int) -> str:
         """sha256 of the domain's whole RAM."""
+    def guest_heartbeat(self, domid: int) -> Tuple[int, int]:
+        """``(last beat ns, beats)``: the heartbeat the running guest writes into
+        its own RAM at least every millisecond (CLOCK_MONOTONIC of this host;
+        ``(0, 0)`` before its first beat). It moves with the RAM, so the gap
+        across a migration is the downtime the guest itself saw
+        (:func:`xend_tmem.heartbeat.guest_gap_ms`)."""
     def op_trace(self, start: int = 0) -> List[str]:
         """The tmem control-op trace lines from ``start`` on (the vectors'
         ``xen-restore.trace`` format); empty where the backend keeps none."""

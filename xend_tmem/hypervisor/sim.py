@@ -63,7 +63,7 @@ from ..domconfig import (DomainConfig, TmemSpec, WorkloadSpec, parse_domain_conf
                          workload_from_image)
 from ..errors import ConfigError, HypervisorError, NoSuchDomain
 from .guest import (ACK_TIMEOUT_S, CMD_RUN, CMD_STOP, SLOT_RAM_WRITES, GuestError, GuestLog,
-                    GuestProcess)
+                    GuestProcess, read_heartbeat)
 from .interface import (CLIENT_COMPRESS, CLIENT_FROZEN, EFROZEN, MAX_POOLS, OID,
                         POOL_PAGEBITS_MASK, POOL_PAGEBITS_SHIFT, POOL_PERSIST,
                         POOL_PRECOMPRESSED, POOL_SHARED, POOL_VERSION_MASK,
@@ -821,6 +821,13 @@ class SimHypervisor:
             if d.log is not None:
                 stats["ram_writes"] += d.log.ctl[SLOT_RAM_WRITES]
             return stats
+
+    def guest_heartbeat(self, domid: int) -> Tuple[int, int]:
+        """The guest's heartbeat as its RAM holds it (guest.py): ``(CLOCK_MONOTONIC
+        ns of the last beat, beats so far)``, ``(0, 0)`` if it never beat."""
+        with self._lock:
+            d = self._guest_dom(domid, "guest_heartbeat")
+            return read_heartbeat(d.ram, d.p2m)
 
     def ram_digest(self, domid: int) -> str:
         """sha256 of the domain's whole RAM (save/restore verification)."""

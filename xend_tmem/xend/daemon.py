@@ -1,4 +1,4 @@
-"""``xend start | stop | restart | status | foreground``: the daemon's life cycle.
+"""``xend start | stop | restart | status | reload | foreground``: the daemon's life cycle.
 
 The daemon attaches to the configured hypervisor backend (by default the
 simulated hypervisor's own process for the state directory, started if none
@@ -15,7 +15,9 @@ and a socket nobody listens on is removed before binding. SIGTERM and SIGINT
 stop the daemon cleanly: running jobs are cancelled (their sources resume),
 incoming migrations are broken off (their half-built domains removed), then the
 socket and the pid file go, the pid file last so ``xend stop`` returns only when
-everything is released.
+everything is released. ``reload`` (or SIGHUP) re-reads the configuration file
+without a restart (:meth:`~xend_tmem.xend.service.XendService.reload` says what
+applies live and what waits for a restart).
 """
 from __future__ import annotations
 

@@ -1101,8 +1101,8 @@ def _resolve_in_doubt(hv: Hypervisor, domid: int, name: str, host: str, port: in
                         "the domain was resumed here")
     raise MigrationInDoubt(
         f"cannot tell whether domain {name} runs on {host} ({why}; asking it: {detail}): it is "
-        f"kept paused here as migrating-{name}; xend start asks {host} again, or once you "
-        f"know it runs on {host}, xm destroy migrating-{name} here")
+        f"kept paused here as migrating-{name}; xend keeps asking {host} and settles it, or "
+        f"once you know it runs on {host}, xm destroy migrating-{name} here")
 
 
 __all__ = ["RelocationServer", "Incoming", "migrate", "query_migration", "host_allowed",

@@ -815,7 +815,7 @@ class XendService:
             return f"{where}: {detail}: " + self._recover_source(info, name, notes), True
         entry.update(phase="in-doubt")
         return (f"{where}: cannot tell whether it runs there ({detail}); domain {info.name} "
-                f"({info.domid}) kept paused here; xend start asks again, or xm destroy "
+                f"({info.domid}) kept paused here; xend keeps asking {host}, or xm destroy "
                 f"{info.name} once it runs on {host}"), False
 
     # -- lifecycle --------------------------------------------------------------
@@ -903,12 +903,15 @@ class XendService:
     def _shutdown_loop(self) -> None:
         """Xen's @releaseDomain watch, by polling: finish every acknowledged
         shutdown; ends when no requested shutdown is outstanding."""
-        while not self._stopping.wait(SHUTDOWN_POLL_S):
+        pause = SHUTDOWN_POLL_S
+        while not self._stopping.wait(pause):
             try:
                 outstanding = self.finish_shutdowns()
-            except XendTmemError as exc:
-                log.error("shutdown watch: %s", exc)
+            except Exception as exc:          # e.g. the hypervisor is gone: retry, slower
+                log.error("shutdown watch: %s", exc, exc_info=not isinstance(exc, XendTmemError))
+                pause = SHUTDOWN_RETRY_S
                 continue
+            pause = SHUTDOWN_POLL_S
             if not outstanding:
                 with self._lock:
                     if not self._shutdown_requests:
@@ -1061,6 +1064,7 @@ class XendService:
 
 SHUTDOWN_REASONS = ("poweroff", "reboot", "halt")
 SHUTDOWN_POLL_S = 0.1
+SHUTDOWN_RETRY_S = 5.0
 LOG_TAIL_BYTES = 1 << 20
 _XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 

@@ -533,11 +533,11 @@ def _add_everyday_commands(sub: Any) -> None:
         p.add_argument("-w", "--wait", action="store_true",
                        help="wait until the shutdown or reboot is complete")
         p.add_argument("-a", "--all", action="store_true", help="every domain but Domain-0")
-        p.add_argument("dom", nargs="?", help="domain name or id")
+        p.add_argument("dom", nargs="?", metavar="DOM", help="domain name or id")
         p.set_defaults(func=_shutdown(reason))
 
     p = sub.add_parser("mem-set", help="set a domain's memory (the balloon target)")
-    p.add_argument("dom", help="domain name or id")
+    p.add_argument("dom", metavar="DOM", help="domain name or id")
     p.add_argument("mem", type=int, metavar="MB", help="target in MiB, up to its maximum")
     p.set_defaults(func=cmd_mem_set)
 
@@ -566,7 +566,7 @@ def _add_everyday_commands(sub: Any) -> None:
 
     p = sub.add_parser("console", help="print a domain's console log (the simulated guest "
                                        "takes no input, so xm does not attach)")
-    p.add_argument("dom", help="domain name or id")
+    p.add_argument("dom", metavar="DOM", help="domain name or id")
     p.set_defaults(func=cmd_console)
 
     p = sub.add_parser("help", help="list the commands, or show one command's usage")
