@@ -154,3 +154,38 @@ def test_the_process_client_forwards_the_heartbeat() -> None:
         client.destroy_domain(d)
     finally:
         stop_process(client, proc, state_dir)
+
+
+def test_a_guest_started_before_its_ram_was_restored_counts_on_from_the_ram() -> None:
+    """A guest process may start stopped before a restore fills its RAM: it
+    takes the count from RAM when it first runs, not from when it started."""
+    import mmap
+    import os
+
+    from xend_tmem.hypervisor.guest import (CMD_RUN, HEARTBEAT, HEARTBEAT_MAGIC,
+                                            HEARTBEAT_OFFSET, GuestLog, GuestProcess,
+                                            heartbeat_pfn, read_heartbeat)
+    p2m = 64
+    fd = os.memfd_create("hb-test", os.MFD_CLOEXEC)
+    os.ftruncate(fd, p2m * 4096)
+    ram = mmap.mmap(fd, p2m * 4096)
+    log = GuestLog.create(99, p2m)
+    g = GuestProcess.spawn(fd, log, 1, running=False)
+    try:
+        time.sleep(0.2)                                      # it runs, stopped
+        assert read_heartbeat(ram, p2m) == (0, 0)            # a stopped guest never beats
+        then = time.monotonic_ns() - 40_000_000
+        HEARTBEAT.pack_into(ram, heartbeat_pfn(p2m) * 4096 + HEARTBEAT_OFFSET,
+                            HEARTBEAT_MAGIC, 6, then, 5000)  # "the restore" writes RAM
+        g.command(CMD_RUN, wait=True)
+        deadline = time.monotonic() + 5
+        while read_heartbeat(ram, p2m)[1] <= 5000 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        ns, count = read_heartbeat(ram, p2m)
+        assert 5000 < count < 5100 and ns - then >= 40_000_000
+        assert log.current_bitmap()[heartbeat_pfn(p2m)] == 1  # the beat marks its page
+    finally:
+        g.stop()
+        log.close()
+        ram.close()
+        os.close(fd)

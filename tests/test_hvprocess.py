@@ -447,3 +447,18 @@ def test_a_listing_never_unmaps_a_domain_mapped_while_it_ran(proc: HypervisorCli
     monkeypatch.setattr(proc, "_call", real)
     assert proc.read_pages(e, [0]) == page(1)
     assert proc._maps[e] is mapping           # kept, not dropped and made again
+
+
+def test_a_restore_shell_is_filled_through_the_mapping_in_large_runs(proc: HypervisorClient
+                                                                     ) -> None:
+    d = proc.create_domain_shell("r", 1024, 1)
+    data = os.urandom(300 * 4096)
+    proc.write_pages(d, range(100, 400), data)             # one run: faulted in at once
+    proc.write_pages(d, [1023, 0], data[:8192])             # two single pages
+    assert proc.read_pages(d, range(100, 400)) == data
+    assert proc.read_pages(d, [0, 1023, 99, 400]) == data[4096:8192] + data[:4096] + bytes(8192)
+    sim = SimHypervisor()
+    e = sim.create_domain_shell("r", 1024, 1)
+    sim.write_pages(e, list(range(100, 400)), data)
+    sim.write_pages(e, [1023, 0], data[:8192])
+    assert proc.ram_digest(d) == sim.ram_digest(e)

@@ -146,7 +146,10 @@ def test_save_sends_an_absolute_path_and_prints_the_report(proxy, capsys, tmp_pa
     done_job(proxy, SAVE_RESULT)
     rc, out, err = run(capsys, "save", "-c", "web1", "web1.img")
     assert rc == 0 and err == ""                   # stderr is no terminal under pytest
-    proxy.xend.job.save.assert_called_once_with("web1", str(tmp_path / "web1.img"), True)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # the 4th argument is xm's umask: a new image gets 0666 & ~umask (issue 8 #3)
+    proxy.xend.job.save.assert_called_once_with("web1", str(tmp_path / "web1.img"), True, umask)
     proxy.xend.job.status.assert_called_with(7)
     assert out.splitlines() == SAVE_RESULT["report_lines"]
     assert "plan non-live (the guest is suspended)" in out

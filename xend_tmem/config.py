@@ -7,7 +7,8 @@ all defaults (xend behaved the same); a file named explicitly must exist.
 
 Keys xend never had: ``xend-unix-socket``, ``xend-pid-file``, ``xend-state-dir`` (so a
 test or a second daemon can run unprivileged in a temporary directory),
-``hypervisor`` (the backend and its tmem), ``checkpoint-plugins`` (entry-point names
+``hypervisor`` (the backend and its tmem), ``migration`` (the host's rate cap and
+stop rule), ``checkpoint-plugins`` (entry-point names
 of the enabled plugins) and one section per plugin, passed through untouched for
 the plugin to validate. Anything else, and any value of the wrong type, is a
 :class:`~xend_tmem.errors.ConfigError` naming the file and the key, so the daemon
@@ -56,6 +57,40 @@ class HypervisorSettings:
         return 0 if self.xen_release in ("4.0.0", "4.0.1") else 1
 
 
+MIGRATION_KEYS = ("max-rate-mbit", "downtime-limit-ms", "on-limit-miss", "max-iters",
+                  "max-total-s")
+ON_LIMIT_MISS = ("best-effort", "strict")
+
+
+@dataclass(frozen=True)
+class MigrationSettings:
+    """The ``migration:`` section: the host's rate cap and stop rule (issue 7).
+
+    The stop rule is the host's, not a plugin's: iterate while the expected
+    downtime exceeds ``downtime_limit_ms``, within ``max_iters`` rounds and
+    ``max_total_s`` (:func:`xend_tmem.tmem.policy.should_stop`).
+    """
+
+    max_rate_mbit: float = 0.0          # sender's rate cap, megabits/s (xm migrate -r); 0 = none
+    downtime_limit_ms: float = 300.0
+    on_limit_miss: str = "best-effort"  # or strict: abort and leave the source running
+    max_iters: int = 29                 # Xen's own ceiling by default
+    max_total_s: float = 0.0            # 0 = no cap on a migration's total time
+    downtime_limit_from: str = ""       # the key that set the limit ("" = the default)
+
+    @property
+    def max_rate_bps(self) -> Optional[float]:
+        """The rate cap in bytes per second, ``None`` when uncapped."""
+        return self.max_rate_mbit * 1e6 / 8 if self.max_rate_mbit else None
+
+    def limits(self) -> Any:
+        """The policy's :class:`~xend_tmem.tmem.policy.Limits` for these settings."""
+        from .tmem.policy import Limits
+        return Limits(downtime_limit_ms=self.downtime_limit_ms,
+                      on_limit_miss=self.on_limit_miss, max_iters=self.max_iters,
+                      max_total_s=self.max_total_s)
+
+
 @dataclass(frozen=True)
 class ToolstackConfig:
     """Everything the daemon and its relocation server are configured with."""
@@ -77,6 +112,7 @@ class ToolstackConfig:
     relocation_ssl_cert_file: Optional[str] = None
     relocation_ssl: bool = False
     hypervisor: HypervisorSettings = field(default_factory=HypervisorSettings)
+    migration: MigrationSettings = field(default_factory=MigrationSettings)
     checkpoint_plugins: Tuple[str, ...] = ("tmem",)
     plugin_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -252,6 +288,58 @@ def _hypervisor(value: Any, where: str) -> HypervisorSettings:
     return HypervisorSettings(**out)
 
 
+def _migration_number(raw: Any, where: str, name: str, lo: float, hi: float,
+                      integer: bool = False) -> float:
+    what = "an integer" if integer else "a number"
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) \
+            or (integer and not isinstance(raw, int)) or raw != raw:
+        raise ConfigError(f"{where}: {name}: expected {what} {lo:g}..{hi:g}, got {raw!r}")
+    if not lo <= raw <= hi:
+        raise ConfigError(f"{where}: {name}: expected {what} {lo:g}..{hi:g}, got {raw!r}")
+    return raw
+
+
+def _migration(value: Any, tmem: Any, where: str) -> MigrationSettings:
+    """The ``migration:`` section; ``tmem.downtime-limit-ms`` is the old name of
+    ``migration.downtime-limit-ms`` and still sets it (both given: they must agree)."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: migration: expected a mapping, got {value!r}")
+    out: Dict[str, Any] = {}
+    for key, raw in value.items():
+        name = f"migration.{key}"
+        if key == "max-rate-mbit":
+            out["max_rate_mbit"] = float(_migration_number(raw, where, name, 0, 1e6))
+        elif key == "downtime-limit-ms":
+            out["downtime_limit_ms"] = float(_migration_number(raw, where, name, 1, 3.6e6))
+            out["downtime_limit_from"] = name
+        elif key == "on-limit-miss":
+            if raw not in ON_LIMIT_MISS:
+                raise ConfigError(f"{where}: {name}: expected one of "
+                                  f"{' | '.join(ON_LIMIT_MISS)}, got {raw!r}")
+            out["on_limit_miss"] = raw
+        elif key == "max-iters":
+            out["max_iters"] = int(_migration_number(raw, where, name, 1, 1000, integer=True))
+        elif key == "max-total-s":
+            out["max_total_s"] = float(_migration_number(raw, where, name, 0, 86400))
+        else:
+            close = difflib.get_close_matches(str(key), MIGRATION_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: {name}: unknown key{hint} "
+                              f"(known: {', '.join(MIGRATION_KEYS)})")
+    if isinstance(tmem, dict) and "downtime-limit-ms" in tmem:
+        alias = "tmem.downtime-limit-ms"
+        old = float(_migration_number(tmem["downtime-limit-ms"], where, alias, 1, 3.6e6))
+        if "downtime_limit_ms" not in out:
+            out["downtime_limit_ms"], out["downtime_limit_from"] = old, alias
+        elif out["downtime_limit_ms"] != old:
+            raise ConfigError(f"{where}: {alias}: is the old name of migration.downtime-limit-ms "
+                              f"and says {old:g} where migration says "
+                              f"{out['downtime_limit_ms']:g}: keep one")
+    return MigrationSettings(**out)
+
+
 def _xen_release(raw: Any, where: str, name: str) -> str:
     """'4.0.2' style, 4.0.0 to 4.5.x; a bare '4.1' means '4.1.0'."""
     text = str(raw).strip() if isinstance(raw, (str, float, int)) and not isinstance(raw, bool) else ""
@@ -306,8 +394,11 @@ def parse_toolstack_config(data: Any, path: Optional[str] = None) -> ToolstackCo
             values[attr] = value
         elif key == "hypervisor":
             values["hypervisor"] = _hypervisor(raw, where)
+        elif key == "migration":
+            pass                    # below, once the tmem section (its alias) is known
         else:
             plugin_sections[key] = raw
+    values["migration"] = _migration(data.get("migration"), data.get("tmem"), where)
     enabled = values.get("checkpoint_plugins", ToolstackConfig.checkpoint_plugins)
     installed = _installed_plugin_names()
     for name in enabled:
@@ -328,7 +419,8 @@ def parse_toolstack_config(data: Any, path: Optional[str] = None) -> ToolstackCo
                 raise ConfigError(f"{where}: {key}: the plugin's section must be a mapping, "
                                   f"got {raw!r}")
         if unknown:
-            close = difflib.get_close_matches(unknown[0], [*_KEYS, "hypervisor", *known], n=1)
+            close = difflib.get_close_matches(unknown[0], [*_KEYS, "hypervisor", "migration",
+                                                           *known], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             more = f"; {len(unknown) - 1} more unknown" if len(unknown) > 1 else ""
             raise ConfigError(f"{where}: unknown setting {unknown[0]!r}{hint}{more}")
@@ -372,5 +464,5 @@ def load_toolstack_config(path: Optional[str] = None) -> ToolstackConfig:
     return parse_toolstack_config(parse_yaml(text, path), os.path.abspath(path))
 
 
-__all__ = ["ToolstackConfig", "HypervisorSettings", "load_toolstack_config",
+__all__ = ["ToolstackConfig", "HypervisorSettings", "MigrationSettings", "load_toolstack_config",
            "parse_toolstack_config", "config_path", "ENV_VAR", "DEFAULT_PATH"]

@@ -4,6 +4,7 @@ Every ``str()`` is a single line fit to follow ``Error: `` on a terminal.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 
@@ -11,6 +12,17 @@ def _show(value: object) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value} ({value:#x})" if value > 9 else str(value)
     return repr(value)
+
+
+def os_error_message(exc: OSError) -> str:
+    """An OS error as the OS words it, with the path: ``/srv/x.img: No space
+    left on device`` (Python's ``[Errno 28] ...: '/srv/x.img'`` is not for users)."""
+    text = exc.strerror or (str(exc.args[0]) if exc.args else "") or type(exc).__name__
+    if exc.filename is not None:
+        text = f"{os.fsdecode(exc.filename)}: {text}"
+        if exc.filename2 is not None:
+            text += f" (and {os.fsdecode(exc.filename2)})"
+    return text
 
 
 class XendTmemError(Exception):

@@ -170,6 +170,7 @@ class CheckpointHooks:
                 impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
             except BaseException as exc:  # noqa: B902 - reported by the host
                 errors.append((impl.plugin_name, exc))
+        _reraise_interrupt(errors)
         return errors
 
     # -- reports --------------------------------------------------------------
@@ -201,7 +202,20 @@ class CheckpointHooks:
                 impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
             except BaseException as exc:  # noqa: B902 - collected, re-raised by the host
                 errors.append((impl.plugin_name, exc))
+        _reraise_interrupt(errors)
         return errors
+
+
+def _reraise_interrupt(errors: List[Tuple[str, BaseException]]) -> None:
+    """Every cleanup has run; a Ctrl-C (or exit) caught among them is not the
+    plugins' error to report but the user's request: raise it now, with the
+    other failures noted on it."""
+    for name, exc in errors:
+        if not isinstance(exc, Exception):
+            others = [f"{n}: {e!r}" for n, e in errors if e is not exc]
+            if others and hasattr(exc, "add_note"):
+                exc.add_note("other cleanup failures: " + "; ".join(others))
+            raise exc
 
 
 def get_plugin_manager(enabled: Iterable[str] = ("tmem",),

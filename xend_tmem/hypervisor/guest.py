@@ -385,8 +385,7 @@ def run(ram: mmap.mmap, log: GuestLog, sock: socket.socket, seed: int, ppid: int
     last = time.monotonic()
     hb_pfn = heartbeat_pfn(p2m)
     hb_raw, hb = _heartbeat_words(ram, p2m)
-    beats = hb[3] if hb[0] == HEARTBEAT_MAGIC else 0    # a moved guest keeps counting
-    hb[1] &= ~1                        # a beat a killed predecessor left half-written
+    beats = 0                          # read from RAM when the guest first runs
     next_beat = 0.0
     timeout = 0.0                      # look at the first command at once
     try:
@@ -457,7 +456,12 @@ def run(ram: mmap.mmap, log: GuestLog, sock: socket.socket, seed: int, ppid: int
                 ctl[SLOT_EPOCH_ACK] = e
             if resumed:
                 # the first beat as soon as the guest runs again: the gap in the
-                # beats is the stop the guest noticed
+                # beats is the stop the guest noticed. RAM is the truth while the
+                # guest is stopped (a restore may have filled it since this
+                # process started): count on from the beat it holds.
+                if hb[0] == HEARTBEAT_MAGIC:
+                    beats = hb[3]
+                hb[1] &= ~1              # a beat a killed predecessor left half-written
                 beats += 1
                 next_beat = _beat(hb, beats) + HEARTBEAT_PERIOD_S
                 bitmap[hb_pfn] = 1

@@ -195,7 +195,7 @@ class _Connection:
                     request, fds = wire.recv(self.sock)
                 except (wire.ConnectionLost, OSError):
                     return
-                wire._close_all(fds)
+                wire.close_fds(fds)
                 self._serve(request)
         except (wire.ConnectionLost, OSError) as exc:
             log.debug("connection ended: %s", exc)
@@ -215,7 +215,7 @@ class _Connection:
             self.buf = mmap.mmap(fds[0], size)
             self.view = memoryview(self.buf)
         finally:
-            wire._close_all(fds)
+            wire.close_fds(fds)
         wire.send(self.sock, (wire.OK, self.server.identity))
 
     def close(self) -> None:

@@ -338,7 +338,7 @@ class SimHypervisor:
     def _room(self, units: int, op: str) -> None:
         if self._used + units > self._capacity:
             raise HypervisorError(op, f"tmem is full ({self._used} of {self._capacity} pages "
-                                      f"used, {units} more needed)")
+                                      f"used, {units} more needed)", code=-errno.ENOMEM)
 
     def _delete(self, pool: _Pool, key: bytes) -> bool:
         """Delete one page; log it for every sharer running a live save (SPEC §7)."""

@@ -90,12 +90,12 @@ def recv(sock: socket.socket) -> Tuple[Any, List[int]]:
                 got.frombytes(payload[:len(payload) - len(payload) % got.itemsize])
                 fds.extend(got)
         if not data:
-            _close_all(fds)
+            close_fds(fds)
             raise ConnectionLost("connection closed")
         header += data
     (length,) = _HEADER.unpack(header)
     if length > MAX_MESSAGE:
-        _close_all(fds)
+        close_fds(fds)
         raise ConnectionLost(f"message of {length} bytes announced (limit {MAX_MESSAGE})")
     body = bytearray(length)
     view = memoryview(body)
@@ -103,18 +103,19 @@ def recv(sock: socket.socket) -> Tuple[Any, List[int]]:
     while got_bytes < length:
         n = sock.recv_into(view[got_bytes:])
         if not n:
-            _close_all(fds)
+            close_fds(fds)
             raise ConnectionLost("connection closed inside a message")
         got_bytes += n
     view.release()
     try:
         return marshal.loads(body), fds
     except (ValueError, EOFError, TypeError) as exc:
-        _close_all(fds)
+        close_fds(fds)
         raise ConnectionLost(f"malformed message: {exc}") from None
 
 
-def _close_all(fds: Sequence[int]) -> None:
+def close_fds(fds: Sequence[int]) -> None:
+    """Close received descriptors nobody will use (errors ignored: best effort)."""
     for fd in fds:
         try:
             os.close(fd)

@@ -1,11 +1,17 @@
 """The tmem plugin's section of the toolstack configuration (``tmem:``).
 
 xend had no tmem keys; these are new, named in xend's dashed style.
+
+``downtime-limit-ms`` moved to the host's ``migration:`` section (issue 7: the
+stop rule is the host's); here it stays as the old name, which the toolstack
+configuration reads as ``migration.downtime-limit-ms`` when that is not set.
+For one migration the host hands the plugin its own limit
+(:func:`with_host_limit`), so plugin and host never disagree.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from ..errors import ConfigError
 
@@ -15,7 +21,7 @@ PLANS = ("auto", "precopy", "late-freeze", "after-suspend")
 DEFAULTS = {
     "layout": "released",
     "plan": "auto",
-    "downtime-limit-ms": 300,
+    "downtime-limit-ms": 300,           # old name of migration.downtime-limit-ms
     "bandwidth-mbps": 0,
 }
 
@@ -52,6 +58,16 @@ def parse_settings(section: Optional[Mapping[str, Any]], where: str = "tmem") ->
     return TmemSettings(layout=layout, plan="precopy" if layout == "seed" else plan,
                         downtime_limit_s=downtime / 1000.0,
                         bandwidth_bps=(bandwidth * 1e6 / 8) if bandwidth else None)
+
+
+def with_host_limit(section: Optional[Mapping[str, Any]],
+                    downtime_limit_ms: float) -> Dict[str, Any]:
+    """The ``tmem:`` section as the plugin should see it for one migration: the
+    host's downtime limit (``migration.downtime-limit-ms`` or ``xm migrate
+    --downtime-limit-ms``) in place of the old key."""
+    out = dict(section or {})
+    out["downtime-limit-ms"] = downtime_limit_ms
+    return out
 
 
 def _number(value: Any, key: str, minimum: float) -> float:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import http.client
 import logging
 import os
 import select
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import xmlrpc.client
 from typing import TYPE_CHECKING, Any, List, NoReturn, Optional, Sequence, Tuple
 
 from ..config import ToolstackConfig, load_toolstack_config
@@ -41,6 +43,7 @@ from ..errors import ConfigError, PluginError, XendTmemError
 from ..hypervisor.backends import load_backend
 from ..plugins import CheckpointHooks, get_plugin_manager
 from . import relocation
+from . import rpc
 from .rpc import UnixXMLRPCServer, serve_in_thread
 from .service import XendService
 
@@ -85,6 +88,14 @@ class PidFile:
                 raise StartError(f"xend is already running (pid {pid}, pid file {self.path})") \
                     from None
             raise
+        other = foreign_owner(self.path)
+        if other is not None:
+            os.close(fd)
+            raise StartError(f"pid file {self.path} belongs to running process {other} "
+                             f"({_cmdline(other)}), which is not xend-tmem (a stock xend?); it "
+                             f"is left alone: give this daemon its own xend-pid-file (and "
+                             f"socket, state dir and ports; INSTALL.md, 'Two daemons on one "
+                             f"host'), or remove the file if that process is no xend")
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
@@ -98,6 +109,50 @@ class PidFile:
             pass
         os.close(self.fd)
         self.fd = None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            text = f.read(4096).replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return "command unknown"
+    return text[:120] or "command unknown"
+
+
+def _started_at(pid: int) -> Optional[float]:
+    """When ``pid`` started (epoch seconds), from /proc; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def foreign_owner(path: str) -> Optional[int]:
+    """The pid in an unlocked pid file if that process runs and is not us: a
+    daemon that does not lock its pid file (xend) owns it. A process started
+    after the file was written only reused a stale pid: None then."""
+    pid = read_pid(path)
+    if pid is None or pid == os.getpid() or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    started = _started_at(pid)
+    try:
+        written = os.stat(path).st_mtime
+    except OSError:
+        return None
+    if started is not None and started > written + 1.0:
+        return None
+    return pid
 
 
 def read_pid(path: str) -> Optional[int]:
@@ -190,7 +245,16 @@ def log_domains(hv: "Hypervisor") -> None:
         log.info("found domain %s (id %d, state %s)", d.name, d.domid, d.state)
 
 
-def _clear_stale_socket(path: str) -> None:
+IDENTIFY_METHOD = "xend_tmem.identify"
+PROBE_TIMEOUT_S = 5.0
+TWO_DAEMONS = ("give this daemon its own xend-unix-socket, xend-pid-file, xend-state-dir and "
+               "relocation ports in its configuration (INSTALL.md, 'Two daemons on one host')")
+
+
+def _clear_stale_socket(path: str, config_path: str = "") -> None:
+    """Remove a socket nobody listens on; refuse one somebody answers on,
+    saying whether it is another xend-tmem or something else (a stock xend,
+    whose default socket is ours too), which is left alone."""
     if not os.path.exists(path):
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -202,7 +266,17 @@ def _clear_stale_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise StartError(f"another xend is already serving {path}")
+    where = f" (config {config_path})" if config_path else ""
+    try:
+        who = getattr(rpc.connect(path, timeout=PROBE_TIMEOUT_S), IDENTIFY_METHOD)()
+    except (xmlrpc.client.Error, OSError, http.client.HTTPException, ValueError):
+        who = None
+    if isinstance(who, dict) and who.get("product") == "xend-tmem":
+        raise StartError(f"another xend-tmem (pid {who.get('pid')}, config "
+                         f"{who.get('config') or 'defaults'}) is already serving {path}; stop it "
+                         f"first (xend stop), or {TWO_DAEMONS}")
+    raise StartError(f"{path} is served by another program, not xend-tmem (a stock xend?); "
+                     f"it is left alone: {TWO_DAEMONS}{where}")
 
 
 def _ssl_context(config: ToolstackConfig) -> ssl.SSLContext:
@@ -233,8 +307,12 @@ def _relocation_servers(config: ToolstackConfig, service: XendService
                     restore=service.incoming_restore, check_offer=service.check_offer,
                     discard=service.discard_domain, ssl_context=ctx)
             except OSError as exc:
+                key = "xend-relocation-ssl-port" if ctx is not None else "xend-relocation-port"
+                hint = (f"; another xend (or a second daemon) may use it: give this one its "
+                        f"own port ({key} in {config.path or 'the configuration'})"
+                        if exc.errno == errno.EADDRINUSE else "")
                 raise StartError(f"cannot listen for relocation on {address}:{port}: "
-                                 f"{exc.strerror or exc}") from None
+                                 f"{exc.strerror or exc}{hint}") from None
             servers.append(server)
     except BaseException:
         for s in servers:
@@ -262,6 +340,8 @@ class Daemon:
         cfg = self.config
         try:
             self.pidfile.acquire()
+            if cfg.unix_xmlrpc_server:   # before the hypervisor: refuse a clash at once
+                _clear_stale_socket(cfg.unix_socket, cfg.path or "")
             os.makedirs(cfg.state_dir, exist_ok=True)
             self._log_handler = setup_logging(cfg)
             log.info("xend starting (config %s)", cfg.path or "defaults")
@@ -272,7 +352,7 @@ class Daemon:
             self.service.recover()       # end what a killed xend left in flight (journal)
             self.service.finish_shutdowns()   # guests that shut down while xend was away
             if cfg.unix_xmlrpc_server:
-                _clear_stale_socket(cfg.unix_socket)
+                _clear_stale_socket(cfg.unix_socket, cfg.path or "")
                 self.rpc = UnixXMLRPCServer(cfg.unix_socket)
                 self.service.register(self.rpc)
             self.service.relocation_servers = _relocation_servers(cfg, self.service)

@@ -52,13 +52,31 @@ Extensions, all invisible to a stock xend on either end:
   on two hosts.
 
 TLS (``xm migrate --ssl``, the ``xend-relocation-ssl-server`` port): the same
-exchange inside TLS, the operation spelled ``sslreceive``. As in xend the sender
-encrypts but does not verify the receiver's certificate. A stock image ends with
-a TLS close_notify rather than a bare TCP half-close.
+exchange inside TLS, the operation spelled ``sslreceive``. A stock image ends
+with a TLS close_notify rather than a bare TCP half-close. As in xend, by
+default the sender encrypts but does not verify the receiver; with
+``xend-relocation-ssl-ca-file`` (a CA, or the peer's own self-signed
+certificate) the peer's certificate must verify against it, and with
+``xend-relocation-ssl-peer-fingerprint`` (sha256 of the peer's certificate) it
+must be exactly that certificate -- in both directions: the server then asks
+the client for its certificate (the host's own key pair,
+``xend-relocation-server-ssl-{cert,key}-file``). Python's ``ssl`` has no verify
+callback, so a server can only request client certificates it can verify: it
+needs the CA file; the client can pin by fingerprint alone.
 
 Access control: ``xend-relocation-hosts-allow`` patterns must match the *whole*
 peer address or host name (``re.fullmatch``; xend's ``re.match`` let
-``^10\\.0\\.0\\.1`` admit 10.0.0.10). A rejected peer gets an ``(err ...)``.
+``^10\\.0\\.0\\.1`` admit 10.0.0.10). A host name counts only when forward-
+confirmed: the reverse lookup's name must resolve back to the peer's address.
+A rejected peer gets an ``(err ...)``.
+
+Hostile peers: before ``receive`` a connection is in its control phase, which
+has an overall deadline (:data:`CONTROL_DEADLINE_S`, however slowly bytes
+trickle in) and small line limits (:data:`MAX_OP_LINE`, a pre-flight line
+:data:`MAX_OFFER_LINE`); at most :data:`MAX_CONTROL_CONNECTIONS` connections
+are in it at once (a new one evicts the oldest) and at most
+:data:`MAX_RECEIVING` images stream in at once. Every malformed message gets an
+``(err ...)`` reply and one log line.
 
 Failure handling on the sender: an ``(err ...)`` the receiver sends while the
 image is still streaming is noticed at the next write and stops the save at
@@ -69,6 +87,8 @@ mid-way is ended cleanly by the next ``xend start``.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -80,6 +100,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Pattern, Sequence, Set, Tuple
 
 from ..codec import sxp
@@ -92,8 +113,15 @@ log = logging.getLogger("xend_tmem.xend.relocation")
 
 PROTOCOL = 2
 PREFLIGHT_OP = "xend-tmem-preflight"
+INTEGRITY_FRAMES = "crc32-frames"   # a CRC32 after each image frame (pre-flight option)
 QUERY_OP = "xend-tmem-query"
-MAX_LINE = 1 << 20            # longest control line (a pre-flight offer) accepted
+MAX_LINE = 1 << 20            # longest reply line a sender accepts (a report)
+MAX_OP_LINE = 4 << 10         # longest control line before the pre-flight
+MAX_OFFER_LINE = 64 << 10     # longest pre-flight line
+MAX_JSON_DEPTH = 16           # deepest nesting of a pre-flight offer
+MAX_CONTROL_CONNECTIONS = 64  # connections before "receive" at once (oldest evicted)
+MAX_RECEIVING = 8             # images streaming in at once
+MAX_MIGRATION_ID = 64
 MAX_OPS = 16                  # control operations per connection before "receive"
 MAX_FRAME = 4 << 20           # longest image frame accepted
 MAX_REMEMBERED = 256          # finished incoming migrations a query can still ask about
@@ -117,6 +145,7 @@ GO_TIMEOUT_S = _seconds("XEND_TMEM_TEST_GO_TIMEOUT_S", 60.0)
 # sender: how long to keep asking an unreachable peer before saying "in doubt"
 QUERY_WINDOW_S = _seconds("XEND_TMEM_TEST_QUERY_WINDOW_S", 30.0)
 STARTING_WAIT_S = 30.0       # a query waits this long for a start in progress
+CONTROL_DEADLINE_S = 30.0    # from accept to "receive" (or the last answer), at most
 DRAIN_AFTER_ERROR_S = 2.0     # let the sender read our (err ...) before we close
 _FRAME = struct.Struct(">I")
 
@@ -159,21 +188,113 @@ def reply_error_message(form: List[Any]) -> str:
 
 def host_allowed(patterns: Sequence[Pattern[str]], address: str,
                  names: Optional[Callable[[str], List[str]]] = None) -> bool:
-    """Does any pattern match the whole address, or one of its host names?"""
+    """Does any pattern match the whole address, or one of its forward-confirmed
+    host names (``names``: the lookup, :func:`confirmed_names` by default)?"""
     if not patterns:
         return True
     if any(p.fullmatch(address) for p in patterns):
         return True
-    lookup = names or reverse_names
+    lookup = names or confirmed_names
     return any(p.fullmatch(n) for n in lookup(address) for p in patterns)
 
 
+def _plain_address(address: str) -> str:
+    """``::ffff:10.0.0.1`` -> ``10.0.0.1``; a scope id dropped."""
+    address = address.split("%", 1)[0]
+    return address[7:] if address.lower().startswith("::ffff:") and "." in address else address
+
+
 def reverse_names(address: str) -> List[str]:
+    """The reverse lookup's name and aliases (unconfirmed: anyone's reverse zone
+    can claim any name)."""
     try:
         name, aliases, _ = socket.gethostbyaddr(address)
     except (OSError, UnicodeError):
         return []
     return [name, *aliases]
+
+
+def confirmed_names(address: str) -> List[str]:
+    """Host names of ``address`` that resolve back to it (forward-confirmed
+    reverse DNS): only those may match a hosts-allow pattern."""
+    want = _plain_address(address)
+    out: List[str] = []
+    for name in reverse_names(address)[:8]:
+        try:
+            infos = socket.getaddrinfo(name, None)
+        except (OSError, UnicodeError):
+            continue
+        if any(_plain_address(str(info[4][0])) == want for info in infos):
+            out.append(name)
+    return out
+
+
+# -- TLS ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """This host's key pair and how the peer's certificate is verified.
+
+    ``ca_file``: the peer's certificate must verify against it (a CA or the
+    peer's self-signed certificate). ``peer_fingerprint``: sha256 hex of the
+    peer's certificate, which must match exactly. Neither: xend's behaviour,
+    encrypted but unverified."""
+
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+    ca_file: Optional[str] = None
+    peer_fingerprint: Optional[str] = None
+
+    @property
+    def verifies(self) -> bool:
+        return bool(self.ca_file or self.peer_fingerprint)
+
+
+def server_context(tls: TlsSettings) -> ssl_mod.SSLContext:
+    """The relocation server's context: its key pair; with a CA file it
+    requires and verifies the client's certificate."""
+    ctx = ssl_mod.SSLContext(ssl_mod.PROTOCOL_TLS_SERVER)
+    if tls.cert_file:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file or None)
+    if tls.ca_file:
+        ctx.load_verify_locations(cafile=tls.ca_file)
+        ctx.verify_mode = ssl_mod.CERT_REQUIRED
+    return ctx
+
+
+def client_context(tls: Optional[TlsSettings]) -> ssl_mod.SSLContext:
+    """The sender's context: verifies the server against the CA file when
+    given (the fingerprint is checked after the handshake) and presents this
+    host's certificate so a verifying server accepts it."""
+    ctx = ssl_mod.SSLContext(ssl_mod.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False       # peers are named by address; the CA/pin vouches
+    if tls is not None and tls.ca_file:
+        ctx.load_verify_locations(cafile=tls.ca_file)
+        ctx.verify_mode = ssl_mod.CERT_REQUIRED
+    else:
+        ctx.verify_mode = ssl_mod.CERT_NONE
+    if tls is not None and tls.cert_file:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file or None)
+    return ctx
+
+
+def cert_fingerprint(sock: ssl_mod.SSLSocket) -> Optional[str]:
+    """sha256 hex of the peer's certificate (None: it sent none)."""
+    der = sock.getpeercert(binary_form=True)
+    return hashlib.sha256(der).hexdigest() if der else None
+
+
+def check_fingerprint(sock: ssl_mod.SSLSocket, pinned: Optional[str], who: str) -> None:
+    """Raise :class:`PeerError` unless the peer's certificate is the pinned one."""
+    if not pinned:
+        return
+    got = cert_fingerprint(sock)
+    if got is None:
+        raise PeerError(f"{who} presented no certificate, but "
+                        "xend-relocation-ssl-peer-fingerprint requires one")
+    if not hmac.compare_digest(got, pinned.lower()):
+        raise PeerError(f"certificate of {who} has sha256 fingerprint {got}, not the one in "
+                        "xend-relocation-ssl-peer-fingerprint")
 
 
 # -- receiver -----------------------------------------------------------------
@@ -263,7 +384,15 @@ class RelocationServer:
                  restore: RestoreFn, check_offer: CheckFn, discard: DiscardFn,
                  unpause: Optional[DiscardFn] = None, journal: Optional[jrn.Journal] = None,
                  ssl_context: Optional[ssl_mod.SSLContext] = None,
-                 io_timeout: float = IO_TIMEOUT_S, go_timeout: float = GO_TIMEOUT_S) -> None:
+                 io_timeout: float = IO_TIMEOUT_S, go_timeout: float = GO_TIMEOUT_S,
+                 tls: Optional[TlsSettings] = None, peer_fingerprint: Optional[str] = None,
+                 max_connections: Optional[int] = None,
+                 control_deadline: Optional[float] = None) -> None:
+        if tls is not None and ssl_context is None:
+            ssl_context = server_context(tls)
+        self.peer_fingerprint = peer_fingerprint or (tls.peer_fingerprint if tls else None)
+        self.max_connections = max_connections or MAX_CONTROL_CONNECTIONS
+        self.control_deadline = control_deadline or CONTROL_DEADLINE_S
         self.hosts_allow = list(hosts_allow)
         self.restore = restore
         self.check_offer = check_offer
@@ -289,6 +418,9 @@ class RelocationServer:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)    # an incoming's state moved
         self._conns: Set[socket.socket] = set()
+        # connections still in their control phase, oldest first (evictable)
+        self._control: "OrderedDict[socket.socket, float]" = OrderedDict()
+        self._receiving = 0
         self._threads: Set[threading.Thread] = set()
         self._accept_thread: Optional[threading.Thread] = None
         self._migrations: "OrderedDict[str, Incoming]" = OrderedDict()
@@ -334,17 +466,47 @@ class RelocationServer:
                     return
                 time.sleep(0.05)
                 continue
+            evicted: List[socket.socket] = []
+            with self._lock:
+                while len(self._control) >= self.max_connections:
+                    old, _ = self._control.popitem(last=False)
+                    evicted.append(old)
+                self._conns.add(conn)
+                self._control[conn] = time.monotonic()
+            for old in evicted:
+                # its thread sees the connection end and finishes with one log line
+                _shutdown(old)
             t = threading.Thread(target=self._serve, args=(conn, addr[0]), daemon=True,
                                  name=f"relocation-peer:{addr[0]}")
             with self._lock:
-                self._conns.add(conn)
                 self._threads.add(t)
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as exc:       # no thread left: drop this one
+                log.warning("relocation: connection from %s dropped: %s", addr[0], exc)
+                with self._lock:
+                    self._threads.discard(t)
+                    self._conns.discard(conn)
+                    self._control.pop(conn, None)
+                conn.close()
+
+    def left_control(self, raw: socket.socket) -> bool:
+        """The connection starts streaming an image: no longer evictable. False
+        when it was evicted meanwhile or too many images stream in already."""
+        with self._lock:
+            if self._control.pop(raw, None) is None:
+                return False
+            if self._receiving >= MAX_RECEIVING:
+                return False
+            self._receiving += 1
+            return True
 
     def _serve(self, raw: socket.socket, peer: str) -> None:
         conn = raw
+        deadline = time.monotonic() + self.control_deadline
+        receiving = [False]
         try:
-            conn.settimeout(self.io_timeout)
+            conn.settimeout(min(self.io_timeout, self.control_deadline))
             if not host_allowed(self.hosts_allow, peer):
                 log.warning("relocation: rejected connection from %s (xend-relocation-hosts-allow)",
                             peer)
@@ -355,7 +517,13 @@ class RelocationServer:
                 return
             if self.ssl_context is not None:
                 conn = self.ssl_context.wrap_socket(conn, server_side=True)
-            _Receiver(self, conn, peer).run()
+                try:
+                    check_fingerprint(conn, self.peer_fingerprint, f"client {peer}")
+                except PeerError as exc:
+                    log.warning("relocation: rejected TLS connection from %s: %s", peer, exc)
+                    self._send_quietly(conn, err_line("PermissionDenied", str(exc)))
+                    return
+            _Receiver(self, conn, peer, deadline, raw, receiving).run()
         except (OSError, ssl_mod.SSLError) as exc:
             log.warning("relocation: connection from %s lost: %s", peer, exc)
         except Exception:
@@ -368,6 +536,9 @@ class RelocationServer:
                     pass
             with self._lock:
                 self._conns.discard(raw)
+                self._control.pop(raw, None)
+                if receiving[0]:
+                    self._receiving -= 1
                 self._threads.discard(threading.current_thread())
 
     @staticmethod
@@ -493,33 +664,145 @@ class RelocationServer:
         return UNKNOWN
 
 
+class _ControlLineError(Exception):
+    """The control phase ends: the reason goes to the peer as ``(err ...)``."""
+
+
+def json_depth(text: str, limit: int) -> int:
+    """Nesting depth of JSON ``text`` (strings skipped), counting stops past
+    ``limit``: checked before parsing, as ``json.loads`` recurses per level."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return deepest
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def offer_problem(offer: Any) -> Optional[str]:
+    """What is malformed in a decoded pre-flight offer (None: well-formed)."""
+    if not isinstance(offer, dict):
+        return "the offer is not a JSON object"
+    mid = offer.get("migration")
+    if not isinstance(mid, str) or not 0 < len(mid) <= MAX_MIGRATION_ID or \
+            not all(c.isalnum() or c in "-_" for c in mid):
+        return f"migration must be an id of 1 to {MAX_MIGRATION_ID} letters, digits, - or _"
+    if "protocol" in offer and not _is_int(offer["protocol"]):
+        return "protocol must be a number"
+    domain = offer.get("domain")
+    if not isinstance(domain, dict):
+        return "domain must be a mapping"
+    if "name" in domain and not isinstance(domain["name"], str):
+        return "domain name must be a string"
+    for key in ("memory_mib", "vcpus"):
+        if key in domain and not _is_int(domain[key]):
+            return f"domain {key} must be a number"
+    if "node" in offer and offer["node"] is not None and not _is_int(offer["node"]):
+        return "node must be a number"
+    if "live" in offer and not isinstance(offer["live"], bool):
+        return "live must be true or false"
+    plugins = offer.get("plugins")
+    if plugins is not None and not isinstance(plugins, dict):
+        return "plugins must be a mapping"
+    for pname, facts in (plugins or {}).items():
+        if facts is not None and not isinstance(facts, dict):
+            return f"plugin {pname}'s facts must be a mapping"
+    if "integrity" in offer and not isinstance(offer["integrity"], list):
+        return "integrity must be a list"
+    return None
+
+
 class _Receiver:
     """One incoming connection: control lines, then at most one image."""
 
-    def __init__(self, server: RelocationServer, conn: socket.socket, peer: str) -> None:
+    def __init__(self, server: RelocationServer, conn: socket.socket, peer: str,
+                 deadline: Optional[float] = None, raw: Optional[socket.socket] = None,
+                 receiving: Optional[List[bool]] = None) -> None:
         self.server = server
         self.conn = conn
         self.peer = peer
+        self.deadline = deadline if deadline is not None else \
+            time.monotonic() + server.control_deadline
+        self.raw = raw if raw is not None else conn
+        self.receiving = receiving if receiving is not None else [False]
         self.rfile = conn.makefile("rb")
         self.extended = False
+        self.integrity: List[str] = []
         self.migration_id = ""
         self.name = ""
+
+    def _malformed(self, what: str) -> None:
+        """One log line and an ``(err ...)`` for a message we cannot act on."""
+        log.warning("relocation: malformed message from %s: %s", self.peer, what)
+        self._send(err_line("Error", what))
+
+    def _control_line(self) -> bytes:
+        """The next control line, bounded in size (:data:`MAX_OP_LINE`, a
+        pre-flight :data:`MAX_OFFER_LINE`) and in time (the control deadline,
+        however slowly it trickles in). b'' at a clean end of the connection."""
+        got = bytearray()
+        limit = MAX_OP_LINE
+        while True:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise _ControlLineError(
+                    f"no complete request within {self.server.control_deadline:.0f} s")
+            self.conn.settimeout(min(self.server.io_timeout, left))
+            try:
+                data = self.rfile.peek(1)[:limit + 1 - len(got)]
+            except socket.timeout:
+                continue
+            if not data:
+                if got:
+                    raise _ControlLineError("connection ended inside a request")
+                return b""
+            nl = data.find(b"\n")
+            take = len(data) if nl < 0 else nl + 1
+            got += self.rfile.read(take)
+            if nl >= 0:
+                return bytes(got)
+            if limit == MAX_OP_LINE and got.lstrip().startswith(b"(" + PREFLIGHT_OP.encode()):
+                limit = MAX_OFFER_LINE
+            if len(got) > limit:
+                raise _ControlLineError(f"control line too long (at most {limit} bytes)")
 
     def run(self) -> None:
         try:
             for _ in range(MAX_OPS):
-                raw = self.rfile.readline(MAX_LINE + 1)
-                if not raw:
+                try:
+                    raw = self._control_line()
+                except _ControlLineError as exc:
+                    log.warning("relocation: connection from %s ended: %s", self.peer, exc)
+                    self._send_quietly(err_line("Error", str(exc)))
                     return
-                if len(raw) > MAX_LINE:
-                    self._send(err_line("Error", "control line too long"))
+                if not raw:
                     return
                 if not raw.strip():
                     continue
                 try:
                     form = sxp.parse(raw.decode("utf-8"), comments=False)
-                except (UnicodeDecodeError, XendTmemError) as exc:
-                    self._send(err_line("Error", f"cannot parse request: {exc}"))
+                except (UnicodeDecodeError, XendTmemError, RecursionError) as exc:
+                    reason = exc.reason if isinstance(exc, UnicodeDecodeError) else exc
+                    self._malformed(f"cannot parse request: {reason}")
                     continue
                 op = form[0] if isinstance(form, list) and form else form
                 if op == self.server.op:
@@ -532,8 +815,8 @@ class _Receiver:
                 elif op == "quit":
                     return
                 else:
-                    self._send(err_line("Error", f"Invalid operation {op}"))
-            self._send(err_line("Error", "too many operations on one connection"))
+                    self._malformed(f"Invalid operation {str(op)[:64]}")
+            self._malformed("too many operations on one connection")
         finally:
             self.rfile.close()
 
@@ -542,20 +825,31 @@ class _Receiver:
 
     def _preflight(self, form: Any) -> None:
         raw = sxp.child_value(form, "offer")
-        try:
-            offer = json.loads(raw) if isinstance(raw, str) else None
-        except ValueError:
-            offer = None
-        mid = offer.get("migration") if isinstance(offer, dict) else None
-        if not isinstance(offer, dict) or not isinstance(mid, str) or not 0 < len(mid) <= 64:
-            self._send(_line(["refused", ["reason", "malformed pre-flight offer"]]))
+        if not isinstance(raw, str):
+            self._malformed("malformed pre-flight offer: (xend-tmem-preflight (offer JSON))")
             return
+        if json_depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+            self._malformed(f"malformed pre-flight offer: nested deeper than {MAX_JSON_DEPTH}")
+            return
+        try:
+            offer = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            self._malformed(f"malformed pre-flight offer: not JSON ({str(exc)[:80]})")
+            return
+        problem = offer_problem(offer)
+        if problem is not None:
+            self._malformed(f"malformed pre-flight offer: {problem}")
+            return
+        mid = offer["migration"]
         try:
             reasons = list(self.server.check_offer(offer))
         except XendTmemError as exc:
             reasons = [str(exc)]
-        domain = offer.get("domain")
-        name = domain.get("name") if isinstance(domain, dict) else None
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            self._malformed(f"malformed pre-flight offer: {type(exc).__name__}: "
+                            f"{str(exc)[:80]}")
+            return
+        name = offer["domain"].get("name")
         if reasons:
             log.info("relocation: refused %s from %s: %s", name, self.peer, "; ".join(reasons))
             self._send(_line(["refused", *(["reason", r] for r in reasons)]))
@@ -563,13 +857,17 @@ class _Receiver:
         self.extended = True
         self.migration_id = mid
         self.name = str(name or "")
-        self._send(_line(["ok", ["protocol", str(PROTOCOL)]]))
+        wanted = offer.get("integrity") or []
+        self.integrity = [INTEGRITY_FRAMES] if INTEGRITY_FRAMES in wanted else []
+        answer: List[Any] = ["ok", ["protocol", str(PROTOCOL)]]
+        if self.integrity:
+            answer.append(["integrity", *self.integrity])
+        self._send(_line(answer))
 
     def _query(self, form: Any) -> None:
         mid = sxp.child_value(form, "migration")
-        if not isinstance(mid, str) or not mid:
-            self._send(err_line("Error", "a query names a migration: (xend-tmem-query "
-                                         "(migration ID))"))
+        if not isinstance(mid, str) or not 0 < len(mid) <= MAX_MIGRATION_ID:
+            self._malformed("a query names a migration: (xend-tmem-query (migration ID))")
             return
         answer = self.server.resolve(mid)
         log.info("relocation: %s asked about migration %s: %s", self.peer, mid, answer)
@@ -593,6 +891,12 @@ class _Receiver:
         _drain(self.conn)
 
     def _receive(self) -> None:
+        if not self.server.left_control(self.raw):
+            self._malformed(f"too many migrations in progress here (at most {MAX_RECEIVING}) "
+                            "or the connection was evicted: retry later")
+            return
+        self.receiving[0] = True
+        self.conn.settimeout(self.server.io_timeout)
         self._send(_line(["ready", self.server.op]))
         log.info("relocation: receiving a domain from %s", self.peer)
         if not self.extended:
@@ -601,7 +905,9 @@ class _Receiver:
         server = self.server
         inc = server.begin_incoming(self.migration_id, self.peer, self.name)
         try:
-            domid, report = server.restore(_FramedReader(self.rfile, self.peer), self.peer,
+            reader = _FramedReader(self.rfile, self.peer,
+                                   crc=INTEGRITY_FRAMES in self.integrity)
+            domid, report = server.restore(reader, self.peer,
                                            paused=True,
                                            on_created=lambda d: server.created(inc, d))
         except Exception as exc:
@@ -684,6 +990,13 @@ class _Receiver:
         finally:
             if entry is not None:
                 entry.remove()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _drain(conn: socket.socket) -> None:

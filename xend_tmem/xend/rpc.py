@@ -21,7 +21,7 @@ import xmlrpc.client
 from typing import Any, Callable, Optional
 from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 
-from ..errors import NoSuchDomain, XendTmemError
+from ..errors import NoSuchDomain, XendTmemError, os_error_message
 
 log = logging.getLogger("xend_tmem.xend.rpc")
 
@@ -59,6 +59,10 @@ def fault_for(exc: BaseException) -> xmlrpc.client.Fault:
         return xmlrpc.client.Fault(FAULT_NO_SUCH_DOMAIN, str(exc))
     if isinstance(exc, XendTmemError):
         return xmlrpc.client.Fault(FAULT_GENERIC, str(exc))
+    if isinstance(exc, OSError):        # issue 8 #5: the OS's words and the path
+        return xmlrpc.client.Fault(FAULT_GENERIC, os_error_message(exc))
+    if isinstance(exc, ValueError):     # a request's value the method could not take
+        return xmlrpc.client.Fault(FAULT_GENERIC, f"invalid value: {exc}")
     return xmlrpc.client.Fault(FAULT_INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
@@ -122,6 +126,8 @@ class UnixXMLRPCServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServe
             fault = fault_for(exc)
             if fault.faultCode == FAULT_INTERNAL and not isinstance(exc, xmlrpc.client.Fault):
                 log.exception("internal error in %s", method)
+            elif isinstance(exc, ValueError):   # the user's value, or a bug: keep the trace
+                log.warning("%s refused: %s", method, fault.faultString, exc_info=exc)
             else:
                 log.info("%s refused: %s", method, fault.faultString)
             response = _dumps_response(fault)

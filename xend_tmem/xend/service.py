@@ -16,22 +16,26 @@ whose ``go`` may have gone out is settled by asking the destination.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import logging
 import os
 import re
+import stat
 import platform
 import socket
 import threading
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .. import __version__
 from ..checkpoint import domain_sxp, restore_domain, save_domain
 from ..codec import sxp
 from ..config import ToolstackConfig
 from ..domconfig import WORKLOAD_KEYS, load_domain_config, parse_domain_config, workload_from_image
-from ..errors import ConfigError, NoSuchDomain, XendTmemError
+from ..errors import ConfigError, HypervisorError, NoSuchDomain, XendTmemError
 from ..hypervisor.interface import DomainInfo, Hypervisor
 from ..plugins import CheckpointHooks, get_plugin_manager
 from . import journal as jrn
@@ -87,6 +91,9 @@ class XendService:
         self._relocation_servers: List[relocation.RelocationServer] = []
         self._lock = threading.RLock()
         self._busy: Dict[int, str] = {}
+        # restores whose domain does not exist yet: token -> what, so an -a
+        # tmem command cannot reach the domain the moment it is created
+        self._starting: Dict[object, str] = {}
         self._stopping = threading.Event()
         self.recovered: List[str] = []          # what recover() ended, for xm info
         self._doubt_thread: Optional[threading.Thread] = None
@@ -101,7 +108,7 @@ class XendService:
     def relocation_servers(self, servers: List[relocation.RelocationServer]) -> None:
         """The daemon hands over its servers; they start domains and journal through us."""
         for server in servers:
-            server.bind(unpause=self.hv.unpause, journal=self.journal)
+            server.bind(unpause=self.incoming_started, journal=self.journal)
         self._relocation_servers = list(servers)
 
     # -- registration ---------------------------------------------------------
@@ -132,6 +139,7 @@ class XendService:
             "xend.node.tmem_set_cap": self.tmem_set_cap,
             "xend.node.tmem_set_compress": self.tmem_set_compress,
             "xend.node.tmem_query_freeable_mb": self.tmem_query_freeable_mb,
+            "xend_tmem.identify": self.identify,
             **self.xm_methods(),
         }
 
@@ -168,8 +176,33 @@ class XendService:
         with self._lock:
             op = self._busy.get(domid)
         if op is not None:
-            name = self.hv.domain_info(domid).name
-            raise XendError(f"Cannot {what} domain {name}: it is being {op}")
+            name = self._busy_name(domid)
+            raise XendError(f"Cannot {what} domain {name}: it is being {op}; try again once "
+                            "that has finished (xm list shows it)")
+
+    def _busy_name(self, domid: int) -> str:
+        try:
+            return self.hv.domain_info(domid).name
+        except NoSuchDomain:
+            return f"({domid})"
+
+    def _refuse_any_busy(self, what: str) -> None:
+        """``-a``: refused while any domain is in a save, restore or migration,
+        on either side, naming them (Xen's "every client" would reach them)."""
+        with self._lock:
+            busy = sorted(self._busy.items())
+            starting = list(self._starting.values())
+        if not busy and not starting:
+            return
+        parts = [f"domain {self._busy_name(d)} is being {op}" for d, op in busy] + starting
+        raise XendError(f"Cannot {what} every domain: {'; '.join(parts)}; name the domains "
+                        "to change, or try again once that has finished")
+
+    def _claim_new(self, domid: int, op: str, token: object) -> None:
+        """A restore's domain was just created: busy from now on."""
+        with self._lock:
+            self._starting.pop(token, None)
+            self._busy[domid] = op
 
     def _claim(self, domid: int, op: str) -> None:
         self._refuse_when_stopping()
@@ -278,38 +311,52 @@ class XendService:
         return [self._describe(i, bool(detail)) for i in sorted(infos, key=lambda i: i.name)]
 
     # -- save -----------------------------------------------------------------
-    def job_save(self, dom: Any, path: str, checkpoint: bool = False) -> int:
-        """Start ``xm save``; returns the job id. Refusals come back at once."""
+    def job_save(self, dom: Any, path: str, checkpoint: bool = False,
+                 umask: Optional[int] = None) -> int:
+        """Start ``xm save``; returns the job id. Refusals come back at once.
+
+        The target keeps its nature (:func:`_save_target`): a regular file (or a
+        new one) is written beside what ``path`` resolves to and renamed over it
+        when complete, with the old file's mode and owner, or for a new image
+        ``0666 & ~umask`` (``umask`` is xm's, sent with the request; None: the
+        daemon's). A FIFO, device or socket is written through."""
         if not isinstance(path, str) or not os.path.isabs(path):
             raise XendError(f"save path must be absolute, got {path!r}")
-        if os.path.isdir(path):
-            raise XendError(f"Unable to create file {path}: it is a directory")
+        if umask is not None and (isinstance(umask, bool) or not isinstance(umask, int)
+                                  or not 0 <= umask <= 0o777):
+            raise XendError(f"umask must be 0..0o777, got {umask!r}")
+        into, old = _save_target(path)
         domid = self.domid(dom)
         info = self._check_can_checkpoint(domid, "save")
         name = info.name
         self._claim(domid, "saved")
         entry: Optional[jrn.Entry] = None
+        through = old is not None and not stat.S_ISREG(old.st_mode)
+        tmp = ""
+        fd = -1
         try:
-            directory, base = os.path.split(path)
-            tmp = os.path.join(directory or ".", f".{base}.{uuid.uuid4().hex[:12]}.part")
+            if not through:
+                directory, base = os.path.split(into)
+                tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.part")
             # journaled before the file exists, so a crash can never orphan it
             entry = self.journal.begin(jrn.SAVE, domain=name, domid=domid, path=path, tmp=tmp,
-                                       checkpoint=bool(checkpoint), phase="saving")
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except OSError as exc:
-                raise XendError(f"Unable to create file {path}: {exc.strerror or exc}") from None
+                                       into=into, checkpoint=bool(checkpoint), phase="saving")
+            if not through:
+                fd = _create_beside(tmp, path, old, _daemon_umask() if umask is None else umask)
         except BaseException:
             if entry is not None:
                 entry.remove()
             self._release(domid)
             raise
-        out = os.fdopen(fd, "wb", buffering=0)
 
         def work(job: Job) -> Dict[str, Any]:
             renamed = False
             saved = False
+            out: Optional[_SaveTarget] = None
             try:
+                raw = _open_through(into, path, job.cancel) if through else \
+                    os.fdopen(fd, "wb", buffering=0)
+                out = _SaveTarget(raw, path)
                 jrn.killpoint("save-start")
                 if not checkpoint:
                     self.hv.rename_domain(domid, MIGRATING_PREFIX + name)
@@ -320,15 +367,19 @@ class XendService:
                                      checkpoint=bool(checkpoint), progress=job.progress,
                                      cancel=job.cancel, name=name, journal=entry.note)
                 saved = True
-                os.fsync(out.fileno())
-                out.close()
+                out.finish(sync=not through)
                 entry.update(phase="written", notes={})
                 jrn.killpoint("save-written")
-                os.replace(tmp, path)
-                _fsync_dir(path)
+                if not through:
+                    os.replace(tmp, into)
+                    _fsync_dir(into)
             except BaseException:
-                out.close()
-                _unlink(tmp)
+                if out is not None:
+                    out.close_quietly()
+                elif not through:
+                    _close_quietly(fd)
+                if tmp:
+                    _unlink(tmp)
                 if saved and not checkpoint:
                     self.hv.resume(domid)      # saved but not kept: run it again
                 if renamed:
@@ -347,8 +398,9 @@ class XendService:
             return self.jobs.start("save", name, self._reported(work),
                                    cleanup=lambda: self._release(domid)).id
         except BaseException:
-            out.close()
-            _unlink(tmp)
+            if not through:
+                _close_quietly(fd)
+                _unlink(tmp)
             entry.remove()
             raise
 
@@ -364,16 +416,24 @@ class XendService:
             inp = open(path, "rb")
         except OSError as exc:
             raise XendError(f"Unable to read file {path}: {exc.strerror or exc}") from None
+        token = object()
+        claimed: List[int] = []
+
+        def created(d: int) -> None:
+            entry.update(domid=d)
+            self._claim_new(d, "restored", token)
+            claimed.append(d)
 
         def work(job: Job) -> Dict[str, Any]:
+            nonlocal entry
             entry = self.journal.begin(jrn.RESTORE, path=path, paused=bool(paused),
                                        phase="restoring")
             try:
-                with inp:
+                with inp, self._capacity_refusal(f"restore {path}"):
                     domid, report = restore_domain(
                         self.hv, jrn.killpoint_stream(inp, "restore-stream"), hooks=self.hooks,
                         paused=True, progress=job.progress, cancel=job.cancel,
-                        width=width or None, on_created=lambda d: entry.update(domid=d))
+                        width=width or None, on_created=created)
                 entry.update(phase="restored", domid=domid)
                 jrn.killpoint("restore-restored")
                 if not paused:
@@ -385,11 +445,39 @@ class XendService:
             return {"op": "restore", "domain": name, "path": path, "paused": bool(paused),
                     **report, "domid": domid}
 
+        def release() -> None:
+            with self._lock:
+                self._starting.pop(token, None)
+                for d in claimed:
+                    self._busy.pop(d, None)
+
+        entry: Any = None
+        with self._lock:
+            self._starting[token] = f"a restore of {path} is starting"
         try:
-            return self.jobs.start("restore", os.path.basename(path), self._reported(work)).id
+            return self.jobs.start("restore", os.path.basename(path), self._reported(work),
+                                   cleanup=release).id
         except BaseException:
             inp.close()
+            release()
             raise
+
+    @contextlib.contextmanager
+    def _capacity_refusal(self, what: str) -> Iterator[None]:
+        """A restore that ran out of this host's tmem is a capacity refusal that
+        says what to do, not a broken stream or a hypervisor failure."""
+        try:
+            yield
+        except XendTmemError as exc:
+            full = _tmem_full(exc)
+            if full is None:
+                raise
+            where = self.config.path or "the xend configuration"
+            raise XendError(
+                f"Cannot {what}: this host's tmem is full ({full}); free some first (xm "
+                f"tmem-flush DOM, or xm tmem-destroy DOM for a domain that can lose its tmem) "
+                f"or give the hypervisor more tmem (hypervisor: tmem-capacity-mb in {where}, "
+                f"then xend restart), and try again") from exc
 
     # -- migrate --------------------------------------------------------------
     def job_migrate(self, dom: Any, dst: str, live: bool = False, port: int = 0,
@@ -508,10 +596,35 @@ class XendService:
     def incoming_restore(self, stream, peer: str, paused: bool = False,
                          on_created: Optional[Callable[[int], None]] = None
                          ) -> Tuple[int, Dict[str, Any]]:
-        """Restore an incoming migration (left paused for ``go`` when ``paused``)."""
-        domid, report = restore_domain(self.hv, jrn.killpoint_stream(stream, "incoming-stream"),
-                                       hooks=self.hooks, cancel=self._stopping,
-                                       paused=paused, on_created=on_created)
+        """Restore an incoming migration (left paused for ``go`` when ``paused``).
+
+        Its domain is busy from creation until it runs here
+        (:meth:`incoming_started`) or is removed (:meth:`discard_domain`)."""
+        token = object()
+        claimed: List[int] = []
+
+        def created(d: int) -> None:
+            self._claim_new(d, f"migrated here from {peer}", token)
+            claimed.append(d)
+            if on_created is not None:
+                on_created(d)
+
+        with self._lock:
+            self._starting[token] = f"an incoming migration from {peer} is starting"
+        try:
+            with self._capacity_refusal(f"take the domain from {peer}"):
+                domid, report = restore_domain(self.hv,
+                                               jrn.killpoint_stream(stream, "incoming-stream"),
+                                               hooks=self.hooks, cancel=self._stopping,
+                                               paused=paused, on_created=created)
+        except BaseException:
+            with self._lock:
+                self._starting.pop(token, None)
+                for d in claimed:
+                    self._busy.pop(d, None)
+            raise
+        if not paused:
+            self._release(domid)
         log.info("domain %s (%d) arrived from %s%s", report.get("name"), domid, peer,
                  " (paused until the source says go)" if paused else "")
         return domid, report
@@ -541,11 +654,25 @@ class XendService:
                 reasons.append(f"a domain named {name} already exists here (id {other})")
         return reasons
 
+    def incoming_started(self, domid: int) -> None:
+        """``go`` arrived (or a stock sender finished): start the incoming domain;
+        from now on it is an ordinary domain here."""
+        self.hv.unpause(domid)
+        self._release(domid)
+
     def discard_domain(self, domid: int) -> None:
         try:
             self.hv.destroy_domain(domid)
         except XendTmemError as exc:
             log.error("could not remove domain %d: %s", domid, exc)
+        finally:
+            self._release(domid)
+
+    def identify(self) -> Dict[str, Any]:
+        """What answers on this socket: lets a second daemon (and ``xm``) tell
+        xend-tmem from a stock xend, which has no such method."""
+        return {"product": "xend-tmem", "version": __version__, "pid": os.getpid(),
+                "config": self.config.path or ""}
 
     # -- node -----------------------------------------------------------------
     def node_info(self) -> List[List[Any]]:
@@ -584,8 +711,10 @@ class XendService:
 
     # -- tmem (xend.node.tmem_*; -1 means every domain with tmem) ---------------
     def _tmem_targets(self, dom: Any, what: str) -> List[int]:
-        """``[-1]`` (Xen's "every client") for -a, else the one domain if not busy."""
+        """``[-1]`` (Xen's "every client") for -a if no domain is busy, else the
+        one domain if it is not."""
         if dom in (-1, "-1"):
+            self._refuse_any_busy(what)
             return [ALL_CLIENTS]
         domid = self.domid(dom)
         self._refuse_busy(domid, what)
@@ -595,25 +724,27 @@ class XendService:
         target = None if dom in (-1, "-1", None) else self.domid(dom)
         return self.hv.tmem_list(target, bool(long))
 
+    def _tmem_each(self, dom: Any, what: str, op: Callable[[int], Any]) -> List[Any]:
+        """``op`` on each target; the busy check and the change happen under the
+        lock that claims domains, so no save, restore or migration starts between."""
+        with self._lock:
+            return [op(domid) for domid in self._tmem_targets(dom, what)]
+
     def tmem_freeze(self, dom: Any) -> bool:
-        for domid in self._tmem_targets(dom, "freeze the tmem of"):
-            self.hv.freeze(domid)
+        self._tmem_each(dom, "freeze the tmem of", self.hv.freeze)
         return True
 
     def tmem_thaw(self, dom: Any) -> bool:
-        for domid in self._tmem_targets(dom, "thaw the tmem of"):
-            self.hv.thaw(domid)
+        self._tmem_each(dom, "thaw the tmem of", self.hv.thaw)
         return True
 
     def tmem_flush(self, dom: Any, pages: int = -1) -> int:
-        flushed = 0
-        for domid in self._tmem_targets(dom, "flush the tmem of"):
-            flushed += int(self.hv.flush(domid, int(pages)) or 0)
-        return flushed
+        n = _int(pages, "pages to flush (-1 for all)")
+        return sum(int(r or 0) for r in
+                   self._tmem_each(dom, "flush the tmem of", lambda d: self.hv.flush(d, n)))
 
     def tmem_destroy(self, dom: Any) -> bool:
-        for domid in self._tmem_targets(dom, "destroy the tmem of"):
-            self.hv.destroy(domid)
+        self._tmem_each(dom, "destroy the tmem of", self.hv.destroy)
         return True
 
     def tmem_set_weight(self, dom: Any, weight: int) -> bool:
@@ -626,8 +757,7 @@ class XendService:
         return self._tmem_set(dom, self.hv.set_compress, bool(_u32(compress, "compress")))
 
     def _tmem_set(self, dom: Any, op: Callable[[int, Any], None], value: Any) -> bool:
-        for domid in self._tmem_targets(dom, "change the tmem of"):
-            op(domid, value)
+        self._tmem_each(dom, "change the tmem of", lambda d: op(d, value))
         return True
 
     def tmem_query_freeable_mb(self) -> int:
@@ -753,8 +883,9 @@ class XendService:
         info = self._find(domid, name, MIGRATING_PREFIX + name)
         if phase == "written":
             if tmp and os.path.exists(tmp):
-                os.replace(tmp, path)         # complete and fsynced before "written"
-                _fsync_dir(path)
+                into = str(d.get("into") or path)     # where a symlink pointed
+                os.replace(tmp, into)         # complete and fsynced before "written"
+                _fsync_dir(into)
             if info is None:
                 return f"save of {name} to {path}: complete"
             if checkpoint:
@@ -1099,6 +1230,31 @@ def _restart_only_changes(old: ToolstackConfig, new: ToolstackConfig) -> List[st
     return out
 
 
+def _tmem_full(exc: BaseException) -> Optional[str]:
+    """The hypervisor's words if ``exc`` (or what caused it) is tmem running
+    out of room (Xen's -ENOMEM from a tmem put), else None."""
+    seen = 0
+    cur: Optional[BaseException] = exc
+    while cur is not None and seen < 8:
+        if isinstance(cur, HypervisorError) and cur.code == -errno.ENOMEM:
+            text = str(cur)
+            return text.split("tmem is full", 1)[-1].strip(" ()") if "tmem is full" in text \
+                else text
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return None
+
+
+def _int(value: Any, what: str) -> int:
+    """A number from xm's arguments; anything else is the user's mistake."""
+    if isinstance(value, bool):
+        raise XendError(f"{what} must be a number, got {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise XendError(f"{what} must be a number, got {value!r}") from None
+
+
 def _u32(value: Any, what: str) -> int:
     try:
         n = int(value)
@@ -1107,6 +1263,117 @@ def _u32(value: Any, what: str) -> int:
     if not 0 <= n <= 0xFFFFFFFF:
         raise XendError(f"{what} must be 0..4294967295, got {n}")
     return n
+
+
+# -- the target of xm save (issue 8 #3) ----------------------------------------------
+THROUGH_POLL_S = 0.1
+
+
+def _save_target(path: str) -> Tuple[str, Optional[os.stat_result]]:
+    """Where a save to ``path`` really goes (symlinks resolved, so a link stays
+    a link) and what is there now (None: nothing yet)."""
+    into = os.path.realpath(path)
+    try:
+        old: Optional[os.stat_result] = os.stat(into)
+    except FileNotFoundError:
+        old = None
+    except OSError as exc:
+        raise XendError(f"{path}: {exc.strerror or exc}") from None
+    if old is not None and stat.S_ISDIR(old.st_mode):
+        raise XendError(f"Unable to create file {path}: it is a directory")
+    if not os.path.isdir(os.path.dirname(into)):
+        raise XendError(f"Unable to create file {path}: {os.path.dirname(into)} is not a "
+                        "directory")
+    return into, old
+
+
+def _daemon_umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` would, for
+    every thread at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _create_beside(tmp: str, path: str, old: Optional[os.stat_result], umask: int) -> int:
+    """The temporary file a regular image is written to, with the mode (and as
+    root the owner) the image keeps once renamed into place."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise XendError(f"Unable to create file {path}: {exc.strerror or exc}") from None
+    try:
+        if old is not None:
+            os.fchmod(fd, stat.S_IMODE(old.st_mode))
+            if os.geteuid() == 0 and (old.st_uid, old.st_gid) != (0, 0):
+                os.fchown(fd, old.st_uid, old.st_gid)
+        else:
+            os.fchmod(fd, 0o666 & ~umask)
+    except OSError as exc:
+        os.close(fd)
+        _unlink(tmp)
+        raise XendError(f"{path}: {exc.strerror or exc}") from None
+    return fd
+
+
+def _open_through(into: str, path: str, cancel: threading.Event) -> Any:
+    """A FIFO, device or socket, opened to write through (never truncated or
+    replaced). A FIFO waits for its reader, as long as the job is not cancelled."""
+    from ..errors import Cancelled
+    while True:
+        try:
+            fd = os.open(into, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or not stat.S_ISFIFO(os.stat(into).st_mode):
+                raise OSError(exc.errno, exc.strerror, path) from None
+        if cancel.wait(THROUGH_POLL_S):
+            raise Cancelled("cancelled")
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    return os.fdopen(fd, "wb", buffering=0)
+
+
+class _SaveTarget:
+    """The image's output: an OS error while writing names the path the user
+    gave (``/srv/web1.img: No space left on device``), not the temporary file."""
+
+    def __init__(self, f: Any, path: str) -> None:
+        self._f = f
+        self.path = path
+
+    def write(self, data: Any) -> Optional[int]:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.path) from None
+
+    def finish(self, sync: bool) -> None:
+        try:
+            if sync:
+                os.fsync(self._f.fileno())
+            self._f.close()
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.path) from None
+
+    def close_quietly(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass
+
+
+def _close_quietly(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _fsync_dir(path: str) -> None:

@@ -27,6 +27,7 @@ import xmlrpc.client
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, TextIO
 
 from .. import __version__
+from ..config import ENV_VAR as ENV_CONFIG, load_toolstack_config
 from ..errors import ConfigError
 from ..xmconfig import load_domain_file
 from . import rpc
@@ -60,8 +61,23 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 # -- talking to the daemon ---------------------------------------------------------
 
+def server_socket() -> str:
+    """The daemon's socket: ``$XM_SERVER``, else the ``xend-unix-socket`` of the
+    configuration ``$XEND_CONFIG`` names (so a second daemon on this host is
+    reached with its config alone), else xend's default."""
+    if os.environ.get(rpc.ENV_SERVER):
+        return rpc.server_path(None)
+    if os.environ.get(ENV_CONFIG):
+        try:
+            return load_toolstack_config(None).unix_socket
+        except ConfigError as exc:
+            raise XmError(f"{exc} (from ${ENV_CONFIG}; set XM_SERVER to give the socket "
+                          "directly)") from None
+    return rpc.server_path(None)
+
+
 def server() -> xmlrpc.client.ServerProxy:
-    return rpc.connect(None, timeout=None)
+    return rpc.connect(server_socket(), timeout=None)
 
 
 def _job(proxy: Any, start: Callable[[], int], label: str, show_progress: bool,
@@ -204,13 +220,32 @@ def cmd_unpause(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def cmd_save(args: argparse.Namespace) -> int:
+    """The daemon writes the image; xm sends its umask so a new image gets the
+    mode the caller's own files get (``0666 & ~umask``)."""
     path = os.path.abspath(args.file)
-    if not os.access(os.path.dirname(path), os.W_OK) or os.path.isdir(path):
+    real = os.path.realpath(path)
+    through = os.path.exists(real) and not os.path.isdir(real) and not os.path.isfile(real)
+    writable = os.access(real, os.W_OK) if through else \
+        os.access(os.path.dirname(real), os.W_OK)
+    if not writable or os.path.isdir(real):
         raise XmError(f"xm save: Unable to create file {path}")
     proxy = server()
-    result = _job(proxy, lambda: proxy.xend.job.save(args.dom, path, bool(args.checkpoint)),
-                  "save", _show_progress(args), sys.stderr)
+    umask = _current_umask()
+    try:
+        result = _job(proxy, lambda: proxy.xend.job.save(args.dom, path, bool(args.checkpoint),
+                                                         umask),
+                      "save", _show_progress(args), sys.stderr)
+    except xmlrpc.client.Fault as fault:
+        if fault.faultString.startswith(path + ":"):     # an OS error at the target
+            raise XmError(f"xm save: {fault.faultString}") from None
+        raise
     _print_result(args, result)
     return EXIT_OK
 
