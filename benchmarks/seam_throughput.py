@@ -71,6 +71,25 @@ def _write_source(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+def _warm(path: Path, size: int) -> None:
+    """Untimed, right before every timed step (cp, save and restore alike): write
+    and delete a scratch file of the image's size. In this VM, memory freed a few
+    seconds earlier has been handed back to the host and costs a commit on first
+    touch again (measured: writing 1.5 GiB takes 0.3 s right after a delete,
+    1.4-3.2 s after a 5-10 s pause); the steps differ in what ran just before
+    them (a digest check, a previous step), so without this each step's figure
+    depends on how long ago memory was freed, not on the step."""
+    block = bytes(MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        left = size
+        while left > 0:
+            left -= os.write(fd, block[:min(left, MiB)])
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
 def run(ram_mib: int, tmem_mib: int, where: str, keep: bool, runs: int) -> Dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="seam-bench-", dir=where))
     state = root / "state"
@@ -113,24 +132,26 @@ def run(ram_mib: int, tmem_mib: int, where: str, keep: bool, runs: int) -> Dict[
 
         # 1. the baseline: cp + sync of a file the size of the image
         size = ram_mib * MiB + pages * RECORD + MiB
-        src, dst = root / "source.bin", root / "copy.bin"
+        src, dst, scratch = root / "source.bin", root / "copy.bin", root / "scratch.bin"
         _write_source(src, size)
         # untimed warm-up: in a VM, memory the guest never touched costs a host
         # commit on first use (2 s/GiB here); the save and restore below reuse
         # memory already touched, so the baseline must too
         _timed([["cp", str(src), str(dst)], ["sync", str(dst)]], env)
         dst.unlink()
+        # the steps interleave (cp, save, restore per run) so that a change in the
+        # machine's load during the run reaches both sides alike
         for _ in range(runs):
+            _warm(scratch, size)
             cp_s.append(_timed([["cp", str(src), str(dst)], ["sync", str(dst)]], env))
             cp_bytes = dst.stat().st_size
             dst.unlink()
-        src.unlink()
-
-        for _ in range(runs):
             # 2. xm save (fsyncs the image; the domain is destroyed after it)
+            _warm(scratch, size)
             save_s.append(_timed([xm + ["save", "bench1", str(image)]], env))
             image_bytes = image.stat().st_size
             # 3. xm restore (the next run saves the restored domain)
+            _warm(scratch, size)
             restore_s.append(_timed([xm + ["restore", str(image)]], env))
             image.unlink()
             hv = HypervisorClient(str(state))
@@ -141,6 +162,7 @@ def run(ram_mib: int, tmem_mib: int, where: str, keep: bool, runs: int) -> Dict[
                 hv.close()
             if got != want:
                 raise SystemExit("Error: the restored domain differs from the saved one")
+        src.unlink()
     finally:
         if started:
             subprocess.run([py, "-m", "xend_tmem.xend.daemon", "stop"], env=env,

@@ -87,7 +87,8 @@ def checkpoint_restore_markers() -> List[int]:
 
 @hookimpl
 def checkpoint_restore_setup(session) -> None:
-    session.plugin_state[NAME] = TmemRestorer(session.hv, session.domid)
+    session.plugin_state[NAME] = TmemRestorer(session.hv, session.domid,
+                                              page_check=getattr(session, "page_check", None))
 
 
 @hookimpl

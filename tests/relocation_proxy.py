@@ -14,6 +14,10 @@ Faults:
 * ``("drop", msg)``: swallow ``msg`` and keep the connection open.
 
 ``msg`` is ``received``, ``go`` or ``running`` (matched on the line's first word).
+
+With ``crc32-frames`` negotiated (the receiver's ``ok`` says so) each frame
+carries a CRC32 trailer and page-checksum frames have the length's top bit set;
+the proxy follows both.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ class Proxy:
         self.seen: List[str] = []          # messages (first words) seen, both ways
         self.fired = threading.Event()     # the fault happened
         self.sent_up = 0                   # bytes sender -> receiver forwarded
+        self.crc_frames = False            # crc32-frames negotiated on the first connection
         self._closing = threading.Event()
         self._threads: List[threading.Thread] = []
         self._socks: List[socket.socket] = []
@@ -113,6 +118,8 @@ class _Pair:
         """Forward (or not) one control line; False once the link is cut."""
         word = line.strip(b"\n()").split(b" ")[0].decode(errors="replace")
         self.proxy.seen.append(word)
+        if word == "ok" and b"crc32-frames" in line:
+            self.proxy.crc_frames = True
         kind, arg = self.fault if self.fault else ("", None)
         if arg == word and kind == "drop":
             self.proxy.fired.set()
@@ -172,7 +179,10 @@ class _Pair:
                     if len(head) < 4:
                         break
                     (n,) = struct.unpack(">I", head)
-                    body = f.read(n) if n else b""
+                    if self.proxy.crc_frames and n:
+                        body = f.read((n & 0x7FFFFFFF) + 4)      # the bytes and their CRC32
+                    else:
+                        body = f.read(n) if n else b""
                     if not self._send(self.up, head + body, True):
                         return
                     if n == 0:

@@ -16,8 +16,10 @@ from xend_tmem.checkpoint import save_domain
 from xend_tmem.errors import HypervisorError
 from xend_tmem.hooks import hookimpl
 from xend_tmem.hypervisor.interface import DomainInfo, HostInfo, Hypervisor
+from xend_tmem.tmem import policy
 
 P2M = 64
+BIG_P2M = 16384          # 64 MiB: RAM rounds long enough for late-freeze to pay
 
 
 def records(n: int, start: int = 0) -> bytes:
@@ -182,28 +184,38 @@ def test_plugin_done_failure_does_not_hide_thaw(mocker):
 
 
 def test_auto_plan_revised_with_measured_bandwidth(mocker):
-    """200 MB of tmem: too slow for 1 s at the assumed 100 MB/s (late-freeze), but the
-    first round measures the real link and after-suspend then fits."""
+    """200 MB of tmem: too slow for 1 s at the assumed 100 MB/s, so auto starts
+    with late-freeze (64 MiB of RAM rounds first shorten precopy's freeze window);
+    the first round measures the real link and after-suspend then fits."""
     hv = make_hv(mocker)
+    hv.p2m_size.return_value = BIG_P2M
     hv.save_get_pool_npages.side_effect = [50_000, 3]   # sizing, then what the save finds
-    hooks = plugins.get_plugin_manager(["tmem"], {"tmem": {"downtime-limit-ms": 1000}})
+    hooks = plugins.get_plugin_manager(["tmem"], {})
     # the host's clock only: each reading 0.1 ms later, so round 1 "measures" ~GB/s
     ticks = iter(range(100_000))
     fake_time = mocker.patch("xend_tmem.checkpoint.time")
     fake_time.monotonic.side_effect = lambda: next(ticks) * 1e-4
-    report = save_domain(hv, 3, io.BytesIO(), hooks=hooks, live=True)
+    report = save_domain(hv, 3, io.BytesIO(), hooks=hooks, live=True,
+                         limits=policy.Limits(downtime_limit_ms=1000))
     tm = report["plugins"]["tmem"]
+    assert tm["policy"]["alternatives"]["late-freeze"]["meets_limit"]
     assert tm["plan"] == "after-suspend" and "measured" in tm["reason"]
+    assert tm["policy"]["inputs"]["bandwidth_source"] == "measured"
     seq = names(hv)
     assert seq.index("suspend") < seq.index("save_begin")
 
 
 def test_auto_plan_keeps_late_freeze_on_a_slow_link(mocker):
+    """100 Mbit/s configured: 200 MB of tmem take 16 s, 64 MiB of RAM 5 s; late-freeze
+    sends RAM first and freezes tmem for ~16 s where precopy would for ~21 s."""
     hv = make_hv(mocker)
+    hv.p2m_size.return_value = BIG_P2M
     hv.save_get_pool_npages.side_effect = [50_000, 3]   # sizing, then what the save finds
     hooks = plugins.get_plugin_manager(["tmem"], {"tmem": {"bandwidth-mbps": 100}})
     report = save_domain(hv, 3, io.BytesIO(), hooks=hooks, live=True)
     tm = report["plugins"]["tmem"]
     assert tm["plan"] == "late-freeze" and "configured" in tm["reason"]
+    alts = tm["policy"]["alternatives"]
+    assert alts["late-freeze"]["est_freeze_ms"] < 0.9 * alts["precopy"]["est_freeze_ms"]
     seq = names(hv)
     assert seq.index("read_pages") < seq.index("save_begin") < seq.index("suspend")

@@ -26,7 +26,8 @@ def test_missing_default_file_means_xends_defaults(tmp_path, monkeypatch) -> Non
     assert c == ToolstackConfig()
     # SPEC §9's defaults
     assert (c.unix_xmlrpc_server, c.relocation_server, c.relocation_port) == (True, False, 8002)
-    assert (c.relocation_address, c.relocation_hosts_allow) == ("", ())
+    # hosts-allow: localhost only, deliberately stricter than SPEC §9's empty default
+    assert (c.relocation_address, c.relocation_hosts_allow) == ("", cfgmod.DEFAULT_HOSTS_ALLOW)
     assert (c.relocation_ssl_server, c.relocation_ssl_port) == (False, 8003)
     assert c.relocation_ssl is False
     assert (c.logfile, c.loglevel) == ("/var/log/xen/xend.log", "DEBUG")

@@ -85,8 +85,10 @@ class Workload:
     def __init__(self, hv, domid):
         self.hv, self.domid, self.at_suspend = hv, domid, None
 
-    @hookimpl
+    @hookimpl(trylast=True)
     def checkpoint_save_after_round(self, session, round):
+        # after the plugin's step of the round (late-freeze may freeze there),
+        # as a running guest keeps going while tmem is sent
         self.hv.tick(self.domid, 0.2)
 
     @hookimpl(tryfirst=True)

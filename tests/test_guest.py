@@ -180,7 +180,7 @@ def test_destroy_and_close_reap_the_guest_by_pid() -> None:
     s.close()                                # idempotent
 
 
-def test_guests_survive_a_rename_and_a_restored_shell_starts_its_guest_when_it_runs(
+def test_guests_survive_a_rename_and_a_restored_shell_s_guest_waits_stopped_until_unpause(
         sim: SimHypervisor) -> None:
     d = busy(sim, "before")
     pid = sim.guest_pid(d)
@@ -194,9 +194,13 @@ def test_guests_survive_a_rename_and_a_restored_shell_starts_its_guest_when_it_r
 
     shell = sim.create_domain_shell("restored", 1024, 1,
                                     {"workload": {"ram_dirty_pages_per_s": "5000"}})
-    assert sim.guest_pid(shell) is None      # paused: not started yet
+    # started at create, stopped as a paused guest is: unpause only releases it
+    shell_pid = sim.guest_pid(shell)
+    assert shell_pid is not None
+    time.sleep(0.3)
+    assert writes(sim, shell) == 0
     sim.unpause(shell)
-    assert sim.guest_pid(shell) is not None
+    assert sim.guest_pid(shell) == shell_pid
     assert _wait_for(lambda: writes(sim, shell) > 100)
 
     quiet = sim.create_domain({"name": "quiet", "memory": 4})

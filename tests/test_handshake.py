@@ -323,7 +323,8 @@ def test_receiver_without_a_migration_id_refuses_the_preflight(hosts) -> None:
     with socket.create_connection(("127.0.0.1", dst.server.port), timeout=10) as sock:
         f = sock.makefile("rb")
         sock.sendall(b'(xend-tmem-preflight (offer "{}"))\n')
-        assert f.readline() == b'(refused (reason "malformed pre-flight offer"))\n'
+        # malformed: an (err ...), never a refusal or silence (issue 8 #7)
+        assert f.readline().startswith(b'(err (type Error) (value "malformed pre-flight offer: ')
         f.close()
 
 

@@ -69,20 +69,22 @@ def test_legacy_stream_follows_at_offset_after():
     assert tail.dm_bytes == len(b"qemu-state")
 
 
-def test_wrong_signature_names_what_was_found():
+def test_wrong_signature_does_not_echo_the_file():
+    # xend may read files its user cannot: the message must not reveal content (issue 8 #7)
     with pytest.raises(StreamError) as ei:
         _read(b"\x10\x00\x00\x00\x00\x00\x00\x00GARBAGE!" + bytes(32))
     msg = str(ei.value)
-    assert "not a xend save image" in msg
-    assert r"b'\x10\x00\x00\x00\x00\x00\x00\x00GARBAGE!'" in msg
+    assert "not a xend save image" in msg and "LinuxGuestRecord" in msg
+    assert "GARBAGE" not in msg and "x10" not in msg
     assert ei.value.offset == 0 and ei.value.field == "signature"
 
 
 def test_short_file():
     with pytest.raises(StreamError, match="ends after 5 bytes"):
         _read(b"Linux")
-    with pytest.raises(StreamError, match="found b'hello'"):
+    with pytest.raises(StreamError, match="not a xend save image") as ei:
         _read(b"hello")
+    assert "hello" not in str(ei.value)
     with pytest.raises(StreamError) as ei:
         _read(image.SIGNATURE + b"\x00\x00")
     assert ei.value.field == "config length" and ei.value.offset == 16

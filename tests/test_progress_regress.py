@@ -236,7 +236,7 @@ def test_tmem_and_digest_plugins_render_their_sections_with_grammar() -> None:
     result = {"op": "migrate", "domain": "w", "host": "h", "port": 1, "live": True,
               "bytes": 8 * MiB, "elapsed_s": 0.5, "rounds": 1, "pages_sent": 1,
               "plugins": {"tmem": {"plan": "precopy", "reason": "it fits", "tmem_bytes": 4096,
-                                   "pages": 1, "invalidations": 1, "frozen_s": 0.25,
+                                   "pages": 1, "invalidations": 1, "freeze_ms": 250.0,
                                    "persistent_pages_at_start": 1, "pools": 1},
                           "tmem-digest": {"at": "suspend", "persistent_pages": 1,
                                           "pools": {"0": {"pages": 1, "sha256": "ab" * 32}}}}}

@@ -67,7 +67,8 @@ def test_save_success_renames_into_place_and_destroys_the_source(svc, tmp_path: 
     st = wait(svc, svc.job_save("web1", str(target), False))
     assert st["state"] == "done", st
     assert st["result"]["plugins"]["tmem"]["pages"] == 8
-    assert os.listdir(tmp_path) == ["web1.img"]
+    # the image and its page checksums beside it (issue 8 #4)
+    assert sorted(os.listdir(tmp_path)) == ["web1.img", "web1.img.crc"]
     assert target.read_bytes()[:16] == b"LinuxGuestRecord"
     with pytest.raises(NoSuchDomain):
         svc.domid("web1")

@@ -38,11 +38,11 @@ def done_job(proxy, result: Dict[str, Any], statuses: List[Dict[str, Any]] = ())
 
 SAVE_RESULT = {
     "op": "save", "domain": "web1", "domid": 3, "path": "/x/web1.img", "checkpoint": False,
-    "bytes": 72 << 20, "elapsed_s": 0.5, "rounds": 1, "pages_sent": 16384, "downtime_s": 0.5,
+    "bytes": 72 << 20, "elapsed_s": 0.5, "rounds": 1, "pages_sent": 16384, "downtime_ms": 500.0,
     "live": False,
     "plugins": {"tmem": {"plan": "non-live", "reason": "the guest is suspended",
                          "tmem_bytes": 8 << 20, "pages": 2048, "invalidations": 0,
-                         "frozen_s": 0.0, "pools": 2}},
+                         "freeze_ms": 0.0, "pools": 2}},
 }
 TMEM_HOOKS = get_plugin_manager(["tmem"], {})
 SAVE_RESULT["report_lines"] = progress.report_lines(SAVE_RESULT, TMEM_HOOKS)  # as xend renders it
@@ -153,7 +153,8 @@ def test_save_sends_an_absolute_path_and_prints_the_report(proxy, capsys, tmp_pa
     proxy.xend.job.status.assert_called_with(7)
     assert out.splitlines() == SAVE_RESULT["report_lines"]
     assert "plan non-live (the guest is suspended)" in out
-    assert "8.0 MiB of tmem (2048 pages), 0 pages invalidated, guest tmem frozen 0.000 s" in out
+    assert "8.0 MiB of tmem (2048 pages), 0 pages invalidated, guest tmem frozen 0.0 ms" in out
+    assert "downtime: 500.0 ms until the image was complete" in out
 
 
 def test_save_to_an_unwritable_place(proxy, capsys, tmp_path) -> None:
@@ -304,10 +305,13 @@ def test_display_rate_eta_and_redraw_throttle() -> None:
 
 def test_report_lines_for_each_operation() -> None:
     lines = progress.report_lines({**SAVE_RESULT, "op": "migrate", "host": "h", "port": 8002,
-                                   "live": True, "peer_domid": 4, "downtime_s": 0.0123},
+                                   "live": True, "peer_domid": 4, "downtime_ms": 40.5,
+                                   "handshake_ms": 28.1, "guest_downtime_ms": 41.0,
+                                   "est_downtime_ms": 35.0},
                                   TMEM_HOOKS)
     assert lines[0].startswith("Migrated domain web1 to h:8002 (live), now id=4 there: 72.0 MiB")
-    assert lines[-1] == "downtime: 12.3 ms until the image was sent"
+    assert lines[-1] == ("downtime: 40.5 ms until the destination ran it, the guest noticed "
+                         "41.0 ms, expected 35.0 ms")
     assert "2 pools" in lines[2]
     lines = progress.report_lines({"op": "save", "domain": "x", "path": "/p", "bytes": 1,
                                    "elapsed_s": 0, "plugins": {}})

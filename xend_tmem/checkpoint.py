@@ -7,28 +7,30 @@ suspended guest, log-dirty mode, a partly restored domain, the plugins' setup)
 is released in a ``finally`` on success, error and cancel alike.
 
 Live rounds follow Xen 4.0's ``xc_domain_save``: round 1 sends every page,
-later rounds re-send pages dirtied meanwhile, and iteration stops when a round
-sent fewer than 50 pages, after 29 rounds, or after 3 x p2m_size pages.
+later rounds re-send pages dirtied meanwhile. When to stop is the policy's
+(:func:`xend_tmem.tmem.policy.should_stop`, re-estimated after every round from
+measured rates): while the expected downtime exceeds the host's limit, within
+``max-iters``, ``max-total-s`` and 3 x p2m_size pages; with no limit Xen's own
+rule (a round under 50 pages, 29 rounds, 3 x p2m_size pages).
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .binio import StreamReader, StreamWriter
 from .codec import image, legacy, sxp
 from .errors import Cancelled, PluginError, SaveError, StreamError, XendTmemError
 from .hypervisor.interface import Hypervisor
 from .plugins import CheckpointHooks
+from .tmem import policy
 from .session import (JournalFn, Outcome, ProgressFn, RestoreSession, RoundStats, SaveSession,
                       _no_progress)
 
 PAGE = 4096
 BATCH = 1024                 # pages per batch (Xen's MAX_BATCH_SIZE)
-MAX_ITERS = 29
-MAX_FACTOR = 3
-MIN_ROUND_PAGES = 50
+MAX_FACTOR = policy.XEN_MAX_FACTOR   # RoundStats.max_pages: Xen's 3 x p2m_size
 
 
 def _raise_done_errors(phase: str, errors: List[Tuple[str, BaseException]],
@@ -78,6 +80,9 @@ class _Saver:
         self.suspended_at: Optional[float] = None
         self.stream_end: Optional[float] = None
         self.total_estimate: Optional[int] = None
+        self.est_downtime_ms: Optional[float] = None   # the stop rule's last estimate
+        self.est_freeze_ms: Optional[float] = None     # plugins' last estimate before suspend
+        self.committed_at: Optional[float] = None
         self.ctx_size = legacy.VCPU_CTX_X64   # set from the domain when the header is written
         self.xsave_size: Optional[int] = None  # the xcnt size, None when no vcpu has xsave
 
@@ -86,52 +91,116 @@ class _Saver:
 
     def send_pages(self, pfns: Sequence[int], phase: str) -> None:
         hv, domid, w, width = self.hv, self.s.domid, self.w, self.s.width
+        # a backend with a foreign mapping of its own hands out views of a
+        # contiguous batch: the image is written straight from guest RAM, no
+        # copy. With a page log only while the guest is suspended: the log's CRC
+        # must be of the bytes written, and a running guest may change a mapped
+        # page between the two.
+        map_range = (getattr(hv, "map_foreign_range", None)
+                     if self.s.page_log is None or self.s.suspended else None)
         for i in range(0, len(pfns), BATCH):
             self.s.check_cancel()
             batch = pfns[i:i + BATCH]
-            data = hv.read_pages(domid, batch)
+            view = map_range(domid, batch) if map_range is not None else None
+            data = view if view is not None else hv.read_pages(domid, batch)
+            if self.s.page_log is not None:
+                self.s.page_log.ram(batch, data)
             before = w.offset
-            legacy.write_page_batch(w, width, batch, None, data)
+            try:
+                legacy.write_page_batch(w, width, batch, None, data)
+            finally:
+                if view is not None:
+                    view.release()
             self.pages_sent += len(batch)
             self.ram_bytes += w.offset - before
             self.progress(phase)
 
     def rounds_live(self) -> List[int]:
-        """Iterate until Xen's stop rule; returns the pages still dirty."""
+        """Iterate until the policy's stop rule says go; returns the pages still dirty.
+
+        After every round the rates are re-measured over the latest rounds
+        (:class:`~xend_tmem.tmem.policy.RoundWindow`: bandwidth, RAM dirty
+        rate) and :func:`~xend_tmem.tmem.policy.should_stop` weighs the
+        downtime expected if the guest were suspended now. ``strict`` over the
+        limit raises :class:`SaveError` before anything is suspended (the done
+        phase thaws what plugins froze); ``best-effort`` logs its warning.
+        """
         s, hv, hooks = self.s, self.hv, self.hooks
         p2m = s.p2m_size
         to_send: Sequence[int] = range(p2m)
         sent_total = 0
+        window = policy.RoundWindow(3)
+        best: Optional[float] = None
+        # each window entry runs from one dirty-log read to the next: every byte
+        # written (RAM and plugins' after-round chunks) and every second counts once
+        mark_t, mark_b = time.monotonic(), self.w.offset     # log-dirty was just enabled
+        carried = 0           # pages read early (after plugins' chunks): the next entry's
         while True:
             self.rounds += 1
             t0 = time.monotonic()
             b0 = self.w.offset
             self.send_pages(to_send, "rounds")
             sent_total += len(to_send)
-            elapsed = max(time.monotonic() - t0, 1e-6)
+            pages = len(to_send)
+            now = time.monotonic()
+            elapsed = max(now - t0, 1e-6)
             s.bandwidth_bps = (self.w.offset - b0) / elapsed if self.w.offset > b0 else s.bandwidth_bps
-            stats = RoundStats(number=self.rounds, pages_sent=len(to_send),
+            dirty = hv.read_and_clear_dirty(s.domid)
+            window.add(self.w.offset - mark_b, now - mark_t, len(dirty) + carried,
+                       now - mark_t)
+            mark_t, mark_b, carried = now, self.w.offset, 0
+            s.rates = window.rates(policy.DEFAULT_BANDWIDTH, s.overhead_ms,
+                                   cap_bps=s.rate_cap_bps)
+            # RAM's side, for plugins to weigh their own steps by the host's rule
+            s.round_progress = policy.Progress(
+                rounds=self.rounds, elapsed_s=now - self.started, pages_sent=sent_total,
+                dirty_pages=len(dirty), ram_pages=p2m, last_round_pages=pages,
+                last_round_s=elapsed)
+            stats = RoundStats(number=self.rounds, pages_sent=pages,
                                bytes_sent=self.w.offset - b0, elapsed_s=elapsed,
                                bandwidth_bps=s.bandwidth_bps or 0.0, ram_pages=p2m,
-                               max_rounds=MAX_ITERS, max_pages=MAX_FACTOR * p2m)
+                               max_rounds=s.limits.max_iters, max_pages=MAX_FACTOR * p2m,
+                               dirty_pages=len(dirty))
             before_hooks = self.w.offset
             hooks.save_after_round(s, stats)
-            plugin_bytes = self.w.offset - before_hooks
+            if self.w.offset != before_hooks:
+                # plugins sent something (tmem, its log): what the guest dirtied
+                # meanwhile is owed too, and weighs on the decision now
+                more = set(hv.read_and_clear_dirty(s.domid)).difference(dirty)
+                carried = len(more)
+                dirty = sorted(more.union(dirty))
+                s.round_progress = dataclasses.replace(
+                    s.round_progress, dirty_pages=len(dirty),
+                    elapsed_s=time.monotonic() - self.started)
             pending = hooks.save_pending(s)
-            to_send = hv.read_and_clear_dirty(s.domid)
-            converged = (stats.converged and plugin_bytes < MIN_ROUND_PAGES * PAGE
-                         and pending.before_suspend == 0)
-            if (converged or self.rounds >= MAX_ITERS
-                    or sent_total > MAX_FACTOR * p2m):
-                s.log.info("domain %d: stopping after round %d (%d pages sent this round, "
-                           "%d dirty)", s.domid, self.rounds, stats.pages_sent, len(to_send))
-                return list(to_send)
+            progress = dataclasses.replace(s.round_progress,
+                                           tmem_after_bytes=pending.after_suspend,
+                                           before_bytes=pending.before_suspend)
+            to_send = dirty
+            d = policy.should_stop(progress, s.rates, s.limits, best)
+            best = d.expected_downtime_ms if best is None else min(best, d.expected_downtime_ms)
+            self.est_downtime_ms = d.expected_downtime_ms
+            s.log.info("domain %d: round %d: %d pages in %.1f ms, %d dirty; %.1f MB/s, "
+                       "%.0f dirty pages/s; expected downtime %.1f ms; %s", s.domid,
+                       self.rounds, pages, elapsed * 1000, len(dirty), s.rates.bw() / 1e6,
+                       s.rates.dirty_pages_per_s, d.expected_downtime_ms, d.why)
+            if not d.stop:
+                continue
+            if d.action == "abort":
+                raise SaveError(f"domain {s.domid} not suspended: {d.why}")
+            if d.warning:
+                s.log.warning("domain %d: %s", s.domid, d.warning)
+                s.warnings.append(d.warning)
+            s.log.info("domain %d: stopping after round %d (%d pages sent this round, "
+                       "%d dirty): %s", s.domid, self.rounds, pages, len(dirty), d.why)
+            return list(dirty)
 
     def suspend(self) -> None:
         self.progress("suspend")
+        t0 = time.monotonic()        # the guest stops inside the call: count from its start
         self.hv.suspend(self.s.domid)
         self.s.suspended = True
-        self.suspended_at = time.monotonic()
+        self.suspended_at = t0
 
     def tail(self) -> None:
         s, hv, w = self.s, self.hv, self.w
@@ -205,7 +274,11 @@ def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointH
                 live: bool, checkpoint: bool = False, progress: Optional[ProgressFn] = None,
                 cancel=None, width: int = 8, name: Optional[str] = None,
                 journal: Optional[JournalFn] = None,
-                commit: Optional[Callable[[], None]] = None) -> Dict[str, object]:
+                commit: Optional[Callable[[], None]] = None,
+                page_log=None,
+                limits: Optional[policy.Limits] = None,
+                rate_cap_bps: Optional[float] = None,
+                overhead_ms: float = 0.0) -> Dict[str, object]:
     """Write ``domid`` as a xend image to ``out``; returns the report.
 
     On success the domain is left suspended (the caller destroys it) unless
@@ -220,7 +293,21 @@ def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointH
     it raises, the save failed and the domain is resumed; once it returned,
     the domain belongs to the destination: it is never resumed here, and a
     done-phase failure is logged and reported (``done_errors``) instead of
-    raised.
+    raised. ``page_log``: an :class:`~xend_tmem.integrity.PageLog` collecting
+    each page's CRC32 in stream order (the sidecar, a migration's checksums).
+
+    ``limits``: the host's stop rule (``config.migration.limits()``, with
+    ``xm migrate``'s overrides; default :class:`~xend_tmem.tmem.policy.Limits`);
+    ``rate_cap_bps`` the sender's rate cap (bounds the measured bandwidth the
+    estimates use); ``overhead_ms`` the expected fixed cost from suspend to
+    the destination running (restore end, handshake).
+
+    Report times are measured on this host's monotonic clock: ``downtime_ms``
+    suspend -> image complete (a migration adds its handshake from
+    ``suspended_mono``), ``freeze_ms`` the longest window a plugin froze
+    guest-visible state while the guest ran (plugins' ``freeze_ms``),
+    ``total_ms`` start -> stream complete (and committed), ``est_downtime_ms``
+    / ``est_freeze_ms`` the last estimates before suspend.
     """
     info = hv.domain_info(domid)
     if name is not None and name != info.name:
@@ -230,7 +317,10 @@ def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointH
     w = out if isinstance(out, StreamWriter) else StreamWriter(out)
     session = SaveSession(hv=hv, domid=domid, live=live, out=w, p2m_size=hv.p2m_size(domid),
                           width=width, settings=hooks.settings,
-                          progress=progress or _no_progress, cancel=cancel, journal=journal)
+                          progress=progress or _no_progress, cancel=cancel, journal=journal,
+                          page_log=page_log,
+                          limits=limits if limits is not None else policy.Limits(),
+                          rate_cap_bps=rate_cap_bps, overhead_ms=overhead_ms)
     saver = _Saver(session, hooks)
     outcome = Outcome()
     logdirty = False
@@ -258,6 +348,7 @@ def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointH
             hv.enable_logdirty(domid)
             logdirty = True
             dirty = saver.rounds_live()
+            saver.est_freeze_ms = _plugin_max(session.report, "est_freeze_ms")
             saver.suspend()
             hooks.save_after_suspend(session)
             legacy.write_tsc_info(w, 0, 0, 0, 0)
@@ -280,6 +371,7 @@ def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointH
         if commit is not None:
             commit()
             committed = True
+        saver.committed_at = time.monotonic()
     except BaseException as exc:
         outcome = Outcome(exc)
         raise
@@ -305,18 +397,41 @@ def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointH
             _raise_done_errors("checkpoint_save_done", errors, outcome)
     now = time.monotonic()
     end = saver.stream_end or now
+    sus = saver.suspended_at
     return {
         "bytes": w.offset,
         "rounds": saver.rounds,
         "pages_sent": saver.pages_sent,
         "last_round_pages": saver.last_round_pages,
-        # suspend until the last byte of the image was written
-        "downtime_s": round(end - saver.suspended_at, 6) if saver.suspended_at else 0.0,
+        # suspend until the image was complete (a migration's handshake is added
+        # by its caller from suspended_mono, the same clock)
+        "downtime_ms": round((end - sus) * 1000.0, 3) if sus is not None else 0.0,
+        "suspended_mono": sus,
+        "freeze_ms": _plugin_max(session.report, "freeze_ms") or 0.0,
+        "total_ms": round(((saver.committed_at or end) - saver.started) * 1000.0, 3),
+        "est_downtime_ms": (round(saver.est_downtime_ms, 1)
+                            if saver.est_downtime_ms is not None else None),
+        "est_freeze_ms": (round(saver.est_freeze_ms, 1)
+                          if saver.est_freeze_ms is not None else None),
         "elapsed_s": round(now - saver.started, 6),
         "live": live,
         "plugins": session.report,
+        **({"warnings": list(session.warnings)} if session.warnings else {}),
         **({"done_errors": done_errors} if done_errors else {}),
     }
+
+
+def _plugin_max(report: Mapping[str, Mapping[str, object]], key: str) -> Optional[float]:
+    """The largest ``key`` any plugin put in its report section (None: none did).
+
+    A plugin that freezes guest-visible state while the guest runs reports the
+    window as ``freeze_ms`` and its estimate as ``est_freeze_ms``; the host
+    lifts them to the top of the report without knowing what was frozen.
+    """
+    values = [float(v) for sec in report.values() if isinstance(sec, Mapping)
+              for v in [sec.get(key)]
+              if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return max(values) if values else None
 
 
 def _quietly(fn, *args) -> None:
@@ -347,8 +462,8 @@ def _config_int(config: Dict[str, object], key: str, default: int, header_offset
 def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = False,
                    name: Optional[str] = None, progress: Optional[ProgressFn] = None,
                    width: Optional[int] = None, cancel=None,
-                   on_created: Optional[Callable[[int], None]] = None
-                   ) -> Tuple[int, Dict[str, object]]:
+                   on_created: Optional[Callable[[int], None]] = None,
+                   page_check=None) -> Tuple[int, Dict[str, object]]:
     """Read a xend image and build the domain; returns ``(domid, report)``.
 
     ``width`` is the saving tools' ``unsigned long`` (4 or 8); None infers it
@@ -361,6 +476,10 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
 
     A failure removes the half-built domain (plugins remove what they made in
     their done phase first) and re-raises.
+
+    ``page_check``: an :class:`~xend_tmem.integrity.PageCheck` every page is
+    checked against as it arrives (and, at the end, before the domain can be
+    unpaused); a mismatch fails the restore naming the page.
     """
     if width not in (None, 4, 8):
         raise ValueError(f"the tools' unsigned long is 4 or 8 bytes, not {width!r}")
@@ -383,7 +502,7 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
             _quietly(hv.destroy_domain, domid)
             raise
     session = RestoreSession(hv=hv, domid=domid, reader=r, settings=hooks.settings,
-                             progress=progress)
+                             progress=progress, page_check=page_check)
     outcome = Outcome()
     p2m_expected = memory * 256
     counters = {"pages": 0}
@@ -396,6 +515,8 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
         if data.nbytes != len(pfns) * PAGE:
             # XTAB/XALLOC/BROKEN entries name a pfn but carry no page
             pfns = [p for p, t in zip(pfns, types) if t not in legacy.NO_DATA_TYPES]
+        if pfns and page_check is not None:
+            page_check.ram(pfns, data, offset)
         if pfns:
             hv.write_pages(domid, pfns, data)
         counters["pages"] += len(pfns)
@@ -427,8 +548,13 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
         hv.set_shared_info(domid, tail.shared_info)
         if not r.at_eof():
             raise StreamError("data after the end of the image", offset=r.offset)
+        if page_check is not None:
+            page_check.finish()
     except BaseException as exc:
         outcome = Outcome(exc)
+        better = page_check.explain(exc) if page_check is not None else None
+        if better is not None:
+            raise better from exc
         raise
     finally:
         try:

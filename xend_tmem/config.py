@@ -91,6 +91,11 @@ class MigrationSettings:
                       max_total_s=self.max_total_s)
 
 
+# xend-relocation-hosts-allow when the key is absent: this host only (issue 8 #7)
+DEFAULT_HOSTS_ALLOW: Tuple[str, ...] = (r"^localhost$", r"^127\.0\.0\.1$", r"^::1$",
+                                        r"^::ffff:127\.0\.0\.1$")
+
+
 @dataclass(frozen=True)
 class ToolstackConfig:
     """Everything the daemon and its relocation server are configured with."""
@@ -105,12 +110,16 @@ class ToolstackConfig:
     relocation_server: bool = False
     relocation_port: int = 8002
     relocation_address: str = ""
-    relocation_hosts_allow: Tuple[str, ...] = ()
+    # built-in default: localhost only -- deliberately stricter than xend's empty
+    # (every host) default, SPEC §9; an explicit '' still means every host
+    relocation_hosts_allow: Tuple[str, ...] = DEFAULT_HOSTS_ALLOW
     relocation_ssl_server: bool = False
     relocation_ssl_port: int = 8003
     relocation_ssl_key_file: Optional[str] = None
     relocation_ssl_cert_file: Optional[str] = None
     relocation_ssl: bool = False
+    relocation_ssl_ca_file: Optional[str] = None
+    relocation_ssl_peer_fingerprint: Optional[str] = None
     hypervisor: HypervisorSettings = field(default_factory=HypervisorSettings)
     migration: MigrationSettings = field(default_factory=MigrationSettings)
     checkpoint_plugins: Tuple[str, ...] = ("tmem",)
@@ -119,6 +128,15 @@ class ToolstackConfig:
     def hosts_allow_patterns(self) -> List[Pattern[str]]:
         """Compiled ``xend-relocation-hosts-allow`` patterns (empty list = allow all)."""
         return [re.compile(p) for p in self.relocation_hosts_allow]
+
+    def relocation_tls(self) -> Any:
+        """The TLS settings of both relocation directions: this host's key pair
+        (the server's, presented as a client too) and how peers are verified."""
+        from .xend.relocation import TlsSettings
+        return TlsSettings(cert_file=self.relocation_ssl_cert_file,
+                           key_file=self.relocation_ssl_key_file,
+                           ca_file=self.relocation_ssl_ca_file,
+                           peer_fingerprint=self.relocation_ssl_peer_fingerprint)
 
 
 # -- value checkers: each returns the converted value or raises ValueError(problem) --
@@ -173,6 +191,20 @@ def _loglevel(value: Any) -> str:
     return level
 
 
+def _fingerprint(value: Any) -> Optional[str]:
+    """A sha256 certificate fingerprint: 64 hex digits, colons allowed (as
+    ``openssl x509 -fingerprint -sha256`` prints it); kept lower-case, bare."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a sha256 fingerprint (64 hex digits), got {value!r}")
+    bare = value.strip().replace(":", "").lower()
+    if len(bare) != 64 or any(c not in "0123456789abcdef" for c in bare):
+        raise ValueError("expected a sha256 fingerprint (64 hex digits, colons allowed, "
+                         "as openssl x509 -noout -fingerprint -sha256 prints it)")
+    return bare
+
+
 def _hosts_allow(value: Any) -> Tuple[str, ...]:
     """xend's space-separated regular expressions; a YAML list is accepted too."""
     if value is None:
@@ -218,6 +250,9 @@ _KEYS: Dict[str, Tuple[str, Callable[[Any], Any], bool]] = {
     "xend-relocation-server-ssl-key-file": ("relocation_ssl_key_file", _str, True),
     "xend-relocation-server-ssl-cert-file": ("relocation_ssl_cert_file", _str, True),
     "xend-relocation-ssl": ("relocation_ssl", _bool, False),
+    "xend-relocation-ssl-ca-file": ("relocation_ssl_ca_file", _str, True),
+    "xend-relocation-ssl-peer-fingerprint": ("relocation_ssl_peer_fingerprint", _fingerprint,
+                                             False),
     "checkpoint-plugins": ("checkpoint_plugins", _plugin_list, False),
 }
 _REQUIRED_PATHS = ("xend-unix-socket", "xend-pid-file", "xend-state-dir", "logfile")
@@ -429,6 +464,12 @@ def parse_toolstack_config(data: Any, path: Optional[str] = None) -> ToolstackCo
         for key in ("xend-relocation-server-ssl-key-file", "xend-relocation-server-ssl-cert-file"):
             if not values.get(_KEYS[key][0]):
                 raise ConfigError(f"{where}: {key}: required when xend-relocation-ssl-server is on")
+        if values.get("relocation_ssl_peer_fingerprint") and \
+                not values.get("relocation_ssl_ca_file"):
+            raise ConfigError(f"{where}: xend-relocation-ssl-peer-fingerprint: a TLS relocation "
+                              "server verifies clients only against "
+                              "xend-relocation-ssl-ca-file (the peer's certificate or its CA): "
+                              "set it too")
     return ToolstackConfig(path=path, **values)
 
 

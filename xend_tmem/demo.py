@@ -204,8 +204,8 @@ def main(args: argparse.Namespace) -> int:
               f"({plural(pages, 'page')} in {plural(len(pools), 'pool')}, sha256 per pool); "
               "demo1 is "
               f"{'running' if running else 'NOT running'} on the destination")
-        print("(the time until the destination confirmed includes this verification: each "
-              "host hashes all persistent tmem while the guest is stopped)")
+        print("(the downtime includes this verification: each host hashes all persistent "
+              "tmem while the guest is stopped)")
         ok = running
         return 0 if ok else 1
     except DemoError as exc:

@@ -4,17 +4,25 @@ The host creates one session per save or restore and passes it to every hook;
 plugins keep their per-session state in ``session.plugin_state[<name>]`` so one
 plugin object serves concurrent saves, and put what the user should see in
 ``session.report[<name>]``.
+
+A plugin that freezes guest-visible state while the guest still runs (tmem's
+puts fail while it is frozen) reports that window as ``freeze_ms`` and its
+latest estimate as ``est_freeze_ms`` in its section: the host puts the largest
+of each at the top of the report without knowing what was frozen. During live
+rounds the host publishes what its stop rule weighs (``limits``, ``rates``,
+``round_progress``) so plugins plan against the same figures.
 """
 from __future__ import annotations
 
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from .binio import StreamReader, StreamWriter
 from .errors import Cancelled
 from .hypervisor.interface import Hypervisor
+from .tmem import policy
 
 ProgressFn = Callable[[str, int, Optional[int]], None]
 # (plugin name, facts) -> written to the job's journal entry before returning
@@ -54,6 +62,7 @@ class RoundStats:
     ram_pages: int         # p2m_size
     max_rounds: int = 29   # the host's iteration limit (Xen's)
     max_pages: int = 0     # the host stops once this many RAM pages were sent (3 x p2m)
+    dirty_pages: int = 0   # pages the guest dirtied during the round (the next round)
 
     @property
     def converged(self) -> bool:
@@ -86,6 +95,17 @@ class SaveSession:
     report: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     log: logging.Logger = log
     journal: Optional[JournalFn] = None     # the job's journal entry, if xend keeps one
+    # the host's stop rule (config.migration.limits(), per-call overrides from
+    # xm migrate) and rate cap; plugins plan against the same limits
+    limits: policy.Limits = field(default_factory=policy.Limits)
+    rate_cap_bps: Optional[float] = None
+    overhead_ms: float = 0.0                # expected fixed suspend-to-running cost
+    # re-measured after every live round (policy.RoundWindow): what the host's
+    # stop rule weighed, for plugins to re-estimate their own plans with
+    rates: Optional[policy.Rates] = None
+    round_progress: Optional[policy.Progress] = None
+    warnings: List[str] = field(default_factory=list)   # goes to the report's ``warnings``
+    page_log: Optional[Any] = None          # integrity.PageLog: page CRCs as pages are written
 
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -113,3 +133,4 @@ class RestoreSession:
     plugin_state: Dict[str, Any] = field(default_factory=dict)
     report: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     log: logging.Logger = log
+    page_check: Optional[Any] = None        # integrity.PageCheck: page CRCs checked as read

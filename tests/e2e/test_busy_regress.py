@@ -127,13 +127,16 @@ def test_tmem_administration_refused_on_both_hosts_during_a_live_migration(
     b = xends.start("b", **PLUGINS)
     a.xm_ok("create", str(write_domain(tmp_path, BUSY_DOMAIN)))
     domid = a.domains()["web1"][0]
-    proxy = HoldingProxy(b.port, hold_after=256 * 1024)
+    proxy = HoldingProxy(b.port, hold_after=6 << 20)   # past a few image frames
     mig = subprocess.Popen([sys.executable, "-m", "xend_tmem.xend.xm", "migrate", "--live",
                             "--json", "-p", str(proxy.port), "web1", "127.0.0.1"],
                            env=a.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
-        assert proxy.held.wait(30), "the migration never got going"
+        if not proxy.held.wait(30):
+            mig.kill()
+            raise AssertionError(f"the migration never got going: {mig.communicate()}\n"
+                                 f"{a.log_text()[-3000:]}\n{b.log_text()[-3000:]}")
         wait_for(lambda: "web1" in b.domains(), timeout=20)
         assert_refused(a, [[domid], ["migrating-web1"], ["-a"]], "migrating-web1", "migrated")
         assert_refused(b, [["web1"], ["-a"]], "web1", "migrat")

@@ -62,8 +62,9 @@ def read_header(r: StreamReader, max_config: int = MAX_CONFIG) -> ImageHeader:
         if got < 16 and SIGNATURE.startswith(found):
             raise StreamError(f"stream ends after {got} bytes, inside the image signature",
                               offset=at, field="signature")
-        raise StreamError(f"not a xend save image: expected {SIGNATURE!r}, found {found!r}",
-                          offset=at, field="signature")
+        # never echo what was found: xend may read files the user cannot (issue 8 #7)
+        raise StreamError(f"not a xend save image: it does not start with xend's signature "
+                          f"{SIGNATURE.decode()}", offset=at, field="signature")
     r.skip(16)
     len_at = r.offset
     n = _LEN.unpack(r.read_exact(4, "config length"))[0]

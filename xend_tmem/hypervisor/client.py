@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("xend_tmem.hypervisor")
 
 BUFFER_SIZE = 16 << 20            # per connection: 4000 page records, 16 x tmem's 1 MiB batch
+_MADV_POPULATE_READ = 22          # Linux 5.14+: the same for a run about to be read
 _MADV_POPULATE_WRITE = 23         # Linux 5.14+: fault a run in one call, not page by page
 _POPULATE_MIN = 64 * PAGE_SIZE    # below this the call costs more than the faults
 START_TIMEOUT_S = 30.0
@@ -138,6 +139,7 @@ class HypervisorClient:
         self._map_lock = threading.Lock()
         self._map_gen = 0
         self._populate = True
+        self._populate_read = True
         self._instance: Optional[Tuple[int, float]] = None
         self.identity: Dict[str, Any] = {}
         self._closed = False
@@ -412,6 +414,33 @@ class HypervisorClient:
         if len(parts) == 1:
             return parts[0]
         return b"".join(parts)
+
+    def map_foreign_range(self, domid: int, pfns: Sequence[int]) -> Optional[memoryview]:
+        """A read-only view of this client's own mapping of ``pfns`` when they are
+        one contiguous run (Xen's ``xc_map_foreign_range``, which ``xc_domain_save``
+        wrote the image from), else None (use :meth:`read_pages`).
+
+        No copy: the save writes the image straight from guest RAM. The view sees
+        the guest's later writes, as Xen's mapping did (a live save's log-dirty
+        round sends such pages again). Release it promptly: a mapping with views
+        outstanding stays mapped until they are gone."""
+        op = "read_pages"
+        m = self._mapping(domid, op)
+        runs = _runs(pfns, m.pages, op)
+        if len(runs) != 1:
+            return None
+        start, count = runs[0]
+        lo, n = start * PAGE_SIZE, count * PAGE_SIZE
+        try:
+            if self._populate_read and n >= _POPULATE_MIN:
+                try:                     # one call instead of a fault per page
+                    m.mm.madvise(_MADV_POPULATE_READ, lo, n)
+                except OSError:          # older kernel: fault page by page
+                    self._populate_read = False
+            with memoryview(m.mm) as whole:
+                return whole[lo:lo + n].toreadonly()
+        except ValueError:               # unmapped meanwhile: destroyed
+            raise NoSuchDomain(domid) from None
 
     def write_pages(self, domid: int, pfns: Sequence[int], data: Buffer) -> None:
         op = "write_pages"

@@ -290,6 +290,56 @@ class PageStore:
             parts.append(self._segments[run_seg][run_start:run_end])
         return pos, count, parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def collect_into(self, keys: Sequence[bytes], pos: int, max_pages: int,
+                     out: memoryview) -> Tuple[int, int]:
+        """:meth:`collect` copying the records straight into ``out`` (the caller's
+        buffer, e.g. a connection's shared memory): one copy per run of
+        consecutive slots and no intermediate bytes. ``out`` must hold
+        ``max_pages`` records. Returns ``(new_pos, count)``."""
+        index = self._index
+        rs, per = self.record_size, self.slots_per_segment
+        segments = self._segments
+        window = keys[pos:pos + max_pages]
+        slots = list(map(index.get, window))
+        if slots and None not in slots:
+            # fast path: nothing deleted and the slots are one consecutive run
+            first = slots[0]
+            seg, rel = divmod(first, per)
+            k = len(slots)
+            if rel + k <= per and slots == list(range(first, first + k)):
+                with memoryview(segments[seg]) as sv:
+                    out[:k * rs] = sv[rel * rs:(rel + k) * rs]
+                return pos + k, k
+        count = 0
+        n = len(keys)
+        run_seg = -1
+        run_start = run_end = 0
+        at = 0
+
+        def flush() -> int:
+            size = run_end - run_start
+            with memoryview(segments[run_seg]) as sv:
+                out[at:at + size] = sv[run_start:run_end]
+            return at + size
+
+        while pos < n and count < max_pages:
+            slot = index.get(keys[pos])
+            pos += 1
+            if slot is None:
+                continue
+            count += 1
+            seg, rel = divmod(slot, per)
+            off = rel * rs
+            if seg == run_seg and off == run_end:
+                run_end += rs
+                continue
+            if run_seg >= 0:
+                at = flush()
+            run_seg, run_start, run_end = seg, off, off + rs
+        if run_seg >= 0:
+            flush()
+        return pos, count
+
     def oldest(self, n: int) -> List[bytes]:
         """Up to ``n`` keys from the start of the put order."""
         out: List[bytes] = []

@@ -47,6 +47,7 @@ from __future__ import annotations
 import errno
 import errno
 import hashlib
+import logging
 import mmap
 import os
 import random
@@ -69,6 +70,8 @@ from .interface import (CLIENT_COMPRESS, CLIENT_FROZEN, EFROZEN, MAX_POOLS, OID,
                         POOL_PRECOMPRESSED, POOL_SHARED, POOL_VERSION_MASK,
                         POOL_VERSION_SHIFT, EXT_VCPU_CONTEXT_SIZE, DomainInfo)
 from .pagestore import PageStore, SegmentHeap
+
+log = logging.getLogger("xend_tmem.hypervisor.sim")
 from .profiles import make_profile
 from .interface import HostInfo
 
@@ -613,11 +616,15 @@ class SimHypervisor:
             self._stop_guest(d)
             return
         if g is None:
-            if d.running:
+            # a shell built for a restore starts its guest at once, stopped as a
+            # paused guest is, so unpause only releases it (no process start
+            # inside the downtime)
+            if d.running or d.arrived:
                 if self._closed:
                     raise HypervisorError(op, "the hypervisor is shut down")
                 try:
-                    d.guest = GuestProcess.spawn(d.ram_fd, d.log, d.rng.getrandbits(64), True)
+                    d.guest = GuestProcess.spawn(d.ram_fd, d.log, d.rng.getrandbits(64),
+                                                 d.running)
                 except OSError as e:
                     raise HypervisorError(op, f"cannot start the guest process of domain "
                                               f"{d.domid} ({d.name}): {e}") from None
@@ -879,6 +886,13 @@ class SimHypervisor:
                          f"{vcpus} vcpus")
             d.vcpu_ctx = [bytes(VCPU_CONTEXT_SIZE)] * vcpus
             self._set_workload(d, workload)
+            try:
+                self._sync_guest(d, op)          # its guest process, stopped
+            except BaseException:
+                self._stop_guest(d)
+                del self._domains[d.domid]
+                self._release_ram(d)
+                raise
             return d.domid
 
     def destroy_domain(self, domid: int) -> None:
@@ -926,6 +940,7 @@ class SimHypervisor:
                        suspended: Optional[bool] = None) -> None:
         """Change the state and make the guest process obey it (a barrier when it
         stops); on failure the domain keeps its former state."""
+        called = time.monotonic()        # a suspend stops the guest inside the call
         with self._lock:
             d = self._guest_dom(domid, op)
             before = (d.paused, d.suspended)
@@ -941,6 +956,12 @@ class SimHypervisor:
                     d.guest.command(CMD_RUN, wait=False)
                 raise
             self._run_state_events(d, before)
+            if op in ("suspend", "unpause", "resume"):
+                # one host, one clock: a migration's downtime can be read off
+                # two hypervisors' logs (source suspend -> destination unpause)
+                log.info("domain %d %s at mono=%.6f", domid,
+                         "suspended" if op == "suspend" else op + "d",
+                         called if op == "suspend" else time.monotonic())
 
     def pause(self, domid: int) -> None:
         """Returns once the guest has stopped writing (its acknowledgement)."""
@@ -1128,8 +1149,10 @@ class SimHypervisor:
                 return [keys, len(keys), old[2], False]
         return [keys, 0, None, True]
 
-    def _walk_collect(self, pool: _Pool, walk: List, max_pages: int) -> Tuple[int, bytes]:
-        """Advance a walk by up to ``max_pages`` pages, as Xen's cursor did."""
+    def _walk_collect(self, pool: _Pool, walk: List, max_pages: int,
+                      out: Optional[memoryview] = None) -> Tuple[int, Any]:
+        """Advance a walk by up to ``max_pages`` pages, as Xen's cursor did; with
+        ``out`` the records are copied straight into it (a view of it is returned)."""
         store = pool.store
         if walk[3]:
             walk[3] = False
@@ -1137,7 +1160,11 @@ class SimHypervisor:
                 # H2: a NULL cursor is set to the first page, then the walk
                 # returns the page *after* it: the first page is never returned
                 walk[1], _, _ = store.collect(walk[0], walk[1], 1)
-        walk[1], count, records = store.collect(walk[0], walk[1], max_pages)
+        if out is not None:
+            walk[1], count = store.collect_into(walk[0], walk[1], max_pages, out)
+            records: Any = out[:count * store.record_size]
+        else:
+            walk[1], count, records = store.collect(walk[0], walk[1], max_pages)
         if count:
             rs, hl = store.record_size, store.header_len
             with memoryview(records) as mv:
@@ -1269,15 +1296,12 @@ class SimHypervisor:
                 e = self._h8_refuse("SAVE_GET_NEXT_PAGE", pool_id, domid)
                 self._trace_refusal(f"SAVE_GET_NEXT_PAGE pool={pool_id} cli={domid}", e)
                 raise e
-            count, records = self._walk_collect(pool, walk, max_pages)
+            view = memoryview(out).cast("B") if out is not None else None
+            count, records = self._walk_collect(pool, walk, max_pages, view)
             if self._trace is not None:
                 self._trace_records("SAVE_GET_NEXT_PAGE", pool, pool_id, domid, records, count)
                 if not count:
                     self._t(f"SAVE_GET_NEXT_PAGE pool={pool_id} cli={domid} rc=0")
-            if out is not None:
-                view = memoryview(out).cast("B")
-                view[:count * rs] = records
-                return count, view[:count * rs]
             return count, records
 
     def _walk_has_more(self, pool: _Pool, walk: List) -> bool:

@@ -12,8 +12,8 @@ from typing import Any, List, Mapping
 
 from ..xend.progress import human_bytes, plural
 
-SAVE_KEYS = frozenset(["plan", "reason", "tmem_bytes", "pages", "invalidations", "frozen_s",
-                       "persistent_pages_at_start", "pools"])
+SAVE_KEYS = frozenset(["plan", "reason", "tmem_bytes", "pages", "invalidations", "freeze_ms",
+                       "est_freeze_ms", "persistent_pages_at_start", "pools"])
 RESTORE_KEYS = frozenset(["tmem_bytes", "pages", "invalidations", "frozen"])
 
 
@@ -69,9 +69,12 @@ def report_lines(name: str, op: Any, section: Mapping[str, Any]) -> List[str]:
     inv = _num(section.get("invalidations"))
     if inv is not None:
         facts.append(f"{plural(inv, 'page')} invalidated")
-    frozen = _num(section.get("frozen_s"))
+    frozen = _num(section.get("freeze_ms"))
     if frozen is not None:
-        facts.append(f"guest tmem frozen {frozen:.3f} s")
+        est = _num(section.get("est_freeze_ms"))
+        facts.append(f"guest tmem frozen {frozen:.1f} ms"
+                     + (f" (expected {est:.1f} ms)" if est or frozen and est is not None
+                        else ""))
     pools = _num(section.get("pools"))
     if pools is not None:
         facts.append(plural(pools, "pool"))

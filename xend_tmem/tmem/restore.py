@@ -22,8 +22,10 @@ MAX_PAGE_SIZE = 4096        # x86 Xen creates pools with pagebits 0 only
 class TmemRestorer:
     """A :class:`~xend_tmem.codec.tmemchunk.ChunkVisitor` that applies what it reads."""
 
-    def __init__(self, hv, domid: int, max_page_size: int = MAX_PAGE_SIZE) -> None:
+    def __init__(self, hv, domid: int, max_page_size: int = MAX_PAGE_SIZE,
+                 page_check=None) -> None:
         self.hv = hv
+        self.page_check = page_check     # integrity.PageCheck: pages checked as they arrive
         self.domid = domid
         self.max_page_size = max_page_size
         self.order = tc.ChunkOrder()
@@ -81,6 +83,10 @@ class TmemRestorer:
         self.pools[rec.pool_id] = rec
 
     def pages(self, pool: tc.PoolRecord, records: memoryview, count: int, offset: int) -> None:
+        if self.page_check is not None:
+            self.page_check.tmem(pool.pool_id, self.saved.version if self.saved else 1,
+                                 records, count,
+                                 pool.page_size, offset)
         self.hv.restore_put_pages(self.domid, pool.pool_id, records, count)
         self.page_count += count
 

@@ -25,6 +25,8 @@ state than the one saved:
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ..binio import StreamWriter
@@ -100,6 +102,7 @@ class TmemWriter:
         self.bytes = 0
         self.chunk_written = False
         self.uuids: Optional[Dict[int, Tuple[int, int]]] = None   # read before the save (H1)
+        self.page_log = None      # integrity.PageLog, when the save keeps page checksums
 
     def begin(self) -> bool:
         """SAVE_BEGIN; only a True answer makes SAVE_END owed (a raise or a 0 does not)."""
@@ -164,18 +167,52 @@ class TmemWriter:
         self.bytes += w.offset - start
 
     def _write_pages(self, w: StreamWriter, pool: tc.PoolRecord) -> None:
+        """The pool's pages, batch by batch, two batches in flight: while this
+        thread writes batch k, a helper thread asks the hypervisor for batch k+1
+        (the hypervisor's copy and the round trip overlap the file write).
+
+        The helper makes the same calls, in the same order, with the same
+        counts as a plain loop would: each request is issued only after the
+        previous one answered, and never for more than the pages announced, so
+        the walk cursor advances only by calls this toolstack made (H3). The one
+        difference: a save that fails or is cancelled while writing batch k has
+        already asked for batch k+1 (Xen's toolstack may do the same); SAVE_END
+        follows either way."""
         version = self.version
         per_batch = max(1, tc.BATCH_BYTES // tc.record_size(version, pool.page_size))
+        hv, domid, pool_id, n_pages = self.hv, self.domid, pool.pool_id, pool.n_pages
+        # one batch has nothing to overlap: no helper thread then
+        fetcher = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="tmem-walk")
+                   if n_pages > per_batch else None)
+
+        def ask(n: int) -> "Future[Tuple[int, Any]]":
+            if fetcher is not None:
+                return fetcher.submit(hv.save_get_pages, domid, pool_id, n)
+            done: "Future[Tuple[int, Any]]" = Future()
+            done.set_result(hv.save_get_pages(domid, pool_id, n))
+            return done
+
         sent = 0
-        while sent < pool.n_pages:
-            count, records = self.hv.save_get_pages(self.domid, pool.pool_id,
-                                                    min(per_batch, pool.n_pages - sent))
-            if not count:
-                break
-            tc.write_page_records(w, version, records, count, pool.page_size, pool.pool_id)
-            sent += count
-            if self.progress is not None:
-                self.progress(w.offset)
+        try:
+            pending: "Optional[Future[Tuple[int, Any]]]" = (
+                ask(min(per_batch, n_pages)) if n_pages > 0 else None)
+            while pending is not None:
+                count, records = pending.result()
+                pending = None
+                if not count:
+                    break
+                if n_pages - sent - count > 0:
+                    pending = ask(min(per_batch, n_pages - sent - count))
+                if self.page_log is not None:
+                    tc.check_records(version, records, count, pool.page_size, pool_id)
+                    self.page_log.tmem(pool_id, version, records, count, pool.page_size)
+                tc.write_page_records(w, version, records, count, pool.page_size, pool_id)
+                sent += count
+                if self.progress is not None:
+                    self.progress(w.offset)
+        finally:
+            if fetcher is not None:
+                fetcher.shutdown(wait=True)  # a request in flight ends before SAVE_END
         if sent < pool.n_pages:
             self._check_short_walk(pool, sent)
             tc.write_pages_end(w, version)       # T3: end the list, keep the stream in step
@@ -236,7 +273,14 @@ class TmemWriter:
 
 
 class TmemSaveJob:
-    """The tmem side of one save, phase by phase, following the chosen plan."""
+    """The tmem side of one save, phase by phase, following the chosen plan.
+
+    The plan comes from :func:`policy.choose_plan` over the host's limits
+    (``session.limits``) and rates; ``auto`` without a configured bandwidth is
+    re-estimated after every round from the rates the host measured, while the
+    plan is still open (tmem not sent). Late-freeze sends tmem when
+    :func:`policy.late_freeze_now` says so.
+    """
 
     def __init__(self, session: SaveSession, settings: TmemSettings) -> None:
         self.session = session
@@ -245,28 +289,69 @@ class TmemSaveJob:
         check_movable(session.hv, session.domid, self.sizes.persistent_pages)
         self.writer = TmemWriter(session.hv, session.domid, session.live, self._progress,
                                  defects=session.hv.host_info().defects)
+        self.writer.page_log = session.page_log
         self._tmem_end: Optional[int] = None
-        self.decision: Optional[policy.Decision] = None
+        self.choice: Optional[policy.PlanChoice] = None
         self.plan = "non-live"
         self.reason = "the guest is suspended for the whole save"
         self.sent_ram_pages = 0
+        self.started = time.monotonic()
         self.suspended_at: Optional[float] = None
         self.late_reason = ""
+        self.est_freeze_ms: Optional[float] = None
+        self._last_stats: Optional[RoundStats] = None
         self.report: Dict[str, Any] = session.report.setdefault("tmem", {})
         if session.live:
-            bw = settings.bandwidth_bps
-            self.decision = policy.decide(policy.PolicyInputs(
-                tmem_bytes=self.sizes.persistent_bytes,
-                ram_bytes=session.p2m_size * 4096,
-                downtime_limit_s=settings.downtime_limit_s,
-                bandwidth_bps=bw), settings.plan)
-            self.plan, self.reason = self.decision.plan, self.decision.reason
+            self.choice = policy.choose_plan(
+                self.sizes.persistent_bytes, session.p2m_size, self._initial_rates(),
+                session.limits, settings.plan)
+            self.plan, self.reason = self.choice.plan, self.choice.reason
+            self.est_freeze_ms = self.choice.estimate().est_freeze_ms
         if settings.layout == "seed":
             self.plan = "precopy" if session.live else "non-live"
             if session.live:
                 self.reason = "seed layout: tmem goes before p2m_size"
-        session.log.info("domain %d: tmem plan %s: %s", session.domid, self.plan, self.reason)
+        if self.choice is not None and settings.layout != "seed":
+            session.log.info("domain %d: %s", session.domid, self.choice.log_line())
+        else:
+            session.log.info("domain %d: tmem plan %s: %s", session.domid, self.plan,
+                             self.reason)
         self._update_report()
+
+    def _initial_rates(self) -> policy.Rates:
+        """Before round 1: the configured bandwidth hint, else the host's rates
+        (assumed, or bounded by its rate cap)."""
+        s = self.session
+        if s.rates is not None:
+            return s.rates
+        hint = self.settings.bandwidth_bps
+        rates = policy.RoundWindow().rates(hint or policy.DEFAULT_BANDWIDTH, s.overhead_ms,
+                                           cap_bps=s.rate_cap_bps)
+        return replace(rates, source="configured") if hint else rates
+
+    def _rates(self, stats: RoundStats) -> policy.Rates:
+        """The rates the host measured through this round, with this save's own
+        invalidation rate (the host knows nothing of tmem)."""
+        s = self.session
+        rates = s.rates
+        if rates is None:           # a host that measures nothing: this round's bandwidth
+            bw = stats.bandwidth_bps or policy.DEFAULT_BANDWIDTH
+            rates = policy.Rates(min(bw, s.rate_cap_bps) if s.rate_cap_bps else bw, 0.0, 0.0,
+                                 s.overhead_ms, "measured")
+        wr = self.writer
+        if wr.froze_at is not None and wr.inv_sent:
+            rates = replace(rates, inv_per_s=wr.inv_sent / max(time.monotonic() - wr.froze_at,
+                                                               1e-3))
+        return rates
+
+    def _progress_now(self, stats: RoundStats) -> policy.Progress:
+        """Where the save stands after this round, RAM's side, as the host weighs it."""
+        if self.session.round_progress is not None:
+            return self.session.round_progress
+        return policy.Progress(rounds=stats.number, elapsed_s=time.monotonic() - self.started,
+                               pages_sent=self.sent_ram_pages, dirty_pages=stats.dirty_pages,
+                               ram_pages=stats.ram_pages, last_round_pages=stats.pages_sent,
+                               last_round_s=stats.elapsed_s)
 
     # -- phases ---------------------------------------------------------------
     def _progress(self, offset: int) -> None:
@@ -296,37 +381,72 @@ class TmemSaveJob:
         if not self.session.live or self.plan == "precopy":
             self._send_tmem()
 
-    def _revise_plan(self, stats: RoundStats) -> None:
-        """``auto`` without a configured bandwidth decided on an assumed one; after
-        the first round the bandwidth is measured: decide again among the plans
-        still open (tmem not sent yet, so not precopy)."""
+    def _revise_plan(self, stats: RoundStats, rates: policy.Rates,
+                     progress: policy.Progress) -> None:
+        """``auto`` without a configured bandwidth decided on an assumed one;
+        once rounds have measured the rates, decide again after every round
+        among the plans still open (tmem not sent yet, so not precopy)."""
         if (self.settings.plan != "auto" or self.settings.bandwidth_bps is not None
-                or stats.number != 1 or not stats.bandwidth_bps
+                or self.settings.layout == "seed" or self.writer.attempted
                 or self.plan not in ("late-freeze", "after-suspend")):
             return
-        d = policy.decide(policy.PolicyInputs(
-            tmem_bytes=self.sizes.persistent_bytes, ram_bytes=stats.ram_pages * 4096,
-            downtime_limit_s=self.settings.downtime_limit_s,
-            bandwidth_bps=stats.bandwidth_bps), "auto",
-            plans=("after-suspend", "late-freeze"), measured=True)
-        if d.plan != self.plan:
-            self.session.log.info("domain %d: tmem plan %s -> %s: %s", self.session.domid,
-                                  self.plan, d.plan, d.reason)
-        self.decision, self.plan, self.reason = d, d.plan, d.reason
+        c = policy.choose_plan(self.sizes.persistent_bytes, stats.ram_pages, rates,
+                               self.session.limits, "auto",
+                               plans=("after-suspend", "late-freeze"), start=progress)
+        if c.plan != self.plan:
+            self.session.log.info("domain %d: after round %d: %s", self.session.domid,
+                                  stats.number, c.log_line())
+        self.choice, self.plan, self.reason = c, c.plan, c.reason
+
+    def _estimate_freeze(self, rates: policy.Rates, progress: policy.Progress) -> float:
+        """The freeze window expected now: frozen so far plus the rounds the
+        host's stop rule is expected to run before the suspend."""
+        wr, limits = self.writer, self.session.limits
+        if self.plan == "after-suspend" and not wr.attempted:
+            return 0.0
+        if wr.froze_at is None:
+            if not self.sizes.persistent_bytes or wr.attempted:
+                return 0.0          # SAVE_BEGIN found nothing to freeze
+            waiting = replace(progress, before_bytes=self.sizes.persistent_bytes)
+            if policy.should_stop(waiting, rates, limits).stop:
+                return 0.0          # the rounds end now: tmem goes after the suspend
+            return policy.simulate("late-freeze", self.sizes.persistent_bytes,
+                                   progress.ram_pages, rates, limits,
+                                   start=progress).est_freeze_ms
+        so_far = (time.monotonic() - wr.froze_at) * 1000.0
+        if policy.should_stop(progress, rates, limits).stop:
+            return so_far
+        e = policy.simulate("after-suspend", 0, progress.ram_pages, rates, limits,
+                            start=progress)
+        remaining = e.est_total_ms - e.est_downtime_ms - progress.elapsed_s * 1000.0
+        return so_far + max(0.0, remaining)
 
     def after_round(self, stats: RoundStats) -> None:
         self.sent_ram_pages += stats.pages_sent
-        self._revise_plan(stats)
+        self._last_stats = stats
+        rates = self._rates(stats)
+        progress = self._progress_now(stats)
+        self._revise_plan(stats, rates, progress)
         if self.plan == "late-freeze" and not self.writer.attempted:
-            why = policy.late_freeze_due(stats.converged, stats.number, self.sent_ram_pages,
-                                         stats.max_rounds, stats.max_pages)
+            why = policy.late_freeze_now(progress, rates, self.session.limits)
             if why:
                 self.late_reason = f"tmem sent after round {stats.number} ({why})"
+                self.session.log.info("domain %d: %s", self.session.domid, self.late_reason)
                 self._send_tmem()
         if self.writer.started and self.session.live:
             self.writer.write_extra(self.session.out, always=False)
 
     def pending(self) -> Pending:
+        if self.session.live and self._last_stats is not None:
+            # after a round: the host has its dirty log read, re-estimate the freeze
+            stats = self._last_stats
+            self._last_stats = None
+            self.est_freeze_ms = self._estimate_freeze(self._rates(stats),
+                                                       self._progress_now(stats))
+            self.session.log.info("domain %d: tmem plan %s after round %d: expected freeze "
+                                  "window %.1f ms", self.session.domid, self.plan,
+                                  stats.number, self.est_freeze_ms)
+            self._update_report()
         if self.writer.attempted:
             return Pending(0, 0)
         if self.plan == "late-freeze":
@@ -362,7 +482,12 @@ class TmemSaveJob:
             "tmem_bytes": wr.bytes,
             "pages": wr.pages,
             "invalidations": wr.inv_sent,
-            "frozen_s": round(frozen, 6),
+            # the window the running guest's tmem puts failed (SAVE_BEGIN -> suspend)
+            "freeze_ms": round(frozen * 1000.0, 3),
             "persistent_pages_at_start": self.sizes.persistent_pages,
             "pools": self.sizes.pools,
         })
+        if self.est_freeze_ms is not None:
+            self.report["est_freeze_ms"] = round(self.est_freeze_ms, 1)
+        if self.choice is not None:
+            self.report["policy"] = self.choice.to_dict()

@@ -132,6 +132,14 @@ def _started_at(pid: int) -> Optional[float]:
     return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def foreign_owner(path: str) -> Optional[int]:
     """The pid in an unlocked pid file if that process runs and is not us: a
     daemon that does not lock its pid file (xend) owns it. A process started
@@ -145,6 +153,8 @@ def foreign_owner(path: str) -> Optional[int]:
         return None
     except PermissionError:
         pass
+    if _zombie(pid):
+        return None                 # killed, not yet reaped: gone
     started = _started_at(pid)
     try:
         written = os.stat(path).st_mtime
@@ -280,14 +290,30 @@ def _clear_stale_socket(path: str, config_path: str = "") -> None:
 
 
 def _ssl_context(config: ToolstackConfig) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    """The TLS relocation server's context: its key pair, and with
+    ``xend-relocation-ssl-ca-file`` the clients' certificates verified."""
     try:
-        ctx.load_cert_chain(config.relocation_ssl_cert_file, config.relocation_ssl_key_file)
+        return relocation.server_context(config.relocation_tls())
     except (OSError, ssl.SSLError) as exc:
-        raise StartError(f"cannot load the relocation TLS key or certificate "
-                         f"({config.relocation_ssl_cert_file}, {config.relocation_ssl_key_file}): "
-                         f"{exc}") from None
-    return ctx
+        raise StartError(f"cannot load the relocation TLS key, certificate or CA file "
+                         f"({config.relocation_ssl_cert_file}, {config.relocation_ssl_key_file}"
+                         f"{', ' + config.relocation_ssl_ca_file if config.relocation_ssl_ca_file else ''}"
+                         f"): {exc}") from None
+
+
+def raise_nofile_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit (many relocation peers
+    and guests each hold descriptors); returns the soft limit now in force."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open file limit from %d to %d: %s", soft, want, exc)
+    return soft
 
 
 def _relocation_servers(config: ToolstackConfig, service: XendService
@@ -305,7 +331,8 @@ def _relocation_servers(config: ToolstackConfig, service: XendService
                 server = relocation.RelocationServer(
                     address, port, hosts_allow=config.hosts_allow_patterns(),
                     restore=service.incoming_restore, check_offer=service.check_offer,
-                    discard=service.discard_domain, ssl_context=ctx)
+                    discard=service.discard_domain, ssl_context=ctx,
+                    peer_fingerprint=config.relocation_ssl_peer_fingerprint if ctx else None)
             except OSError as exc:
                 key = "xend-relocation-ssl-port" if ctx is not None else "xend-relocation-port"
                 hint = (f"; another xend (or a second daemon) may use it: give this one its "
@@ -345,6 +372,7 @@ class Daemon:
             os.makedirs(cfg.state_dir, exist_ok=True)
             self._log_handler = setup_logging(cfg)
             log.info("xend starting (config %s)", cfg.path or "defaults")
+            log.info("open file limit %d", raise_nofile_limit())
             hooks, plugin_errors = load_hooks(cfg)
             self.hv = make_hypervisor(cfg)
             log_domains(self.hv)

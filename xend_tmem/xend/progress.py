@@ -328,12 +328,25 @@ def report_lines(result: Mapping[str, Any],
             lines.extend(section_lines(pname, plugins[pname]))
     if op != "restore" and not plugins:
         lines.append("tmem: not carried (no checkpoint plugin handled this domain)")
-    downtime = _num(result.get("downtime_s"))
+    downtime = _num(result.get("downtime_ms"))
     if op != "restore" and downtime is not None:
-        resumed = _num(result.get("resumed_after_s"))
-        lines.append(f"downtime: {human_secs(downtime)} until the image was sent"
-                     + (f", {human_secs(resumed)} until the destination confirmed it runs"
-                        if resumed is not None else ""))
+        if op != "migrate":
+            until = "until the image was complete"
+        elif result.get("handshake_ms") is not None:
+            until = "until the destination ran it"
+        else:                       # a stock xend's peer: no handshake to time
+            until = "until the image was sent"
+        parts = [f"downtime: {human_secs(downtime / 1000.0)} {until}"]
+        guest = _num(result.get("guest_downtime_ms"))
+        if guest is not None:
+            parts.append(f"the guest noticed {human_secs(guest / 1000.0)}")
+        est = _num(result.get("est_downtime_ms"))
+        if est is not None:
+            parts.append(f"expected {human_secs(est / 1000.0)}")
+        lines.append(", ".join(parts))
+    for warning in result.get("warnings") or ():
+        if isinstance(warning, str):
+            lines.append(f"warning: {warning}")
     return lines
 
 

@@ -99,12 +99,14 @@ import struct
 import threading
 import time
 import uuid
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Pattern, Sequence, Set, Tuple
 
+from .. import integrity
 from ..codec import sxp
-from ..errors import Cancelled, PeerError, XendTmemError
+from ..errors import Cancelled, ConfigError, PeerError, XendTmemError
 from ..hypervisor.interface import Hypervisor
 from ..session import JournalFn
 from . import journal as jrn
@@ -148,6 +150,7 @@ STARTING_WAIT_S = 30.0       # a query waits this long for a start in progress
 CONTROL_DEADLINE_S = 30.0    # from accept to "receive" (or the last answer), at most
 DRAIN_AFTER_ERROR_S = 2.0     # let the sender read our (err ...) before we close
 _FRAME = struct.Struct(">I")
+_RECORDS_FLAG = 0x80000000    # with crc32-frames: a frame of page checksum records
 
 ProgressFn = Callable[[str, int, Optional[int]], None]
 
@@ -253,6 +256,9 @@ class TlsSettings:
 def server_context(tls: TlsSettings) -> ssl_mod.SSLContext:
     """The relocation server's context: its key pair; with a CA file it
     requires and verifies the client's certificate."""
+    if tls.peer_fingerprint and not tls.ca_file:
+        raise ConfigError("xend-relocation-ssl-peer-fingerprint on a TLS relocation server needs "
+                          "xend-relocation-ssl-ca-file (the peer's certificate or its CA)")
     ctx = ssl_mod.SSLContext(ssl_mod.PROTOCOL_TLS_SERVER)
     if tls.cert_file:
         ctx.load_cert_chain(tls.cert_file, tls.key_file or None)
@@ -327,13 +333,27 @@ class Incoming:
 
 
 class _FramedReader:
-    """The framed image as a file that ends at the zero-length frame."""
+    """The framed image as a file that ends at the zero-length frame.
 
-    def __init__(self, rfile: BinaryIO, peer: str) -> None:
+    With ``crc`` (``crc32-frames`` negotiated) each frame carries the CRC32 of
+    its bytes after them, and frames whose length has the top bit set carry
+    page checksum records (:mod:`xend_tmem.integrity`) for ``page_check``
+    rather than image bytes. A data frame is read whole and checked before any
+    of it is handed out; one that fails its CRC is noted in ``page_check`` and
+    still delivered, so the page it holds is named when its own checksum
+    fails (the restore fails before the domain ever runs)."""
+
+    def __init__(self, rfile: BinaryIO, peer: str, crc: bool = False) -> None:
         self.rfile = rfile
         self.peer = peer
         self.left = 0
         self.ended = False
+        self.crc = crc
+        self.page_check: Optional[integrity.PageCheck] = \
+            integrity.PageCheck(source="the migration stream's checksums") if crc else None
+        self._buf = memoryview(b"")
+        self._frames = 0
+        self._offset = 0          # image bytes handed out
 
     def _exact(self, n: int) -> bytes:
         data = self.rfile.read(n)
@@ -341,22 +361,57 @@ class _FramedReader:
             raise ConnectionError(f"connection from {self.peer} lost in the middle of the image")
         return data
 
+    def _next_frame(self) -> bool:
+        """Read frames until one with image bytes; False at the end frame."""
+        while True:
+            (n,) = _FRAME.unpack(self._exact(_FRAME.size))
+            if n == 0:
+                self.ended = True
+                return False
+            records = bool(self.crc and n & _RECORDS_FLAG)
+            n &= ~_RECORDS_FLAG if self.crc else 0xFFFFFFFF
+            if n > MAX_FRAME:
+                raise PeerError(f"image frame of {n} bytes from {self.peer} (at most {MAX_FRAME})")
+            if not self.crc:
+                self.left = n
+                return True
+            body = self._exact(n)
+            (want,) = _FRAME.unpack(self._exact(_FRAME.size))
+            self._frames += 1
+            assert self.page_check is not None
+            if records:
+                if zlib.crc32(body) != want:
+                    raise integrity.IntegrityError(
+                        f"page checksum frame {self._frames} from {self.peer} failed its "
+                        "CRC32: the stream was corrupted in transit")
+                self.page_check.add_expected(integrity.decode(body))
+                continue
+            if zlib.crc32(body) != want:
+                self.page_check.frame_bad(
+                    f"frame {self._frames}, image bytes {self._offset}..{self._offset + n - 1}, "
+                    "failed its CRC32")
+            self._buf = memoryview(body)
+            return True
+
     def readinto(self, buf: Any) -> int:
         mv = memoryview(buf).cast("B")
         if self.ended or not mv.nbytes:
             return 0
-        if not self.left:
-            (n,) = _FRAME.unpack(self._exact(_FRAME.size))
-            if n == 0:
-                self.ended = True
+        if self.crc:
+            if not self._buf.nbytes and not self._next_frame():
                 return 0
-            if n > MAX_FRAME:
-                raise PeerError(f"image frame of {n} bytes from {self.peer} (at most {MAX_FRAME})")
-            self.left = n
+            got = min(mv.nbytes, self._buf.nbytes)
+            mv[:got] = self._buf[:got]
+            self._buf = self._buf[got:]
+            self._offset += got
+            return got
+        if not self.left and not self._next_frame():
+            return 0
         got = self.rfile.readinto(mv[:min(self.left, mv.nbytes)])
         if not got:
             raise ConnectionError(f"connection from {self.peer} lost in the middle of the image")
         self.left -= got
+        self._offset += got
         return got
 
     def read(self, n: int = -1) -> bytes:
@@ -408,7 +463,7 @@ class RelocationServer:
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._sock.bind((address, port))
-            self._sock.listen(8)
+            self._sock.listen(min(socket.SOMAXCONN, 1024))   # a burst of peers is not dropped
         except OSError:
             self._sock.close()
             raise
@@ -1035,25 +1090,47 @@ class _PeerWriter:
     SLICE = 1 << 20
 
     def __init__(self, channel: "_Channel", cancel: Optional[threading.Event],
-                 io_timeout: float, framed: bool = False) -> None:
+                 io_timeout: float, framed: bool = False,
+                 page_log: Optional[integrity.PageLog] = None) -> None:
         self.ch = channel
         self.cancel = cancel
         self.io_timeout = io_timeout
         self.framed = framed
+        # crc32-frames negotiated: a CRC32 after each frame, page records ahead of pages
+        self.page_log = page_log
+        self.crc = page_log is not None
+
+    def _frame(self, body: memoryview, flag: int = 0) -> None:
+        self._send_all(memoryview(_FRAME.pack(body.nbytes | flag)))
+        self._send_all(body)
+        if self.crc:
+            self._send_all(memoryview(_FRAME.pack(zlib.crc32(body))))
+
+    def _send_records(self) -> None:
+        """Page checksum records not sent yet, ahead of the pages they cover."""
+        if self.page_log is None:
+            return
+        recs = self.page_log.take_unsent()
+        per = self.SLICE // integrity.RECORD_SIZE
+        for i in range(0, len(recs), per):
+            self._frame(memoryview(integrity.encode(recs[i:i + per])), _RECORDS_FLAG)
 
     def write(self, data: Any) -> int:
         mv = memoryview(data).cast("B")
         total = mv.nbytes
+        self._send_records()
         while mv.nbytes:
             piece = mv[:self.SLICE]
             if self.framed:
-                self._send_all(memoryview(_FRAME.pack(piece.nbytes)))
-            self._send_all(piece)
+                self._frame(piece)
+            else:
+                self._send_all(piece)
             mv = mv[piece.nbytes:]
         return total
 
     def end(self) -> None:
         """The zero-length frame: the image is complete."""
+        self._send_records()
         self._send_all(memoryview(_FRAME.pack(0)))
 
     def _send_all(self, mv: memoryview) -> None:
@@ -1139,22 +1216,32 @@ class _Channel:
             self.sock.close()
 
 
-def _connect(host: str, port: int, use_ssl: bool, timeout: float) -> socket.socket:
+def _connect(host: str, port: int, use_ssl: bool, timeout: float,
+             tls: Optional[TlsSettings] = None) -> socket.socket:
+    """A connection to ``host:port``; over TLS verified as ``tls`` says (none:
+    xend's encrypted-but-unverified TLS)."""
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
         raise PeerError(f"can't connect to {host}:{port}: {exc.strerror or exc}") from None
     if not use_ssl:
         return sock
-    # xend's TLS migration encrypted the stream but never verified the peer; so do we.
-    ctx = ssl_mod.SSLContext(ssl_mod.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl_mod.CERT_NONE
     try:
-        return ctx.wrap_socket(sock, server_hostname=host)
+        ctx = client_context(tls)
+    except (OSError, ssl_mod.SSLError) as exc:
+        sock.close()
+        raise PeerError(f"cannot load the relocation TLS files: {exc}") from None
+    try:
+        tsock = ctx.wrap_socket(sock, server_hostname=host)
     except (OSError, ssl_mod.SSLError) as exc:
         sock.close()
         raise PeerError(f"TLS handshake with {host}:{port} failed: {exc}") from None
+    try:
+        check_fingerprint(tsock, tls.peer_fingerprint if tls else None, f"{host}:{port}")
+    except PeerError:
+        tsock.close()
+        raise
+    return tsock
 
 
 def _half_close(sock: socket.socket, timeout: float) -> None:
@@ -1210,12 +1297,14 @@ def make_offer(hv: Hypervisor, domid: int, hooks, *, live: bool, node: int,
         "node": node,
         "live": live,
         "plugins": hooks.migrate_offer(hv, domid),
+        "integrity": [INTEGRITY_FRAMES],
     }
 
 
 def query_migration(host: str, port: int, migration_id: str, *, use_ssl: bool = False,
                     window: float = QUERY_WINDOW_S,
-                    connect_timeout: float = CONNECT_TIMEOUT_S) -> Tuple[str, str]:
+                    connect_timeout: float = CONNECT_TIMEOUT_S,
+                    tls: Optional[TlsSettings] = None) -> Tuple[str, str]:
     """Ask the destination how migration ``migration_id`` ended: ``(answer,
     detail)`` with answer ``running``, ``aborted`` or ``unknown`` (``unknown``
     also when the peer cannot be reached within ``window`` seconds; the detail
@@ -1224,7 +1313,7 @@ def query_migration(host: str, port: int, migration_id: str, *, use_ssl: bool = 
     last = "no attempt"
     while True:
         try:
-            sock = _connect(host, port, use_ssl, min(connect_timeout, max(1.0, window)))
+            sock = _connect(host, port, use_ssl, min(connect_timeout, max(1.0, window)), tls)
             ch = _Channel(sock, host)
             try:
                 sock.settimeout(min(IO_TIMEOUT_S, max(2.0, window)))   # a hung peer
@@ -1254,7 +1343,8 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
             journal: Optional[JournalFn] = None,
             connect_timeout: float = CONNECT_TIMEOUT_S, io_timeout: float = IO_TIMEOUT_S,
             ack_timeout: float = ACK_TIMEOUT_S,
-            query_window: float = QUERY_WINDOW_S) -> Dict[str, Any]:
+            query_window: float = QUERY_WINDOW_S,
+            tls: Optional[TlsSettings] = None) -> Dict[str, Any]:
     """Send ``domid`` to the relocation server at ``host:port``; returns the save
     report plus ``peer_domid``, ``destination`` (the receiver's report),
     ``migration`` (its id) and ``extended``.
@@ -1268,6 +1358,8 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
     restored, just before ``go`` is sent (the daemon journals it there; if it
     raises, ``go`` is not sent). When the outcome cannot be told even by a
     query, :class:`MigrationInDoubt` is raised and the source stays suspended.
+    Every failure's message ends saying where the domain is and what to do.
+    ``tls``: how the receiver's certificate is verified (``use_ssl``).
     """
     from ..checkpoint import save_domain
 
@@ -1275,10 +1367,14 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
     mid = migration_id or uuid.uuid4().hex
     label = name or hv.domain_info(domid).name
     progress("connect", 0, None)
-    sock = _connect(host, port, use_ssl, connect_timeout)
+    try:
+        sock = _connect(host, port, use_ssl, connect_timeout, tls)
+    except PeerError as exc:
+        raise PeerError(_untouched(str(exc), label, host)) from None
     ch = _Channel(sock, host)
     op = "sslreceive" if use_ssl else "receive"
     state: Dict[str, Any] = {"go": False, "accepted": False}
+    page_log: Optional[integrity.PageLog] = None
     try:
         sock.settimeout(io_timeout)
         progress("preflight", 0, None)
@@ -1291,6 +1387,9 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
                             "xend-relocation-hosts-allow?)")
         if reply[0] == "ok":
             extended = True
+            agreed = [c[1:] for c in reply[1:] if isinstance(c, list) and c[:1] == ["integrity"]]
+            if any(INTEGRITY_FRAMES in c for c in agreed):
+                page_log = integrity.PageLog()    # frame CRCs and page checksums
             if str(sxp.child_value(reply, "protocol")) != str(PROTOCOL):
                 raise PeerError(f"{host} speaks relocation protocol "
                                 f"{sxp.child_value(reply, 'protocol')}, this host {PROTOCOL}: "
@@ -1299,6 +1398,10 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
             reasons = [str(c[1]) for c in sxp.children(reply, "reason") if len(c) > 1]
             raise PeerError(f"migration refused: {'; '.join(reasons) or 'no reason given'} "
                             f"(from {host})")
+        elif reply[0] == "err" and reply_error_message(reply).startswith(
+                "malformed pre-flight offer"):
+            raise PeerError(f"{host} could not read this host's pre-flight: "
+                            f"{reply_error_message(reply)}")
         elif reply[0] == "err":
             extended = False          # a stock xend: no pre-flight, no handshake
             stock_error = reply_error_message(reply)
@@ -1318,7 +1421,7 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
         state["accepted"] = True
         if on_accepted is not None:
             on_accepted()
-        writer = _PeerWriter(ch, cancel, io_timeout, framed=extended)
+        writer = _PeerWriter(ch, cancel, io_timeout, framed=extended, page_log=page_log)
 
         def commit() -> None:
             """The stream is complete: the receiver's answer, and ``go``."""
@@ -1356,8 +1459,11 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
             jrn.killpoint("migrate-go-sent")
 
         report = save_domain(hv, domid, writer, hooks=hooks, live=live, progress=progress,
-                             cancel=cancel, name=name, journal=journal, commit=commit)
+                             cancel=cancel, name=name, journal=journal, commit=commit,
+                             page_log=page_log)
         report["extended"] = extended
+        if page_log is not None:
+            report["integrity"] = f"{len(page_log.records)} page checksums and a CRC32 per frame"
         report["migration"] = mid
         if not extended:
             return report
@@ -1381,23 +1487,45 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
             said = reply_error_message(answer) if answer[0] == "err" else sxp.to_string(answer)
             why = f"{host} answered {said}"
         return _resolve_in_doubt(hv, domid, label, host, port, use_ssl, mid, why, report,
-                                 query_window)
+                                 query_window, tls)
     except PeerError as exc:
-        if state["go"] or not state["accepted"]:
-            raise       # after go the messages say where it is; before, nothing was touched
-        raise PeerError(f"{exc}; domain {label} was not started on {host} and keeps running "
-                        "here") from None
+        if state["go"] or isinstance(exc, MigrationInDoubt):
+            raise       # after go the messages say where it is
+        if not state["accepted"]:
+            raise PeerError(_untouched(str(exc), label, host)) from None
+        raise PeerError(_resumed(str(exc), label, host)) from None
+    except (Cancelled, MigrationInDoubt):
+        raise
+    except XendTmemError as exc:
+        # the save's own failure before go: the source was resumed; say so, keep the type
+        if not state["go"] and exc.args and isinstance(exc.args[0], str):
+            exc.args = (_resumed(exc.args[0], label, host) if state["accepted"]
+                        else _untouched(exc.args[0], label, host),) + exc.args[1:]
+        raise
     finally:
         ch.close()
 
 
+def _untouched(why: str, name: str, host: str) -> str:
+    """A failure before the receiver took the image: nothing was moved."""
+    return (f"{why}; domain {name} keeps running here, untouched: nothing to do here, "
+            f"retry xm migrate once {host} accepts it")
+
+
+def _resumed(why: str, name: str, host: str) -> str:
+    """A failure after ``receive`` and before ``go``: the receiver destroys its
+    copy (never cleared to run it); the source was resumed."""
+    return (f"{why}; domain {name} keeps running here (it was not started on {host}, "
+            f"whose copy is destroyed): retry xm migrate")
+
+
 def _resolve_in_doubt(hv: Hypervisor, domid: int, name: str, host: str, port: int,
                       use_ssl: bool, mid: str, why: str, report: Dict[str, Any],
-                      window: float) -> Dict[str, Any]:
+                      window: float, tls: Optional[TlsSettings] = None) -> Dict[str, Any]:
     """``go`` went out but ``running`` did not come back: ask the destination."""
     log.error("migrate: domain %s: cannot tell whether %s started it (%s); it stays paused "
               "here while %s:%d is asked about migration %s", name, host, why, host, port, mid)
-    answer, detail = query_migration(host, port, mid, use_ssl=use_ssl, window=window)
+    answer, detail = query_migration(host, port, mid, use_ssl=use_ssl, window=window, tls=tls)
     report["resolved_by_query"] = answer
     if answer == RUNNING:
         log.info("migrate: %s runs domain %s (%s): the copy here is destroyed", host, name,
@@ -1409,15 +1537,19 @@ def _resolve_in_doubt(hv: Hypervisor, domid: int, name: str, host: str, port: in
         except XendTmemError as exc:
             raise MigrationInDoubt(
                 f"{host} aborted its copy of domain {name} ({why}), but it could not be "
-                f"resumed here: {exc}; it is paused here") from None
+                f"resumed here: {exc}; domain {name} is kept paused here as "
+                f"migrating-{name}: see xm log, then xm unpause or xm destroy it") from None
         raise PeerError(f"{host} did not start domain {name} ({why}) and destroyed its copy; "
-                        "the domain was resumed here")
+                        f"the domain was resumed here: domain {name} runs here, nothing lost; "
+                        "retry xm migrate")
     raise MigrationInDoubt(
-        f"cannot tell whether domain {name} runs on {host} ({why}; asking it: {detail}): it is "
-        f"kept paused here as migrating-{name}; xend keeps asking {host} and settles it, or "
-        f"once you know it runs on {host}, xm destroy migrating-{name} here")
+        f"cannot tell whether domain {name} runs on {host} ({why}; asking it: {detail}): "
+        f"domain {name} is kept paused here as migrating-{name}; xend keeps asking {host} "
+        f"and settles it, or once you know it runs on {host}, xm destroy migrating-{name} "
+        "here")
 
 
 __all__ = ["RelocationServer", "Incoming", "migrate", "query_migration", "host_allowed",
-           "make_offer", "err_line", "parse_reply", "MigrationInDoubt", "PREFLIGHT_OP",
-           "QUERY_OP", "PROTOCOL"]
+           "confirmed_names", "make_offer", "err_line", "parse_reply", "MigrationInDoubt",
+           "PREFLIGHT_OP", "QUERY_OP", "PROTOCOL", "TlsSettings", "server_context",
+           "client_context", "check_fingerprint", "offer_problem", "INTEGRITY_FRAMES"]

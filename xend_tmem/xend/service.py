@@ -4,9 +4,12 @@ around save, restore and migration that belong to the toolstack, not the engine.
 Those rules are xend's (SPEC §9): domain 0 and domains that are not running are
 never saved or migrated; during a save or migration the source is called
 ``migrating-NAME`` and gets its name back if the operation fails; a second save
-or migration of a domain already in one is refused. One addition: a save goes
-to a temporary file beside the target and is renamed into place only when
-complete, so a failed save leaves no partial image (xend left one).
+or migration of a domain already in one is refused. Additions: a save to a
+regular file goes to a temporary file beside the target (beside what a symlink
+names) and is renamed into place only when complete, with the old file's mode,
+so a failed save leaves no partial image (xend left one); a FIFO or device is
+written through. While a domain is saved, restored or migrated (on either
+host) no tmem command changes it, and an ``-a`` one is refused naming it.
 
 Every save, restore and migration is journaled (:mod:`.journal`) phase by
 phase; :meth:`XendService.recover` (at ``xend start``) ends what a killed xend
@@ -31,6 +34,7 @@ import uuid
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .. import __version__
+from .. import integrity
 from ..checkpoint import domain_sxp, restore_domain, save_domain
 from ..codec import sxp
 from ..config import ToolstackConfig
@@ -357,20 +361,28 @@ class XendService:
                 raw = _open_through(into, path, job.cancel) if through else \
                     os.fdopen(fd, "wb", buffering=0)
                 out = _SaveTarget(raw, path)
+                # a regular file gets its page checksums beside it (issue 8 #4)
+                crc_out = None if through else integrity.CrcWriter(out)
+                page_log = None if through else integrity.PageLog()
                 jrn.killpoint("save-start")
                 if not checkpoint:
                     self.hv.rename_domain(domid, MIGRATING_PREFIX + name)
                     renamed = True
                 # xend saved non-live, checkpoint or not: the guest is suspended throughout
-                report = save_domain(self.hv, domid, jrn.killpoint_stream(out, "save-stream"),
+                report = save_domain(self.hv, domid,
+                                     jrn.killpoint_stream(crc_out or out, "save-stream"),
                                      hooks=self.hooks, live=False,
                                      checkpoint=bool(checkpoint), progress=job.progress,
-                                     cancel=job.cancel, name=name, journal=entry.note)
+                                     cancel=job.cancel, name=name, journal=entry.note,
+                                     page_log=page_log)
                 saved = True
                 out.finish(sync=not through)
                 entry.update(phase="written", notes={})
                 jrn.killpoint("save-written")
                 if not through:
+                    # the sidecar first: a crash between the renames leaves a sidecar
+                    # whose header does not match the old image, so it is not used
+                    integrity.write_sidecar(integrity.sidecar_path(into), page_log, crc_out)
                     os.replace(tmp, into)
                     _fsync_dir(into)
             except BaseException:
@@ -416,6 +428,11 @@ class XendService:
             inp = open(path, "rb")
         except OSError as exc:
             raise XendError(f"Unable to read file {path}: {exc.strerror or exc}") from None
+        # the page checksums xm save wrote beside the image, if they match it (issue 8 #4)
+        check, note = (integrity.load_sidecar(os.path.realpath(path), inp.fileno())
+                       if stat.S_ISREG(os.fstat(inp.fileno()).st_mode) else (None, ""))
+        if note:
+            log.warning("restore %s: %s", path, note)
         token = object()
         claimed: List[int] = []
 
@@ -430,10 +447,13 @@ class XendService:
                                        phase="restoring")
             try:
                 with inp, self._capacity_refusal(f"restore {path}"):
+                    src = check.reader(inp) if check is not None else inp
                     domid, report = restore_domain(
-                        self.hv, jrn.killpoint_stream(inp, "restore-stream"), hooks=self.hooks,
+                        self.hv, jrn.killpoint_stream(src, "restore-stream"), hooks=self.hooks,
                         paused=True, progress=job.progress, cancel=job.cancel,
-                        width=width or None, on_created=created)
+                        width=width or None, on_created=created, page_check=check)
+                    report["integrity"] = (f"every page checked against {check.source}"
+                                           if check is not None else note or "no checksums")
                 entry.update(phase="restored", domid=domid)
                 jrn.killpoint("restore-restored")
                 if not paused:
@@ -529,7 +549,9 @@ class XendService:
                                             on_received=received, name=name,
                                             migration_id=mid, journal=entry.note,
                                             query_window=self.query_window,
-                                            ack_timeout=self.ack_timeout)
+                                            ack_timeout=self.ack_timeout,
+                                            tls=self.config.relocation_tls() if use_ssl
+                                            else None)
             except relocation.MigrationInDoubt:
                 entry.update(phase="in-doubt", notes={})
                 self._watch_in_doubt()
@@ -563,8 +585,13 @@ class XendService:
             return result
         return run
 
-    def job_status(self, job_id: int) -> Dict[str, Any]:
-        return self.jobs.get(job_id).status()
+    def job_status(self, job_id: int, wait: float = 0.0) -> Dict[str, Any]:
+        """``wait``: first wait up to that many seconds (at most 1) for the job to
+        end, so a poller learns of the end when it happens, not a poll later."""
+        job = self.jobs.get(job_id)
+        if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0:
+            job.finished_event.wait(min(float(wait), 1.0))
+        return job.status()
 
     def job_cancel(self, job_id: int) -> bool:
         job = self.jobs.get(job_id)
@@ -616,7 +643,8 @@ class XendService:
                 domid, report = restore_domain(self.hv,
                                                jrn.killpoint_stream(stream, "incoming-stream"),
                                                hooks=self.hooks, cancel=self._stopping,
-                                               paused=paused, on_created=created)
+                                               paused=paused, on_created=created,
+                                               page_check=getattr(stream, "page_check", None))
         except BaseException:
             with self._lock:
                 self._starting.pop(token, None)
@@ -938,7 +966,8 @@ class XendService:
                 self._recover_source(info, name, notes), True
         answer, detail = relocation.query_migration(
             host, port, mid, use_ssl=bool(d.get("ssl")),
-            window=min(self.query_window, RECOVERY_QUERY_WINDOW_S))
+            window=min(self.query_window, RECOVERY_QUERY_WINDOW_S),
+            tls=self.config.relocation_tls() if d.get("ssl") else None)
         if answer == relocation.RUNNING:
             self.hv.destroy_domain(info.domid)
             return f"{where}: {detail}: it runs there; the copy here ({info.domid}) destroyed", True
@@ -1352,6 +1381,10 @@ class _SaveTarget:
             return self._f.write(data)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, self.path) from None
+
+    def fileno(self) -> int:
+        """The image's descriptor (the writer starts writeback of a regular file early)."""
+        return self._f.fileno()
 
     def finish(self, sync: bool) -> None:
         try:

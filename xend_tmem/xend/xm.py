@@ -92,7 +92,10 @@ def _job(proxy: Any, start: Callable[[], int], label: str, show_progress: bool,
     deadline: Optional[float] = None
     while True:
         try:
-            status = proxy.xend.job.status(job_id)
+            asked = time.monotonic()
+            # the daemon answers as soon as the job ends (or after POLL_S)
+            status = (proxy.xend.job.status(job_id, POLL_S) if POLL_S > 0
+                      else proxy.xend.job.status(job_id))
             if display is not None:
                 total = status.get("total")
                 display.update(status["phase"], status["done"],
@@ -102,7 +105,7 @@ def _job(proxy: Any, start: Callable[[], int], label: str, show_progress: bool,
             if deadline is not None and time.monotonic() > deadline:
                 raise XmError(f"job {job_id} did not stop within {CANCEL_WAIT_S:.0f} s of "
                               "being cancelled; see the xend log")
-            time.sleep(POLL_S)
+            time.sleep(max(0.0, POLL_S - (time.monotonic() - asked)))
         except KeyboardInterrupt:
             if cancelled:
                 raise
