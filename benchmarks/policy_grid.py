@@ -469,6 +469,17 @@ def plots(cells: Sequence[Cell], rows: List[Dict[str, Any]], out: Path) -> List[
 # main
 # ---------------------------------------------------------------------------
 
+def expected_minutes(cells: Iterable[Cell], repeats: int) -> float:
+    """A rough duration: each run's stream at its link rate (x 1.5 for the rounds;
+    x 3 for a guest that never converges) and ~4 s of create, warm-up and cleanup."""
+    total = 0.0
+    for c in cells:
+        stream_s = (c.tmem_mib + c.ram_mib) * 2**20 * 8 / (LINKS_MBIT[c.link] * 1e6)
+        stream_s *= 3.0 if c.guest == "never" else 1.5
+        total += repeats * len(c.plans) * (stream_s + 4.0)
+    return total / 60.0
+
+
 def capacity_mb(cells: Iterable[Cell], k: float) -> int:
     biggest = max(c.tmem_mib for c in cells)
     return int(biggest / k * 1.3) + 64
@@ -525,6 +536,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = "benchmarks/policy_grid.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"policy_grid: {len(cells)} cells, {repeats} repeats, k={k:g}: about "
+          f"{expected_minutes(cells, repeats):.0f} min", file=sys.stderr)
     root = Path(tempfile.mkdtemp(prefix="policy-grid-"))
     rows: List[Dict[str, Any]] = []
     run = 0

@@ -3,18 +3,23 @@
     python benchmarks/seam_throughput.py [--ram-mib 512] [--tmem-mib 1024] [--runs 3]
                                          [--dir DIR] [--json]
 
-One run, on one filesystem (``--dir``, default the temporary directory):
+One run, on one filesystem (``--dir``, default the temporary directory), after
+one untimed warm-up copy (first-touch memory in a VM is several times slower),
+``--runs`` times in turn:
 
 1. ``cp`` of a file the size of the expected image, then ``sync FILE`` (an
-   fsync of the copy, as the save fsyncs its image): the baseline, ``--runs``
-   times after one untimed warm-up copy (first-touch memory in a VM is several
-   times slower, and the save and restore run on memory already touched);
-2. ``--runs`` times: ``xm save`` of an idle domain with ``--ram-mib`` of RAM and
-   ``--tmem-mib`` of persistent tmem, through a real ``xend`` and its hypervisor
-   process (every page crosses the seam: RAM through the client's mapping, tmem
-   through the shared buffer), then ``xm restore`` of that image (the restored
-   domain's RAM and tmem digests are checked against the first saved domain's,
-   outside the timing; the next run saves the restored domain).
+   fsync of the copy, as the save fsyncs its image): the baseline;
+2. ``xm save`` of an idle domain with ``--ram-mib`` of RAM and ``--tmem-mib``
+   of persistent tmem, through a real ``xend`` and its hypervisor process
+   (every page crosses the seam: RAM through the client's mapping, tmem
+   through the shared buffer);
+3. ``xm restore`` of that image (the restored domain's RAM and tmem digests
+   are checked against the first saved domain's, outside the timing; the next
+   run saves the restored domain).
+
+Before every timed step, cp, save and restore alike, a scratch file of the
+image's size is written and deleted, untimed (:func:`_warm`: memory freed a
+few seconds earlier costs a host commit again in this VM).
 
 Each step is timed around the whole command (``cp``+``sync``, ``xm``).
 Throughput is bytes of the file (copy or image) per second; the figures are

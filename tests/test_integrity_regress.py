@@ -90,12 +90,14 @@ def make_domain(h: Host) -> int:
     return domid
 
 
-def flip(path: Path, page: bytes) -> None:
+def flip(path: Path, page: bytes) -> int:
+    """Flip one bit inside ``page``'s copy in the image; returns the page's offset."""
     data = bytearray(path.read_bytes())
     at = data.find(page)
     assert at > 0 and data.find(page, at + 1) < 0, "the page is in the image once"
     data[at + 1234] ^= 0x40
     path.write_bytes(bytes(data))
+    return at
 
 
 def saved_image(h: Host, tmp_path: Path) -> Path:
@@ -122,11 +124,12 @@ def test_a_flipped_tmem_byte_in_an_image_is_refused_naming_the_page(hosts,
                                                                     tmp_path: Path) -> None:
     h = hosts()
     path = saved_image(h, tmp_path)
-    flip(path, TMEM_PAGE)
+    at = flip(path, TMEM_PAGE)
     with pytest.raises(Exception) as info:
         h.svc.domain_restore(str(path))
     text = str(info.value)
     assert re.search(r"tmem page pool 0 oid 0:0:977 index 5\b", text), text
+    assert f"image offset {at})" in text
     assert "checksum" in text
     assert h.web1() == []                     # never ran, removed
 
@@ -135,10 +138,11 @@ def test_a_flipped_ram_byte_in_an_image_is_refused_naming_the_pfn(hosts,
                                                                   tmp_path: Path) -> None:
     h = hosts()
     path = saved_image(h, tmp_path)
-    flip(path, RAM_PAGE)
+    at = flip(path, RAM_PAGE)
     with pytest.raises(Exception) as info:
         h.svc.domain_restore(str(path))
     assert re.search(rf"RAM page pfn {PFN}\b", str(info.value)), str(info.value)
+    assert f"image offset {at})" in str(info.value)
     assert h.web1() == []
 
 

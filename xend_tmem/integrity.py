@@ -135,13 +135,17 @@ class PageCheck:
         mv = memoryview(data).cast("B")
         for i, pfn in enumerate(pfns):
             self._check((RAM, 0, pfn, 0, 0, 0, zlib.crc32(mv[i * PAGE:(i + 1) * PAGE])),
-                        offset)
+                        None if offset is None else offset + i * PAGE)
 
     def tmem(self, pool_id: int, version: int, records, count: int, page_size: int,
              offset: Optional[int] = None) -> None:
         from .codec import tmemchunk as tc
-        for oid, index, data in tc.iter_records(version, records, count, page_size):
-            self._check((TMEM, pool_id, *oid, index, zlib.crc32(data)), offset)
+        rec = tc.record_size(version, page_size)
+        head = rec - page_size                    # the record's oid and index
+        for i, (oid, index, data) in enumerate(tc.iter_records(version, records, count,
+                                                               page_size)):
+            self._check((TMEM, pool_id, *oid, index, zlib.crc32(data)),
+                        None if offset is None else offset + i * rec + head)
 
     def finish(self) -> None:
         """The image is read: every page checked, nothing corrupt in transit."""
@@ -199,8 +203,10 @@ class CrcWriter:
         self.out.close()
 
 
-def write_sidecar(path: str, log: PageLog, image: CrcWriter) -> None:
-    """Write ``path`` (``.part`` then rename, fsynced) for the image ``image`` wrote."""
+def write_sidecar(path: str, log: PageLog, image: CrcWriter, rename: bool = True) -> str:
+    """Write ``path`` for the image ``image`` wrote: ``PATH.part``, fsynced, then
+    renamed (``rename`` False: left as ``.part`` for the caller to rename once
+    the image is in place). Returns the file written."""
     tmp = f"{path}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -210,7 +216,10 @@ def write_sidecar(path: str, log: PageLog, image: CrcWriter) -> None:
             f.write(encode(log.records))
             f.flush()
             os.fsync(f.fileno())
+        if not rename:
+            return tmp
         os.replace(tmp, path)
+        return path
     except BaseException:
         try:
             os.unlink(tmp)

@@ -110,3 +110,53 @@ def test_hostile_peers_held_while_a_real_migration_completes(xends, tmp_path: Pa
     text = b.log_text()
     assert "Traceback" not in text and "RecursionError" not in text
     assert "malformed message" in text
+
+
+def _cert(d: Path, name: str):
+    import hashlib
+    import ssl
+    import subprocess
+    crt, key = d / f"{name}.crt", d / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(crt), "-days", "2", "-subj", f"/CN={name}"],
+                   check=True, capture_output=True, timeout=30)
+    fp = hashlib.sha256(ssl.PEM_cert_to_DER_cert(crt.read_text())).hexdigest()
+    return str(crt), str(key), ":".join(fp[i:i + 2] for i in range(0, 64, 2)).upper()
+
+
+@pytest.mark.slow
+def test_xm_migrate_ssl_verifies_the_peer_both_ways(xends, tmp_path: Path) -> None:
+    """Each host pins the other's certificate (CA file + fingerprint): a migration
+    over TLS succeeds; a source whose certificate the receiver does not trust,
+    or that pins another receiver certificate, is refused and keeps its domain."""
+    import shutil
+    from .xendtest import free_port
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    ca, cb, cc = (_cert(tmp_path, n) for n in ("a", "b", "c"))
+
+    def tls(me, peer, port=None):
+        return {"xend-relocation-ssl-server": True,
+                "xend-relocation-ssl-port": port or free_port(),
+                "xend-relocation-server-ssl-key-file": me[1],
+                "xend-relocation-server-ssl-cert-file": me[0],
+                "xend-relocation-ssl-ca-file": peer[0],
+                "xend-relocation-ssl-peer-fingerprint": peer[2]}
+
+    b_ssl = free_port()
+    a = xends.start("a", **tls(ca, cb))
+    b = xends.start("b", **tls(cb, ca, b_ssl))
+    c = xends.start("c", **tls(cc, cb))           # trusts b, but b does not trust c
+    d = xends.start("d", **tls(ca, (cb[0], cb[1], cc[2])))   # a's key pair; pins c's print
+    for x in (a, c, d):
+        x.xm_ok("create", str(write_domain(tmp_path, STILL_DOMAIN)))
+    r = c.xm("migrate", "--ssl", "-p", str(b_ssl), "still1", "127.0.0.1")
+    assert r.returncode == 1 and "keeps running here" in r.stderr, r.stderr
+    assert c.domains()["still1"][3] == "r-----"
+    r = d.xm("migrate", "--ssl", "-p", str(b_ssl), "still1", "127.0.0.1")
+    assert r.returncode == 1 and "xend-relocation-ssl-peer-fingerprint" in r.stderr, r.stderr
+    assert d.domains()["still1"][3] == "r-----"
+    out = a.xm_ok("migrate", "--ssl", "-p", str(b_ssl), "still1", "127.0.0.1")
+    assert out.startswith(f"Migrated domain still1 to 127.0.0.1:{b_ssl}")
+    assert b.domains()["still1"][3] == "r-----"

@@ -80,7 +80,8 @@ def test_hosts_allow_must_match_the_whole_address(xends, tmp_path: Path) -> None
     r = a.xm("migrate", "-l", "-p", str(b.port), "web1", "127.0.0.1")
     assert r.returncode == 1
     assert r.stderr == ("Error: host 127.0.0.1 is not allowed by xend-relocation-hosts-allow "
-                        "(from 127.0.0.1)\n")
+                        "(from 127.0.0.1); domain web1 keeps running here, untouched: nothing "
+                        "to do here, retry xm migrate once 127.0.0.1 accepts it\n")
     assert_untouched(a, "web1", domid)
     assert "web1" not in b.domains()
     assert "rejected connection from 127.0.0.1" in b.log_text()
@@ -100,7 +101,8 @@ def test_receiver_without_the_plugin_refuses_at_preflight(xends, tmp_path: Path)
     assert r.returncode == 1
     assert r.stderr.startswith("Error: migration refused: ")
     assert "checkpoint plugin 'tmem' is not enabled" in r.stderr
-    assert r.stderr.endswith("(from 127.0.0.1)\n")
+    assert r.stderr.endswith("(from 127.0.0.1); domain web1 keeps running here, untouched: "
+                             "nothing to do here, retry xm migrate once 127.0.0.1 accepts it\n")
     assert_untouched(a, "web1", domid)
     # never frozen: a busy guest whose tmem had been frozen would have had puts refused
     assert int(a.tmem_client("web1")["swap_fallbacks"]) == fallbacks
@@ -137,8 +139,9 @@ def test_migration_to_a_stock_xend(xends, tmp_path: Path) -> None:
     finally:
         peer.close()
     assert r.returncode == 1
-    assert r.stderr == ("Error: restore failed: disk full (from 127.0.0.1); domain still1 was "
-                        "not started on 127.0.0.1 and keeps running here\n")
+    assert r.stderr == ("Error: restore failed: disk full (from 127.0.0.1); domain still1 keeps "
+                        "running here (it was not started on 127.0.0.1, whose copy is "
+                        "destroyed): retry xm migrate\n")
     assert_untouched(a, "still1", domid)
 
 

@@ -42,7 +42,8 @@ def test_save_then_restore_brings_back_persistent_tmem(xends, tmp_path: Path) ->
     assert any(ln.startswith("tmem: plan ") for ln in lines)
     assert any("1024 pages" in ln for ln in lines if ln.startswith("tmem: "))
     assert "still1" not in a.domains() and "migrating-still1" not in a.domains()
-    assert sorted(p.name for p in image.parent.iterdir()) == ["still1.img"]
+    # the image and its page checksums (issue 8 #4)
+    assert sorted(p.name for p in image.parent.iterdir()) == ["still1.img", "still1.img.crc"]
 
     r = a.xm("restore", "--json", str(image))
     assert r.returncode == 0, r.stderr

@@ -13,7 +13,8 @@ Pages never travel in messages. Tmem page batches are copied through the
 connection's memfd buffer (``save_get_pages`` by the hypervisor into it,
 ``restore_put_pages`` by the client into it). Guest RAM is the domain's memfd,
 mapped here on first use: ``read_pages``/``write_pages`` copy from/to that
-mapping without a round trip. Like Xen's foreign mappings, a mapping keeps a
+mapping without a round trip, and ``map_foreign_range`` lends a view of it so a
+save writes its image straight from guest RAM. Like Xen's foreign mappings, a mapping keeps a
 destroyed domain's pages readable until the toolstack drops it; the client
 drops it when it destroys the domain, when ``list_domains`` no longer shows the
 domain, and when it finds itself talking to another hypervisor process.

@@ -29,6 +29,13 @@ Extensions, all invisible to a stock xend on either end:
   (u32 big-endian length, then that many bytes; length 0 ends the image), so
   the connection stays open both ways for the commit handshake (and over TLS
   no close_notify is needed to end the image).
+* **Integrity** (issue 8 #4). The offer lists ``"integrity": ["crc32-frames"]``;
+  a receiver that supports it answers ``(ok (protocol 2) (integrity
+  crc32-frames))``. Then every frame is followed by the CRC32 (u32 BE) of its
+  bytes, and frames whose length has the top bit set carry page checksum
+  records (:mod:`xend_tmem.integrity`) ahead of the pages they cover. The
+  receiver checks each page as it arrives and fails the restore -- before the
+  domain can run -- naming the first bad page; the source keeps running.
 * **Commit handshake** (xl's "domain received, ready to unpause" / "domain is
   yours, you are cleared to unpause" / "my copy unpause results")::
 
@@ -148,6 +155,8 @@ GO_TIMEOUT_S = _seconds("XEND_TMEM_TEST_GO_TIMEOUT_S", 60.0)
 QUERY_WINDOW_S = _seconds("XEND_TMEM_TEST_QUERY_WINDOW_S", 30.0)
 STARTING_WAIT_S = 30.0       # a query waits this long for a start in progress
 CONTROL_DEADLINE_S = 30.0    # from accept to "receive" (or the last answer), at most
+SWEEP_EVERY_S = 1.0           # the accept loop looks for connections past that deadline
+SWEEP_GRACE_S = 5.0
 DRAIN_AFTER_ERROR_S = 2.0     # let the sender read our (err ...) before we close
 _FRAME = struct.Struct(">I")
 _RECORDS_FLAG = 0x80000000    # with crc32-frames: a frame of page checksum records
@@ -512,10 +521,24 @@ class RelocationServer:
         for t in threads + ([self._accept_thread] if self._accept_thread else []):
             t.join(max(0.0, deadline - time.monotonic()))
 
+    def _sweep(self) -> None:
+        """Shut connections still in their control phase well past its deadline
+        (a TLS handshake trickling in is bounded only here)."""
+        late = time.monotonic() - self.control_deadline - SWEEP_GRACE_S
+        with self._lock:
+            stale = [c for c, t in self._control.items() if t < late]
+        for conn in stale:
+            log.debug("relocation: closing a connection past its control deadline")
+            _shutdown(conn)
+
     def _accept_loop(self) -> None:
+        self._sock.settimeout(SWEEP_EVERY_S)
         while not self._stop.is_set():
             try:
                 conn, addr = self._sock.accept()
+            except socket.timeout:
+                self._sweep()
+                continue
             except OSError:
                 if self._stop.is_set():
                     return
@@ -529,7 +552,9 @@ class RelocationServer:
                 self._conns.add(conn)
                 self._control[conn] = time.monotonic()
             for old in evicted:
-                # its thread sees the connection end and finishes with one log line
+                # its thread sees the connection end and finishes quietly
+                log.debug("relocation: %d connections before receive: evicting the oldest",
+                          self.max_connections)
                 _shutdown(old)
             t = threading.Thread(target=self._serve, args=(conn, addr[0]), daemon=True,
                                  name=f"relocation-peer:{addr[0]}")

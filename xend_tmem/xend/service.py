@@ -380,10 +380,13 @@ class XendService:
                 entry.update(phase="written", notes={})
                 jrn.killpoint("save-written")
                 if not through:
-                    # the sidecar first: a crash between the renames leaves a sidecar
-                    # whose header does not match the old image, so it is not used
-                    integrity.write_sidecar(integrity.sidecar_path(into), page_log, crc_out)
+                    # page checksums beside it; an older image's sidecar never pairs with
+                    # the new image (removed first; recovery renames a complete .part)
+                    side = integrity.sidecar_path(into)
+                    part = integrity.write_sidecar(side, page_log, crc_out, rename=False)
+                    _unlink(side)
                     os.replace(tmp, into)
+                    os.replace(part, side)
                     _fsync_dir(into)
             except BaseException:
                 if out is not None:
@@ -392,6 +395,7 @@ class XendService:
                     _close_quietly(fd)
                 if tmp:
                     _unlink(tmp)
+                    _unlink(integrity.sidecar_path(into) + ".part")
                 if saved and not checkpoint:
                     self.hv.resume(domid)      # saved but not kept: run it again
                 if renamed:
@@ -910,9 +914,14 @@ class XendService:
         checkpoint = bool(d.get("checkpoint"))
         info = self._find(domid, name, MIGRATING_PREFIX + name)
         if phase == "written":
+            into = str(d.get("into") or path)         # where a symlink pointed
+            side = integrity.sidecar_path(into)
             if tmp and os.path.exists(tmp):
-                into = str(d.get("into") or path)     # where a symlink pointed
+                _unlink(side)                 # the old image's checksums
                 os.replace(tmp, into)         # complete and fsynced before "written"
+                _fsync_dir(into)
+            if os.path.exists(side + ".part"):
+                os.replace(side + ".part", side)      # checked against the image when used
                 _fsync_dir(into)
             if info is None:
                 return f"save of {name} to {path}: complete"
@@ -926,6 +935,8 @@ class XendService:
         if tmp and os.path.exists(tmp):
             _unlink(tmp)
             removed = f"; partial file {tmp} removed"
+        if d.get("into") or path:
+            _unlink(integrity.sidecar_path(str(d.get("into") or path)) + ".part")
         if info is None:
             return f"save of {name} to {path}: interrupted; the domain is gone{removed}"
         return (f"save of {name} to {path}: interrupted; "

@@ -1,0 +1,130 @@
+"""The save path's zero-copy and overlap measures (issue 6, PERF6): each must
+give the same bytes and the same hypervisor calls as the plain path."""
+from __future__ import annotations
+
+import io
+import os
+import random
+import struct
+from typing import List
+
+import pytest
+
+from xend_tmem import binio
+from xend_tmem.binio import StreamWriter
+from xend_tmem.codec import tmemchunk as tc
+from xend_tmem.hypervisor.interface import Hypervisor
+from xend_tmem.hypervisor.pagestore import PageStore
+from xend_tmem.tmem.save import TmemWriter
+
+RS = 24 + 4 + 4096
+
+
+def _key(i: int) -> bytes:
+    return struct.pack("<QQQI", 1, 0, i // 64, i % 64)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_collect_into_gives_what_collect_gives(seed):
+    """Deleted keys, reused slots and segment boundaries: same records, same cursor."""
+    rng = random.Random(seed)
+    store = PageStore(1, 4096, segment_bytes=7 * RS)       # 7 slots a segment
+    for i in range(60):
+        store.put(_key(i), bytes([i]) * 4096)
+    for i in rng.sample(range(60), 15):
+        store.delete(_key(i))
+    for i in range(60, 70):                                  # reuse freed slots
+        store.put(_key(i), bytes([i]) * 4096)
+    keys = store.snapshot() + [_key(5)]                      # a key gone since the snapshot
+    store.delete(_key(5))
+    out = memoryview(bytearray(9 * RS))
+    pos_a = pos_b = 0
+    while True:
+        pos_a, count_a, recs = store.collect(keys, pos_a, 9)
+        pos_b, count_b = store.collect_into(keys, pos_b, 9, out)
+        assert (pos_a, count_a) == (pos_b, count_b)
+        assert bytes(out[:count_b * RS]) == bytes(recs)
+        if not count_a:
+            break
+
+
+def test_writer_starts_writeback_of_a_regular_file_only(monkeypatch, tmp_path):
+    calls: List[tuple] = []
+    monkeypatch.setattr(binio, "_sync_file_range", lambda *a: calls.append(a) or 0)
+    monkeypatch.setattr(binio, "WRITEBACK_BYTES", 256 << 10)
+    with open(tmp_path / "img", "wb", buffering=0) as f:
+        w = StreamWriter(f)
+        for _ in range(8):
+            w.write(bytes(128 << 10))
+        w.flush()
+        assert [c[0] for c in calls] == [f.fileno()] * 4 and all(c[1:] == (0, 0, 2) for c in calls)
+    assert (tmp_path / "img").stat().st_size == 1 << 20
+    calls.clear()
+    r, wfd = os.pipe()
+    try:
+        with open(wfd, "wb", buffering=0) as pipe:
+            w = StreamWriter(pipe)
+            w.write(bytes(64 << 10))
+            assert w._wb_fd == -1
+        w = StreamWriter(io.BytesIO())
+        for _ in range(4):
+            w.write(bytes(128 << 10))
+    finally:
+        os.close(r)
+    assert calls == []
+
+
+def test_writer_stops_asking_when_the_filesystem_refuses(monkeypatch, tmp_path):
+    calls: List[tuple] = []
+    monkeypatch.setattr(binio, "_sync_file_range", lambda *a: calls.append(a) or -1)
+    monkeypatch.setattr(binio, "WRITEBACK_BYTES", 64 << 10)
+    with open(tmp_path / "img", "wb", buffering=0) as f:
+        w = StreamWriter(f)
+        for _ in range(4):
+            w.write(bytes(64 << 10))
+    assert len(calls) == 1
+
+
+def _records(start: int, n: int) -> bytes:
+    return b"".join(struct.pack("<QQQI", 1, 2, 3, start + i) + bytes(4096) for i in range(n))
+
+
+@pytest.mark.parametrize("n_pages,walk", [(600, 600), (600, 300), (254, 254), (0, 0)])
+def test_two_batches_in_flight_make_the_plain_loops_calls(mocker, n_pages, walk):
+    """Same counts asked, in the same order, never past the pages announced; a
+    short walk still ends with the terminator; an empty pool asks nothing."""
+    hv = mocker.create_autospec(Hypervisor, instance=True)
+    left = [walk]
+    asked: List[int] = []
+
+    def get(domid, pool_id, n):
+        asked.append(n)
+        k = min(n, left[0])
+        left[0] -= k
+        return k, _records(walk - left[0] - k, k)
+
+    hv.save_get_pages.side_effect = get
+    deleted = [(0, (1, 2, 3), i) for i in range(n_pages - walk)]
+    hv.save_get_invs.side_effect = lambda d, start, n: deleted[start:start + n]
+    w = TmemWriter(hv, 1, live=True)
+    w.version = 1
+    out = io.BytesIO()
+    sw = StreamWriter(out)
+    pool = tc.PoolRecord(0, tc.POOL_PERSIST | 1 << tc.POOL_VERSION_SHIFT, n_pages, (0, 0))
+    w._write_pages(sw, pool)
+    sw.flush()
+    per = tc.BATCH_BYTES // RS
+    plain: List[int] = []
+    sent, remaining = 0, walk
+    while sent < n_pages:
+        plain.append(min(per, n_pages - sent))
+        got = min(plain[-1], remaining)
+        remaining -= got
+        if not got:
+            break
+        sent += got
+    assert asked == plain
+    body = out.getvalue()
+    assert body[:walk * RS] == _records(0, walk)
+    assert body[walk * RS:] == (tc.terminator(1) if walk < n_pages else b"")
+    assert w.pages == walk
