@@ -68,8 +68,8 @@ def run(ram_mib: int, tmem_mib: int, where: str, runs: int) -> Dict[str, List[fl
                 _warm(scratch, size)
                 t0 = time.perf_counter()
                 f = open(img, "wb", buffering=0)
-                out = integrity.CrcWriter(f) if sidecar else f
                 log = integrity.PageLog() if sidecar else None
+                out = integrity.CrcWriter(f, log) if sidecar else f
                 save_domain(hv, domid, out, hooks=hooks, live=False,
                             **({"page_log": log} if sidecar else {}))
                 os.fsync(f.fileno())

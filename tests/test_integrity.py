@@ -3,6 +3,7 @@ image, and the checker refuses pages that are missing, extra or out of order."""
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 from pathlib import Path
 
@@ -81,14 +82,76 @@ def test_sidecar_is_used_only_for_its_own_image(tmp_path: Path) -> None:
         assert integrity.load_sidecar(str(path), f.fileno())[0] is None
 
 
-def test_the_whole_image_crc_catches_bytes_outside_pages(tmp_path: Path) -> None:
-    path = _image(tmp_path, b"A" * 70000)
+def test_bytes_outside_pages_are_checked_run_by_run(tmp_path: Path) -> None:
+    """No whole-image CRC: the pages' records cover the pages, one CRC32 per
+    run covers the bytes between them, and together they tile the image."""
+    path = tmp_path / "img"
+    log = PageLog()
+    w = integrity.CrcWriter(io.BytesIO(), log)
+    head, tail = b"H" * 70000, b"T" * 100
+    w.write(head)
+    log.ram([1], PAGE, offset=len(head))
+    w.write(PAGE[:100])                         # a page may arrive in pieces
+    w.write(PAGE[100:] + tail)
+    assert [r[:2] for r in w.runs] == [[0, 70000], [70000 + 4096, 100]]
+    body = head + PAGE + tail
+    path.write_bytes(body)
+    integrity.write_sidecar(integrity.sidecar_path(str(path)), log, w)
+
+    def restore(image: bytes) -> None:
+        with open(path, "rb") as f:
+            check, note = integrity.load_sidecar(str(path), f.fileno())
+        assert check is not None, note
+        r = check.reader(io.BytesIO(image))
+        assert r.read(len(head)) == image[:len(head)]
+        check.ram([1], r.read(4096), offset=len(head))
+        r.read()
+        check.finish()
+
+    restore(body)
+    for at in (len(head) - 1, len(body) - 1):   # a header byte, the tail's last
+        bad = bytearray(body)
+        bad[at] ^= 1
+        with pytest.raises(IntegrityError, match="corrupt outside its pages"):
+            restore(bytes(bad))
+    bad = bytearray(body)
+    bad[len(head) + 5] ^= 1
+    with pytest.raises(IntegrityError, match=r"checksum mismatch in RAM page pfn 1 "
+                                             r"\(image offset 70000\)"):
+        restore(bytes(bad))
+
+
+def test_runs_and_pages_must_tile_the_image(tmp_path: Path) -> None:
+    path = _image(tmp_path, b"A" * 70000)      # one run over everything, one page record
     with open(path, "rb") as f:
         check, _ = integrity.load_sidecar(str(path), f.fileno())
     assert check is not None
-    r = check.reader(io.BytesIO(b"A" * 69999 + b"B"))
-    r.read(70000)
-    check.ram([1], PAGE)
+    r = check.reader(io.BytesIO(b"A" * 70000))
+    r.read()
+    check.ram([1], PAGE)                        # a page the runs already cover: too many bytes
     with pytest.raises(IntegrityError, match="corrupt outside its pages"):
         check.finish()
-    assert zlib.crc32(b"A" * 70000) == check.crc
+
+
+def test_an_old_format_sidecar_is_not_used(tmp_path: Path) -> None:
+    path = _image(tmp_path, b"A" * 70000)
+    side = Path(integrity.sidecar_path(str(path)))
+    side.write_bytes(b"XTMCRC01" + side.read_bytes()[8:])
+    with open(path, "rb") as f:
+        check, note = integrity.load_sidecar(str(path), f.fileno())
+    assert check is None and "older xend-tmem" in note
+
+
+def test_tmem_records_checked_in_batches_name_the_bad_page() -> None:
+    version, size = 1, 4096
+    recs = b"".join(struct.pack("<3QI", 7, 0, 0, i) + bytes([i]) * size for i in range(3))
+    log = PageLog()
+    log.tmem(2, version, recs, 3, size)
+    assert [r[:6] for r in log.records] == [(integrity.TMEM, 2, 7, 0, 0, i) for i in range(3)]
+    assert [r[6] for r in log.records] == [zlib.crc32(bytes([i]) * size) for i in range(3)]
+    PageCheck(log.records, "x.crc").tmem(2, version, recs, 3, size)
+    bad = bytearray(recs)
+    bad[2 * (28 + size) + 28 + 9] ^= 0x40
+    with pytest.raises(IntegrityError, match=r"tmem page pool 2 oid 7:0:0 index 2 "
+                                             rf"\(image offset {10 + 2 * (28 + size) + 28}\)"):
+        PageCheck(log.records, "x.crc").tmem(2, version, bytes(bad), 3, size, offset=10)

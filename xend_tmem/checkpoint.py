@@ -103,14 +103,18 @@ class _Saver:
             batch = pfns[i:i + BATCH]
             view = map_range(domid, batch) if map_range is not None else None
             data = view if view is not None else hv.read_pages(domid, batch)
-            if self.s.page_log is not None:
-                self.s.page_log.ram(batch, data)
             before = w.offset
+            if self.s.page_log is not None:
+                # the page data follows the batch's count and pfn list
+                self.s.page_log.ram(batch, data, before + 4 + len(batch) * width)
             try:
                 legacy.write_page_batch(w, width, batch, None, data)
             finally:
                 if view is not None:
                     view.release()
+            if self.s.page_log is not None and w.offset != before + 4 + (width + 4096) * len(batch):
+                raise AssertionError(f"a RAM batch of {len(batch)} pages took "
+                                     f"{w.offset - before} bytes: page log offsets are wrong")
             self.pages_sent += len(batch)
             self.ram_bytes += w.offset - before
             self.progress(phase)

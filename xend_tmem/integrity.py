@@ -4,11 +4,15 @@ Xen's image format has no checksum and a new chunk marker would make a stock
 reader reject the image, so the checksums travel beside it:
 
 * ``xm save FILE`` writes ``FILE.crc`` (the *sidecar*) next to the image: a
-  header naming the image it belongs to (its size, the CRC32 of its first
-  64 KiB and of the whole file), then one record per page *in the order the
-  pages appear in the image*: RAM pages by pfn, tmem pages by pool, oid and
-  index, each with the CRC32 of its 4096 bytes. ``xm restore FILE`` uses it
-  when present and its header matches the image; a stock reader never opens it.
+  header naming the image it belongs to (its size and the CRC32 of its first
+  64 KiB), one CRC32 per *run* of image bytes that are not page data (stream
+  and chunk headers, pfn lists, config, vcpu contexts, tail), then one record
+  per page *in the order the pages appear in the image*: RAM pages by pfn,
+  tmem pages by pool, oid and index, each with the CRC32 of its 4096 bytes.
+  Every byte of the image is covered once -- by its page's record (a tmem
+  record's oid and index by the record's identity) or by its run -- so no pass
+  over the whole image is needed. ``xm restore FILE`` uses it when present
+  and its header matches the image; a stock reader never opens it.
 * A migration between two of these daemons negotiates ``crc32-frames`` in the
   pre-flight: every image frame is followed by the CRC32 of its bytes, and the
   same page records travel in their own frames ahead of the pages they cover.
@@ -23,7 +27,8 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from typing import BinaryIO, Iterable, List, Optional, Sequence, Tuple
+from collections import deque
+from typing import BinaryIO, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import XendTmemError
 
@@ -31,9 +36,12 @@ PAGE = 4096
 RAM = 0
 TMEM = 1
 SIDECAR_SUFFIX = ".crc"
-SIDECAR_MAGIC = b"XTMCRC01"
+SIDECAR_MAGIC = b"XTMCRC02"
+OLD_MAGICS = (b"XTMCRC01",)                   # whole-image CRC format: no longer written
 HEAD_BYTES = 64 << 10                         # the image prefix the header fingerprints
-_HEADER = struct.Struct("<8sQIIQ")            # magic, image size, head crc, image crc, count
+_HEADER = struct.Struct("<8sQIIQ")            # magic, image size, head crc, run count, count
+_RUN = struct.Struct("<QQI")                  # image offset, length, crc of a non-page run
+MAX_RUNS = 1 << 22                            # a sane sidecar's bound on non-page runs
 _RECORD = struct.Struct("<BIQQQQI")           # kind, pool, oid0..2 (pfn in oid0), index, crc
 RECORD_SIZE = _RECORD.size
 MAX_RECORDS = 1 << 26                         # 64 Mi pages (256 GiB): a sane sidecar's bound
@@ -72,23 +80,86 @@ def decode(data: bytes) -> List[Record]:
     return out
 
 
+_HEADS: Dict[Tuple[int, int], struct.Struct] = {}
+
+
+def _heads(version: int, page_size: int) -> struct.Struct:
+    """A tmem record's oid and index, its page skipped: one C call per batch."""
+    key = (version, page_size)
+    st = _HEADS.get(key)
+    if st is None:
+        st = _HEADS[key] = struct.Struct(f"<{'Q' if version == 0 else '3Q'}I{page_size}x")
+    return st
+
+
+def ram_records(pfns: Sequence[int], data) -> List[Record]:
+    """The records of a RAM batch (``data``: the pages of ``pfns`` in order)."""
+    mv = memoryview(data).cast("B")
+    crc32 = zlib.crc32
+    crcs = [crc32(mv[o:o + PAGE]) for o in range(0, len(pfns) * PAGE, PAGE)]
+    return [(RAM, 0, pfn, 0, 0, 0, c) for pfn, c in zip(pfns, crcs)]
+
+
+def tmem_ids(pool_id: int, version: int, records, count: int,
+             page_size: int) -> List[Tuple[int, int, int, int, int, int]]:
+    """The identities ``(TMEM, pool, oid0, oid1, oid2, index)`` of a batch of
+    wire-layout tmem records, in order."""
+    st = _heads(version, page_size)
+    mv = memoryview(records).cast("B")[:count * st.size]
+    if version == 0:
+        return [(TMEM, pool_id, o0, 0, 0, i) for o0, i in st.iter_unpack(mv)]
+    return [(TMEM, pool_id, o0, o1, o2, i) for o0, o1, o2, i in st.iter_unpack(mv)]
+
+
+def tmem_crcs(version: int, records, count: int, page_size: int) -> List[int]:
+    """The CRC32 of each record's page."""
+    rec = _heads(version, page_size).size
+    head = rec - page_size
+    mv = memoryview(records).cast("B")
+    crc32 = zlib.crc32
+    return [crc32(mv[o:o + page_size]) for o in range(head, count * rec, rec)]
+
+
 class PageLog:
-    """The save side: one record per page written, in stream order."""
+    """The save side: one record per page written, in stream order.
+
+    With ``covered`` (a deque, set by :class:`CrcWriter`), the image byte
+    ranges the records cover are noted too, so the writer can checksum only
+    the bytes between them."""
 
     def __init__(self) -> None:
         self.records: List[Record] = []
         self.sent = 0            # records already handed to a stream (migration)
+        self.covered: Optional[Deque[List[int]]] = None
 
-    def ram(self, pfns: Sequence[int], data) -> None:
-        mv = memoryview(data).cast("B")
-        for i, pfn in enumerate(pfns):
-            self.records.append((RAM, 0, pfn, 0, 0, 0,
-                                 zlib.crc32(mv[i * PAGE:(i + 1) * PAGE])))
+    def cover(self, offset: Optional[int], nbytes: int) -> None:
+        """Image bytes ``offset .. offset+nbytes`` are pages just logged (they
+        reach the writer after this call)."""
+        cov = self.covered
+        if cov is None or offset is None or nbytes <= 0:
+            return
+        if cov and cov[-1][1] == offset:
+            cov[-1][1] += nbytes
+        else:
+            if cov and offset < cov[-1][1]:
+                raise ValueError(f"page range at image offset {offset} overlaps the previous one")
+            cov.append([offset, offset + nbytes])
 
-    def tmem(self, pool_id: int, version: int, records, count: int, page_size: int) -> None:
-        from .codec import tmemchunk as tc
-        for oid, index, data in tc.iter_records(version, records, count, page_size):
-            self.records.append((TMEM, pool_id, *oid, index, zlib.crc32(data)))
+    def ram(self, pfns: Sequence[int], data, offset: Optional[int] = None) -> None:
+        """``offset``: where the batch's page data goes in the image."""
+        self.records.extend(ram_records(pfns, data))
+        self.cover(offset, len(pfns) * PAGE)
+
+    def tmem(self, pool_id: int, version: int, records, count: int, page_size: int,
+             offset: Optional[int] = None, crcs: Optional[Sequence[int]] = None) -> None:
+        """``offset``: where the records go in the image (a record's oid and
+        index are covered by its identity, its page by its CRC). ``crcs``: the
+        pages' CRC32s when the hypervisor computed them."""
+        ids = tmem_ids(pool_id, version, records, count, page_size)
+        if crcs is None:
+            crcs = tmem_crcs(version, records, count, page_size)
+        self.records.extend([(*i, c) for i, c in zip(ids, crcs)])
+        self.cover(offset, count * _heads(version, page_size).size)
 
     def take_unsent(self) -> List[Record]:
         out = self.records[self.sent:]
@@ -99,12 +170,16 @@ class PageLog:
 class PageCheck:
     """The restore side: pages as read, compared in order with the records
     (all known up front from a sidecar, or arriving ahead of their pages in a
-    migration stream). Corrupt frames seen in transit are remembered too."""
+    migration stream). Corrupt frames seen in transit are remembered too.
+
+    A batch is compared as a whole (one list comparison); only a batch that
+    differs is walked page by page, to name the first bad page."""
 
     def __init__(self, records: Optional[List[Record]] = None, source: str = "") -> None:
         self.expected: List[Record] = list(records or [])
         self.source = source            # "FILE.crc" or "the migration stream"
         self.seen = 0
+        self.page_bytes = 0             # image bytes the checked records cover
         self.bad_frames: List[str] = []
 
     def add_expected(self, records: List[Record]) -> None:
@@ -131,21 +206,61 @@ class PageCheck:
                 f"{self.source} says {want[6]:08x}; the image is corrupt"
                 + (f" ({'; '.join(self.bad_frames)})" if self.bad_frames else ""))
 
+    def _batch(self, got: List[Record], offsets) -> None:
+        n = len(got)
+        if self.expected[self.seen:self.seen + n] == got:
+            self.seen += n
+            return
+        for i, rec in enumerate(got):           # name the first bad one
+            self._check(rec, None if offsets is None else offsets(i))
+        raise AssertionError("a differing batch had no differing record")  # pragma: no cover
+
     def ram(self, pfns: Sequence[int], data, offset: Optional[int] = None) -> None:
-        mv = memoryview(data).cast("B")
-        for i, pfn in enumerate(pfns):
-            self._check((RAM, 0, pfn, 0, 0, 0, zlib.crc32(mv[i * PAGE:(i + 1) * PAGE])),
-                        None if offset is None else offset + i * PAGE)
+        self._batch(ram_records(pfns, data),
+                    None if offset is None else (lambda i: offset + i * PAGE))
+        self.page_bytes += len(pfns) * PAGE
+
+    def expected_tmem_crcs(self, pool_id: int, version: int, records, count: int,
+                           page_size: int, offset: Optional[int] = None) -> List[int]:
+        """Check a tmem batch's identities (pool, oid, index, in order) and
+        hand back the CRC32s its pages must have, for the hypervisor to verify
+        as it stores them (``restore_put_pages(crcs=)``); the records count as
+        checked. :meth:`tmem_mismatch` names a page the hypervisor refused."""
+        ids = tmem_ids(pool_id, version, records, count, page_size)
+        rec = _heads(version, page_size).size
+        want = self.expected[self.seen:self.seen + count]
+        if len(want) != count or [w[:6] for w in want] != ids:
+            crcs = tmem_crcs(version, records, count, page_size)
+            self._batch([(*i, c) for i, c in zip(ids, crcs)],
+                        None if offset is None else
+                        (lambda i: offset + i * rec + rec - page_size))
+            raise AssertionError("a differing batch had no differing record")  # pragma: no cover
+        self.seen += count
+        self.page_bytes += count * rec
+        return [w[6] for w in want]
+
+    def tmem_mismatch(self, first: int, count: int, index: int, records, version: int,
+                      page_size: int, offset: Optional[int] = None) -> IntegrityError:
+        """The error for record ``index`` of the batch whose checks began at
+        record ``first`` (the hypervisor refused it)."""
+        rec = _heads(version, page_size).size
+        want = self.expected[first + index]
+        got = tmem_crcs(version, memoryview(records).cast("B")[index * rec:], 1, page_size)[0]
+        where = ("" if offset is None else
+                 f" (image offset {offset + index * rec + rec - page_size})")
+        return IntegrityError(
+            f"checksum mismatch in {describe(want)}{where}: CRC32 {got:08x}, "
+            f"{self.source} says {want[6]:08x}; the image is corrupt"
+            + (f" ({'; '.join(self.bad_frames)})" if self.bad_frames else ""))
 
     def tmem(self, pool_id: int, version: int, records, count: int, page_size: int,
              offset: Optional[int] = None) -> None:
-        from .codec import tmemchunk as tc
-        rec = tc.record_size(version, page_size)
-        head = rec - page_size                    # the record's oid and index
-        for i, (oid, index, data) in enumerate(tc.iter_records(version, records, count,
-                                                               page_size)):
-            self._check((TMEM, pool_id, *oid, index, zlib.crc32(data)),
-                        None if offset is None else offset + i * rec + head)
+        rec = _heads(version, page_size).size
+        ids = tmem_ids(pool_id, version, records, count, page_size)
+        crcs = tmem_crcs(version, records, count, page_size)
+        self._batch([(*i, c) for i, c in zip(ids, crcs)],
+                    None if offset is None else (lambda i: offset + i * rec + rec - page_size))
+        self.page_bytes += count * rec
 
     def finish(self) -> None:
         """The image is read: every page checked, nothing corrupt in transit."""
@@ -172,23 +287,48 @@ def sidecar_path(image: str) -> str:
 
 class CrcWriter:
     """A write-through file that keeps the size, the CRC32 of the first
-    :data:`HEAD_BYTES` and of everything written (the sidecar's header)."""
+    :data:`HEAD_BYTES` and one CRC32 per run of bytes that are not pages
+    ``log`` covers (the sidecar's header and runs)."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: BinaryIO, log: Optional[PageLog] = None) -> None:
         self.out = out
         self.size = 0
         self.head_crc = 0
-        self.crc = 0
+        self.runs: List[List[int]] = []     # [offset, length, crc]
+        self.covered: Deque[List[int]] = deque()
+        if log is not None:
+            log.covered = self.covered
+
+    def _run(self, at: int, data) -> None:
+        runs = self.runs
+        if runs and runs[-1][0] + runs[-1][1] == at:
+            last = runs[-1]
+            last[1] += data.nbytes
+            last[2] = zlib.crc32(data, last[2])
+        else:
+            runs.append([at, data.nbytes, zlib.crc32(data)])
 
     def write(self, data) -> int:
         mv = memoryview(data).cast("B")
         n = self.out.write(mv)
         n = mv.nbytes if n is None else n       # a partial write: only what went out
         done = mv[:n]
-        if self.size < HEAD_BYTES:
-            self.head_crc = zlib.crc32(done[:HEAD_BYTES - self.size], self.head_crc)
-        self.crc = zlib.crc32(done, self.crc)
-        self.size += n
+        pos = self.size
+        if pos < HEAD_BYTES:
+            self.head_crc = zlib.crc32(done[:HEAD_BYTES - pos], self.head_crc)
+        end = pos + n
+        p = pos
+        cov = self.covered
+        while p < end:
+            while cov and cov[0][1] <= p:
+                cov.popleft()                   # a page range fully written
+            if cov and cov[0][0] <= p:
+                p = min(end, cov[0][1])         # inside pages: their records cover them
+                continue
+            q = min(end, cov[0][0]) if cov else end
+            self._run(p, done[p - pos:q - pos])
+            p = q
+        self.size = end
         return n
 
     def flush(self) -> None:
@@ -211,8 +351,9 @@ def write_sidecar(path: str, log: PageLog, image: CrcWriter, rename: bool = True
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(_HEADER.pack(SIDECAR_MAGIC, image.size, image.head_crc, image.crc,
+            f.write(_HEADER.pack(SIDECAR_MAGIC, image.size, image.head_crc, len(image.runs),
                                  len(log.records)))
+            f.write(b"".join(_RUN.pack(*r) for r in image.runs))
             f.write(encode(log.records))
             f.flush()
             os.fsync(f.fileno())
@@ -229,16 +370,19 @@ def write_sidecar(path: str, log: PageLog, image: CrcWriter, rename: bool = True
 
 
 class ImageCheck(PageCheck):
-    """A :class:`PageCheck` from a sidecar that also checks the whole image's CRC."""
+    """A :class:`PageCheck` from a sidecar that also checks the non-page runs:
+    each as soon as the reader has passed it, and at :meth:`finish` that the
+    runs and the checked pages make up the whole image."""
 
-    def __init__(self, records: List[Record], source: str, size: int, crc: int) -> None:
+    def __init__(self, records: List[Record], source: str, size: int,
+                 runs: Sequence[Tuple[int, int, int]]) -> None:
         super().__init__(records, source)
         self.size = size
-        self.crc = crc
+        self.runs = list(runs)
         self._reader: Optional["CrcReader"] = None
 
     def reader(self, inp: BinaryIO) -> "CrcReader":
-        """``inp`` read through a CRC32; :meth:`finish` checks the whole image."""
+        """``inp`` read through the run checks."""
         self._reader = CrcReader(inp, self)
         return self._reader
 
@@ -248,33 +392,57 @@ class ImageCheck(PageCheck):
             self.finish_image(self._reader)
 
     def finish_image(self, reader: "CrcReader") -> None:
-        if reader.size != self.size or reader.crc != self.crc:
-            raise IntegrityError(f"the image's CRC32 is {reader.crc:08x} over {reader.size} "
-                                 f"bytes, {self.source} says {self.crc:08x} over {self.size}: "
+        run_bytes = sum(r[1] for r in self.runs)
+        if reader.size != self.size or reader.next_run != len(self.runs):
+            raise IntegrityError(f"the image ended after {reader.size} bytes, {self.source} "
+                                 f"describes {self.size}: the image is corrupt outside its pages")
+        if run_bytes + self.page_bytes != self.size:
+            raise IntegrityError(f"{self.source} covers {run_bytes} bytes outside pages and "
+                                 f"the pages {self.page_bytes}, not the image's {self.size}: "
                                  "the image is corrupt outside its pages")
 
 
 class CrcReader:
-    """A read-through file computing the CRC32 of what was read."""
+    """A read-through file checking the CRC32 of each non-page run as it passes."""
 
     def __init__(self, inp: BinaryIO, check: ImageCheck) -> None:
         self.inp = inp
         self.page_check = check
         self.size = 0
-        self.crc = 0
+        self.next_run = 0          # the first run not yet fully read
+        self._crc = 0              # of the part of that run read so far
+
+    def _see(self, mv) -> None:
+        pos, end = self.size, self.size + mv.nbytes
+        runs = self.page_check.runs
+        while self.next_run < len(runs):
+            at, length, want = runs[self.next_run]
+            if at >= end:
+                break
+            lo, hi = max(at, pos), min(at + length, end)
+            if lo < hi:
+                self._crc = zlib.crc32(mv[lo - pos:hi - pos], self._crc)
+            if at + length > end:
+                break
+            if self._crc != want:
+                raise IntegrityError(
+                    f"image bytes {at}..{at + length - 1} (outside pages) have CRC32 "
+                    f"{self._crc:08x}, {self.page_check.source} says {want:08x}: the image is "
+                    "corrupt outside its pages")
+            self.next_run += 1
+            self._crc = 0
+        self.size = end
 
     def readinto(self, buf) -> int:
         n = self.inp.readinto(buf)
         if n:
-            self.crc = zlib.crc32(memoryview(buf).cast("B")[:n], self.crc)
-            self.size += n
+            self._see(memoryview(buf).cast("B")[:n])
         return n or 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.inp.read(n)
         if data:
-            self.crc = zlib.crc32(data, self.crc)
-            self.size += len(data)
+            self._see(memoryview(data))
         return data
 
     def close(self) -> None:
@@ -302,7 +470,9 @@ def load_sidecar(image_path: str, image_fd: int) -> Tuple[Optional[ImageCheck], 
         head = f.read(_HEADER.size)
         if len(head) < _HEADER.size:
             return None, f"{path} not used: too short"
-        magic, size, head_crc, crc, count = _HEADER.unpack(head)
+        magic, size, head_crc, nruns, count = _HEADER.unpack(head)
+        if magic in OLD_MAGICS:
+            return None, f"{path} not used: written by an older xend-tmem (save again)"
         if magic != SIDECAR_MAGIC:
             return None, f"{path} not used: not a page checksum file"
         st = os.fstat(image_fd)
@@ -311,10 +481,18 @@ def load_sidecar(image_path: str, image_fd: int) -> Tuple[Optional[ImageCheck], 
         prefix = os.pread(image_fd, HEAD_BYTES, 0)
         if zlib.crc32(prefix) != head_crc:
             return None, f"{path} not used: written for another image"
-        if count > MAX_RECORDS or count * RECORD_SIZE != os.fstat(f.fileno()).st_size - len(head):
+        body = os.fstat(f.fileno()).st_size - len(head)
+        if (count > MAX_RECORDS or nruns > MAX_RUNS
+                or nruns * _RUN.size + count * RECORD_SIZE != body):
             return None, f"{path} not used: its record count does not match its size"
+        runs = [r for r in _RUN.iter_unpack(f.read(nruns * _RUN.size))]
+        at = 0
+        for off, length, _ in runs:
+            if off < at or length == 0 or off + length > size:
+                return None, f"{path} not used: its runs are not in image order"
+            at = off + length
         records = decode(f.read(count * RECORD_SIZE))
-    return ImageCheck(records, os.path.basename(path), size, crc), ""
+    return ImageCheck(records, os.path.basename(path), size, runs), ""
 
 
 __all__ = ["PageLog", "PageCheck", "ImageCheck", "IntegrityError", "CrcWriter", "CrcReader",

@@ -40,7 +40,7 @@ from typing import (TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence,
 
 from ..errors import HypervisorError, NoSuchDomain, XendTmemError
 from . import wire
-from .interface import OID, PAGE_SIZE, Buffer, DomainInfo, HostInfo
+from .interface import OID, PAGE_SIZE, Buffer, DomainInfo, HostInfo, crc_mismatch_index
 from .server import PROTOCOL, ServeOptions, paths, raise_error, running_pid
 
 if TYPE_CHECKING:
@@ -515,18 +515,34 @@ class HypervisorClient:
             self._release(conn)
 
     def save_get_pages(self, domid: int, pool_id: int, max_pages: int,
-                       out: Optional[Union[bytearray, memoryview]] = None) -> Tuple[int, bytes]:
+                       out: Optional[Union[bytearray, memoryview]] = None,
+                       crcs=None) -> Tuple[int, bytes]:
         """As the interface; several round trips when ``max_pages`` records exceed
-        the shared buffer (the same loop of SAVE_GET_NEXT_PAGE, continued)."""
+        the shared buffer (the same loop of SAVE_GET_NEXT_PAGE, continued). The
+        hypervisor process computes ``crcs`` and leaves them in the shared
+        buffer after the records: no message carries them."""
         op = "save_get_pages"
         conn = self._acquire(op)
         total = 0
         pos = 0
         parts: List[bytes] = []
+        crc_dst = None
+        if crcs is not None:
+            crc_dst = memoryview(crcs).cast("B")
+            if isinstance(max_pages, int) and crc_dst.nbytes < 4 * max_pages:
+                crc_dst.release()
+                raise HypervisorError(op, f"a CRC buffer of {crc_dst.nbytes} bytes cannot "
+                                          f"hold {max_pages} CRCs")
         try:
             while True:
                 want = max_pages - total if isinstance(max_pages, int) else max_pages
-                (count, nbytes), _ = self._exchange(conn, op, op, (domid, pool_id, want))
+                (count, nbytes, crc_off), _ = self._exchange(
+                    conn, op, op, (domid, pool_id, want, crc_dst is not None))
+                if count and crc_dst is not None:
+                    if crc_off < 0 or crc_off + 4 * count > len(conn.view):
+                        raise HypervisorError(op, f"the hypervisor put {count} CRCs at "
+                                                  f"offset {crc_off} of the shared buffer")
+                    crc_dst[4 * total:4 * (total + count)] = conn.view[crc_off:crc_off + 4 * count]
                 if count:
                     chunk = conn.view[:nbytes]
                     if out is not None:
@@ -545,6 +561,8 @@ class HypervisorClient:
                     break
         finally:
             self._release(conn)
+            if crc_dst is not None:
+                crc_dst.release()
         if out is not None:
             return total, memoryview(out)[:pos]  # type: ignore[return-value]
         return total, parts[0] if len(parts) == 1 else b"".join(parts)
@@ -589,10 +607,16 @@ class HypervisorClient:
     def restore_put_page(self, domid: int, pool_id: int, oid: OID, index: int, data: Buffer) -> None:
         self._with_data("restore_put_page", (domid, pool_id, tuple(oid), index), data)
 
-    def restore_put_pages(self, domid: int, pool_id: int, records: Buffer, count: int) -> None:
+    def restore_put_pages(self, domid: int, pool_id: int, records: Buffer, count: int,
+                          crcs: Optional[Buffer] = None) -> None:
         """As the interface; records beyond the shared buffer go in several round
-        trips (the same loop of RESTORE_PUT_PAGE, continued; stops at a refusal)."""
+        trips (the same loop of RESTORE_PUT_PAGE, continued; stops at a refusal).
+        ``crcs`` travel in the shared buffer after the records; a refusal in a
+        later round trip names the record's index in the whole batch."""
         op = "restore_put_pages"
+        if crcs is not None:
+            self._put_pages_checked(op, domid, pool_id, records, count, crcs)
+            return
         conn = self._acquire(op)
         try:
             with memoryview(records) as raw, raw.cast("B") as src:
@@ -611,6 +635,44 @@ class HypervisorClient:
                     k = min(per, count - done)
                     conn.view[:k * rs] = src[done * rs:(done + k) * rs]
                     self._exchange(conn, op, op, (domid, pool_id, k * rs, k))
+                    done += k
+        finally:
+            self._release(conn)
+
+    def _put_pages_checked(self, op: str, domid: int, pool_id: int, records: Buffer,
+                           count: int, crcs: Buffer) -> None:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise HypervisorError(op, f"record count {count!r} is not a count")
+        conn = self._acquire(op)
+        try:
+            with memoryview(records) as raw, raw.cast("B") as src, \
+                    memoryview(crcs) as craw, craw.cast("B") as csrc:
+                if csrc.nbytes < 4 * count:
+                    raise HypervisorError(op, f"{csrc.nbytes // 4} CRCs for {count} records")
+                size = len(conn.view)
+                n = src.nbytes
+                if count == 0 or n % count:
+                    raise HypervisorError(op, f"{n} bytes are not {count} records")
+                rs = n // count
+                per = size // (rs + 4)
+                if not per:
+                    raise HypervisorError(op, f"a record of {rs} bytes and its CRC do not fit "
+                                              f"the {size}-byte buffer")
+                done = 0
+                while done < count:
+                    k = min(per, count - done)
+                    coff = (k * rs + 3) & ~3
+                    conn.view[:k * rs] = src[done * rs:(done + k) * rs]
+                    conn.view[coff:coff + 4 * k] = csrc[4 * done:4 * (done + k)]
+                    try:
+                        self._exchange(conn, op, op, (domid, pool_id, k * rs, k, coff))
+                    except HypervisorError as exc:
+                        bad = crc_mismatch_index(exc)
+                        if bad is None or not done:
+                            raise
+                        raise HypervisorError(exc.op, str(exc).split(": ", 1)[1].replace(
+                            f"record {bad}:", f"record {done + bad}:", 1),
+                            code=exc.code) from None
                     done += k
         finally:
             self._release(conn)

@@ -35,6 +35,8 @@ client uses only the first (the others are 0).
 """
 from __future__ import annotations
 
+import re
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
@@ -60,6 +62,22 @@ CLIENT_COMPRESS = 1 << 0
 CLIENT_FROZEN = 1 << 1
 # Xen's TMEM_CLI_ID_NULL: an admin op on every client
 ALL_CLIENTS = -1
+
+_CRC_MISMATCH = re.compile(r": record (\d+): page CRC32 ")
+
+
+def crc_mismatch_message(index: int, got: int, want: int) -> str:
+    """The message of a ``restore_put_pages(crcs=)`` refusal (code EILSEQ)."""
+    return f"record {index}: page CRC32 {got:08x}, expected {want:08x}; nothing stored from it on"
+
+
+def crc_mismatch_index(exc: BaseException) -> Optional[int]:
+    """The record a ``restore_put_pages(crcs=)`` refusal names, else None."""
+    import errno
+    if getattr(exc, "code", None) != errno.EILSEQ:
+        return None
+    m = _CRC_MISMATCH.search(str(exc))
+    return int(m.group(1)) if m else None
 
 
 @dataclass
@@ -198,13 +216,19 @@ class TmemControl(Protocol):
         """SAVE_GET_NEXT_PAGE: next page of the walk (put order): (oid, index,
         data); ``None`` at the end (Xen's 0)."""
     def save_get_pages(self, domid: int, pool_id: int, max_pages: int,
-                       out: Optional[Union[bytearray, memoryview]] = None) -> Tuple[int, bytes]:
+                       out: Optional[Union[bytearray, memoryview]] = None,
+                       crcs: Optional[Union[bytearray, memoryview, array]] = None
+                       ) -> Tuple[int, bytes]:
         """A loop of up to ``max_pages`` SAVE_GET_NEXT_PAGE calls: ``(count,
         records)``; each record is the wire layout OID (8 bytes in spec version
         0, 24 in 1) + u32 index + page data. ``count == 0`` at the end. With
         ``out`` the records are copied into it (it must hold ``max_pages``
         records) and the second item is a view of it; shares the cursor with
-        :meth:`save_get_next_page`."""
+        :meth:`save_get_next_page`. With ``crcs`` (a writable buffer of at
+        least ``max_pages`` native u32) the backend stores the CRC32 of record
+        ``i``'s page in ``crcs[i]`` (the sidecar's page checksums, issue 8 #4,
+        computed off the toolstack's thread). Xen has no such op: a backend on
+        real Xen computes them in the toolstack from the records it copied."""
     def save_get_next_inv(self, domid: int) -> Optional[Tuple[int, OID, int]]:
         """SAVE_GET_NEXT_INV: next logged deletion (pool_id, oid, index);
         ``None`` after the last, and the call after that starts again from the
@@ -222,9 +246,16 @@ class TmemControl(Protocol):
     def restore_new_pool(self, domid: int, pool_id: int, flags: int, uuid: Tuple[int, int]) -> int:
         """RESTORE_NEW: create a pool in slot ``pool_id``; returns the slot."""
     def restore_put_page(self, domid: int, pool_id: int, oid: OID, index: int, data: Buffer) -> None: ...
-    def restore_put_pages(self, domid: int, pool_id: int, records: Buffer, count: int) -> None:
+    def restore_put_pages(self, domid: int, pool_id: int, records: Buffer, count: int,
+                          crcs: Optional[Buffer] = None) -> None:
         """A loop of ``count`` RESTORE_PUT_PAGE calls over records in the wire
-        layout of :meth:`save_get_pages`; stops at the first refusal."""
+        layout of :meth:`save_get_pages`; stops at the first refusal. With
+        ``crcs`` (``count`` native u32, the sidecar's page checksums) each
+        page's CRC32 is checked before it is stored: a mismatch in record ``i``
+        stores records ``0..i-1`` only and raises :class:`HypervisorError` with
+        code ``errno.EILSEQ`` and the message ``record i: ...`` (see
+        :func:`crc_mismatch_index`). Xen has no such op: a backend on real Xen
+        checks them in the toolstack before its RESTORE_PUT_PAGE loop."""
     def restore_flush_page(self, domid: int, pool_id: int, oid: OID, index: int) -> None:
         """RESTORE_FLUSH_PAGE: delete one page; a missing page is not an error."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+from array import array
 import random
 import struct
 import zlib
@@ -392,3 +393,35 @@ class PageStore:
             seg, off = self._where(self._index[key])
             h.update(seg[off + self.header_len:off + self.record_size])
         return len(order), h.hexdigest()
+
+
+def record_crcs(records, count: int, record_size: int, page_size: int, out) -> None:
+    """Store the CRC32 of each of ``count`` wire-layout records' pages in
+    ``out`` (a writable buffer of native u32): the sidecar's page checksums."""
+    mv = memoryview(records).cast("B")
+    head = record_size - page_size
+    crc32 = zlib.crc32
+    with memoryview(out) as raw, raw.cast("B") as flat, flat.cast("I") as dst:
+        if dst.nbytes < 4 * count:
+            raise ValueError(f"a CRC buffer of {dst.nbytes} bytes cannot hold {count} CRCs")
+        dst[:count] = array("I", [crc32(mv[o:o + page_size])
+                                  for o in range(head, count * record_size, record_size)])
+
+
+def first_crc_mismatch(records, count: int, record_size: int, page_size: int,
+                       crcs) -> Optional[Tuple[int, int, int]]:
+    """``(index, got, want)`` of the first record whose page's CRC32 is not
+    ``crcs[index]``, else None."""
+    mv = memoryview(records).cast("B")
+    head = record_size - page_size
+    with memoryview(crcs) as raw, raw.cast("B") as flat, flat.cast("I") as want:
+        if want.nbytes < 4 * count:
+            raise ValueError(f"{want.nbytes // 4} CRCs for {count} records")
+        crc32 = zlib.crc32
+        got = [crc32(mv[o:o + page_size]) for o in range(head, count * record_size, record_size)]
+        if got == want[:count].tolist():
+            return None
+        for i, (g, w) in enumerate(zip(got, want[:count].tolist())):
+            if g != w:
+                return i, g, w
+    return None  # pragma: no cover

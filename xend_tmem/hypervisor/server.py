@@ -281,22 +281,51 @@ class _Connection:
         self.view[:len(data)] = data
         return len(data)
 
-    def _h_save_get_pages(self, domid: int, pool_id: int, max_pages: int) -> Tuple[int, int]:
+    def _h_save_get_pages(self, domid: int, pool_id: int, max_pages: int,
+                          with_crcs: bool = False) -> Tuple[int, int, int]:
+        """Records into the shared buffer from offset 0; with ``with_crcs``
+        their pages' CRC32s (u32 each) after room for ``max_pages`` records.
+        Returns ``(count, record bytes, crc offset or -1)``."""
         assert self.view is not None
         hv = self.server.hv
+        crc_off = -1
+        crcs = None
         if isinstance(max_pages, int) and not isinstance(max_pages, bool) and max_pages > 0:
-            fit = len(self.view) // self.server.record_size(domid, pool_id)
+            rs = self.server.record_size(domid, pool_id)
+            fit = len(self.view) // (rs + 4 if with_crcs else rs)
             if not fit:
                 raise HypervisorError("SAVE_GET_PAGES", "a page does not fit the connection's "
                                                         f"{len(self.view)}-byte buffer")
             max_pages = min(max_pages, fit)
-        count, records = hv.save_get_pages(domid, pool_id, max_pages, out=self.view)
+            if with_crcs:
+                crc_off = (max_pages * rs + 3) & ~3
+                crcs = self.view[crc_off:crc_off + 4 * max_pages]
+        try:
+            count, records = hv.save_get_pages(domid, pool_id, max_pages,
+                                               out=self.view[:crc_off] if crcs is not None
+                                               else self.view, crcs=crcs)
+        finally:
+            if crcs is not None:
+                crcs.release()
         with memoryview(records) as got:
-            return count, got.nbytes
+            return count, got.nbytes, crc_off
 
-    def _h_restore_put_pages(self, domid: int, pool_id: int, nbytes: int, count: int) -> None:
-        with self._data(nbytes) as records:
-            self.server.hv.restore_put_pages(domid, pool_id, records, count)
+    def _h_restore_put_pages(self, domid: int, pool_id: int, nbytes: int, count: int,
+                             crc_off: int = -1) -> None:
+        """Records at offset 0 of the shared buffer; with ``crc_off`` >= 0 the
+        ``count`` CRC32s their pages must have, from there."""
+        if crc_off < 0:
+            with self._data(nbytes) as records:
+                self.server.hv.restore_put_pages(domid, pool_id, records, count)
+            return
+        assert self.view is not None
+        if isinstance(crc_off, bool) or not isinstance(crc_off, int) or crc_off < nbytes \
+                or isinstance(count, bool) or not isinstance(count, int) or count < 0 \
+                or crc_off + 4 * count > len(self.view):
+            raise ValueError(f"CRC offset {crc_off!r} for {count!r} records does not fit "
+                             f"the {len(self.view)}-byte buffer")
+        with self._data(nbytes) as records, self.view[crc_off:crc_off + 4 * count] as crcs:
+            self.server.hv.restore_put_pages(domid, pool_id, records, count, crcs=crcs)
 
     def _h_restore_put_page(self, domid: int, pool_id: int, oid: Any, index: int,
                             nbytes: int) -> None:

@@ -69,11 +69,11 @@ from .interface import (CLIENT_COMPRESS, CLIENT_FROZEN, EFROZEN, MAX_POOLS, OID,
                         POOL_PAGEBITS_MASK, POOL_PAGEBITS_SHIFT, POOL_PERSIST,
                         POOL_PRECOMPRESSED, POOL_SHARED, POOL_VERSION_MASK,
                         POOL_VERSION_SHIFT, EXT_VCPU_CONTEXT_SIZE, DomainInfo)
-from .pagestore import PageStore, SegmentHeap
+from .pagestore import PageStore, SegmentHeap, first_crc_mismatch, record_crcs
 
 log = logging.getLogger("xend_tmem.hypervisor.sim")
 from .profiles import make_profile
-from .interface import HostInfo
+from .interface import HostInfo, crc_mismatch_message
 
 PAGE_SIZE = 4096
 PAGES_PER_MIB = 256
@@ -1280,7 +1280,8 @@ class SimHypervisor:
             return oid, index, data
 
     def save_get_pages(self, domid: int, pool_id: int, max_pages: int,
-                       out: Optional[Union[bytearray, memoryview]] = None) -> Tuple[int, bytes]:
+                       out: Optional[Union[bytearray, memoryview]] = None,
+                       crcs=None) -> Tuple[int, bytes]:
         op = "SAVE_GET_PAGES"
         with self._lock:
             pool, walk = self._walk(domid, pool_id, op)
@@ -1298,6 +1299,11 @@ class SimHypervisor:
                 raise e
             view = memoryview(out).cast("B") if out is not None else None
             count, records = self._walk_collect(pool, walk, max_pages, view)
+            if crcs is not None and count:
+                try:
+                    record_crcs(records, count, rs, rs - pool.store.header_len, crcs)
+                except ValueError as exc:
+                    raise HypervisorError(op, str(exc)) from None
             if self._trace is not None:
                 self._trace_records("SAVE_GET_NEXT_PAGE", pool, pool_id, domid, records, count)
                 if not count:
@@ -1493,7 +1499,8 @@ class SimHypervisor:
             if self._trace is not None:
                 self._t(f"{line} rc=1")
 
-    def restore_put_pages(self, domid: int, pool_id: int, records, count: int) -> None:
+    def restore_put_pages(self, domid: int, pool_id: int, records, count: int,
+                          crcs=None) -> None:
         op = "RESTORE_PUT_PAGE"
         with self._lock:
             self._dom(domid)
@@ -1509,12 +1516,23 @@ class SimHypervisor:
                                                   f"need {need} bytes, got {flat.nbytes}")
                     if count and not self.profile.copies_pages:
                         raise self._h8_refuse(op, pool_id, domid)
+                    bad = None
+                    if crcs is not None and count:
+                        try:
+                            bad = first_crc_mismatch(flat, count, store.record_size,
+                                                     store.record_size - store.header_len, crcs)
+                        except ValueError as exc:
+                            raise HypervisorError(op, str(exc)) from None
+                        if bad is not None:     # store the good ones before it, then refuse
+                            count, need = bad[0], bad[0] * store.record_size
                     with flat[:need] as body:
                         keys = store.record_keys(body, count)
                         self._room(store.count_new(keys) * pool.units, op)
                         self._used += store.put_records(body, keys) * pool.units
                         if self._trace is not None:
                             self._trace_records(op, pool, pool_id, domid, body, count)
+                    if bad is not None:
+                        raise HypervisorError(op, crc_mismatch_message(*bad), code=errno.EILSEQ)
                 except HypervisorError as e:
                     self._trace_refusal(f"{op} pool={pool_id} cli={domid} count={count}", e)
                     raise

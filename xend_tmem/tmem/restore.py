@@ -10,11 +10,14 @@ failed restore removes the client it created.
 """
 from __future__ import annotations
 
+from array import array
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, Optional, Sequence, Tuple
 
 from ..binio import StreamReader
 from ..codec import tmemchunk as tc
 from ..errors import HypervisorError, StreamError
+from ..hypervisor.interface import crc_mismatch_index
 
 MAX_PAGE_SIZE = 4096        # x86 Xen creates pools with pagebits 0 only
 
@@ -36,6 +39,10 @@ class TmemRestorer:
         self.page_count = 0
         self.invalidation_count = 0
         self.bytes = 0
+        # one page batch in flight: the hypervisor stores (and checks) batch k
+        # while the stream's batch k+1 is read
+        self._putter: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional["Future[None]"] = None
 
     # -- chunk entry points ------------------------------------------------------
     def read_chunk(self, reader: StreamReader, marker: int, offset: int) -> None:
@@ -72,6 +79,7 @@ class TmemRestorer:
         hv.set_cap(domid, rec.cap)
 
     def pool(self, rec: tc.PoolRecord, offset: int) -> None:
+        self.drain()
         flags = rec.flags
         if not flags >> tc.POOL_VERSION_SHIFT and self.version:
             flags |= self.version << tc.POOL_VERSION_SHIFT     # H4 streams carry 0 here
@@ -83,17 +91,62 @@ class TmemRestorer:
         self.pools[rec.pool_id] = rec
 
     def pages(self, pool: tc.PoolRecord, records: memoryview, count: int, offset: int) -> None:
+        """Hand the batch to the hypervisor: with page checks, its identities
+        are compared here and its pages' CRC32s by the hypervisor as it stores
+        them (``restore_put_pages(crcs=)``). When the pool announced more than
+        one batch, the call runs on a helper thread while this one reads the
+        next batch: one call in flight at a time, so the hypervisor sees the
+        same calls in the same order; every other call waits for it first."""
+        version = self.saved.version if self.saved else 1
+        crcs = None
+        first = 0
         if self.page_check is not None:
-            self.page_check.tmem(pool.pool_id, self.saved.version if self.saved else 1,
-                                 records, count,
-                                 pool.page_size, offset)
-        self.hv.restore_put_pages(self.domid, pool.pool_id, records, count)
+            first = self.page_check.seen
+            crcs = array("I", self.page_check.expected_tmem_crcs(
+                pool.pool_id, version, records, count, pool.page_size, offset))
         self.page_count += count
+        self.drain()
+        if pool.n_pages <= count and self._putter is None:      # one batch: nothing to overlap
+            self._put(pool.pool_id, records, count, crcs, (first, version, pool.page_size, offset))
+            return
+        if self._putter is None:
+            self._putter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tmem-put")
+        data = bytes(records)                 # the reader reuses its buffer
+        self._pending = self._putter.submit(self._put, pool.pool_id, data, count, crcs,
+                                            (first, version, pool.page_size, offset))
+
+    def _put(self, pool_id: int, records, count: int, crcs: Optional[array],
+             where: Tuple[int, int, int, int]) -> None:
+        try:
+            if crcs is None:
+                self.hv.restore_put_pages(self.domid, pool_id, records, count)
+            else:
+                self.hv.restore_put_pages(self.domid, pool_id, records, count, crcs=crcs)
+        except HypervisorError as exc:
+            bad = crc_mismatch_index(exc) if crcs is not None else None
+            if bad is None or not 0 <= bad < count:
+                raise
+            first, version, page_size, offset = where
+            assert self.page_check is not None
+            raise self.page_check.tmem_mismatch(first, count, bad, records, version,
+                                                page_size, offset) from None
+
+    def drain(self) -> None:
+        """Wait for the batch in flight; its failure is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _stop_putter(self) -> None:
+        putter, self._putter = self._putter, None
+        if putter is not None:
+            putter.shutdown(wait=True)
 
     def pool_end(self, pool: tc.PoolRecord, received: int, terminated: bool) -> None:
-        return None
+        self.drain()
 
     def invalidations(self, entries: Sequence[Tuple[int, tc.OID, int]], offset: int) -> None:
+        self.drain()
         hv, domid = self.hv, self.domid
         for pool_id, oid, index in entries:
             if pool_id not in self.pools:
@@ -104,16 +157,25 @@ class TmemRestorer:
         self.invalidation_count += len(entries)
 
     def end(self, marker: int, offset: int) -> None:
-        return None
+        self.drain()
+        self._stop_putter()
 
     # -- completion ----------------------------------------------------------------
     def finish(self) -> None:
         """After the whole stream: freeze last, so every page and flush got in (T2/H7)."""
+        self.drain()
+        self._stop_putter()
         if self.saved is not None and self.saved.frozen:
             self.hv.freeze(self.domid)
 
     def abort(self) -> None:
         """Remove the partly restored client (no-op if none was created)."""
+        try:
+            self.drain()
+        except Exception:        # noqa: BLE001 - the restore already failed; it is removed
+            pass
+        finally:
+            self._stop_putter()
         if self.created:
             self.created = False
             self.hv.destroy(self.domid)

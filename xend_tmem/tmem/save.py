@@ -25,6 +25,7 @@ state than the one saved:
 from __future__ import annotations
 
 import time
+from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -185,11 +186,23 @@ class TmemWriter:
         fetcher = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="tmem-walk")
                    if n_pages > per_batch else None)
 
+        # with page checksums the hypervisor computes each page's CRC32 as it
+        # copies the batch (on its own core): one array per batch in flight
+        crc_batches: Dict[int, array] = {}
+
+        def get(n: int) -> Tuple[int, Any]:
+            if self.page_log is None:
+                return hv.save_get_pages(domid, pool_id, n)
+            crcs = array("I", bytes(4 * n))
+            count, records = hv.save_get_pages(domid, pool_id, n, crcs=crcs)
+            crc_batches[id(records)] = crcs
+            return count, records
+
         def ask(n: int) -> "Future[Tuple[int, Any]]":
             if fetcher is not None:
-                return fetcher.submit(hv.save_get_pages, domid, pool_id, n)
+                return fetcher.submit(get, n)
             done: "Future[Tuple[int, Any]]" = Future()
-            done.set_result(hv.save_get_pages(domid, pool_id, n))
+            done.set_result(get(n))
             return done
 
         sent = 0
@@ -205,7 +218,9 @@ class TmemWriter:
                     pending = ask(min(per_batch, n_pages - sent - count))
                 if self.page_log is not None:
                     tc.check_records(version, records, count, pool.page_size, pool_id)
-                    self.page_log.tmem(pool_id, version, records, count, pool.page_size)
+                    crcs = crc_batches.pop(id(records))
+                    self.page_log.tmem(pool_id, version, records, count, pool.page_size,
+                                       w.offset, crcs=crcs[:count])
                 tc.write_page_records(w, version, records, count, pool.page_size, pool_id)
                 sent += count
                 if self.progress is not None:

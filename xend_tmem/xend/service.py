@@ -362,8 +362,8 @@ class XendService:
                     os.fdopen(fd, "wb", buffering=0)
                 out = _SaveTarget(raw, path)
                 # a regular file gets its page checksums beside it (issue 8 #4)
-                crc_out = None if through else integrity.CrcWriter(out)
                 page_log = None if through else integrity.PageLog()
+                crc_out = None if through else integrity.CrcWriter(out, page_log)
                 jrn.killpoint("save-start")
                 if not checkpoint:
                     self.hv.rename_domain(domid, MIGRATING_PREFIX + name)
