@@ -14,6 +14,7 @@ import signal
 import struct
 import threading
 import zlib
+from array import array
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
@@ -21,7 +22,8 @@ import pytest
 from xend_tmem.errors import HypervisorError, NoSuchDomain
 from xend_tmem.hypervisor import wire
 from xend_tmem.hypervisor.client import HypervisorClient
-from xend_tmem.hypervisor.interface import EFROZEN, DomainInfo, HostInfo, Hypervisor
+from xend_tmem.hypervisor.interface import (EFROZEN, DomainInfo, HostInfo, Hypervisor,
+                                             crc_mismatch_index)
 from xend_tmem.hypervisor.sim import SimHypervisor
 
 from hvfixtures import start_process, stop_process
@@ -141,6 +143,12 @@ def _script(hv: Any) -> Dict[str, Any]:
     call("save_get_pool_uuid", d, 0)
     call("save_get_next_page", d, 0)
     call("save_get_pages", d, 0, 2)
+    crcs = array("I", [0] * 3)                         # the hypervisor fills one per record
+    n, recs = hv.save_get_pages(d, 0, 2, crcs=crcs)
+    recs = bytes(recs)
+    out["save_get_pages_crcs"] = (n, crcs.tolist())
+    assert n and crcs[:n].tolist() == [zlib.crc32(recs[i * 4124 + 28:(i + 1) * 4124])
+                                       for i in range(n)]
     out["save_get_pages_out"] = bytes(hv.save_get_pages(d, 0, 10, out=bytearray(10 * 4124))[1])
     hv.guest_flush_page(d, 0, oid(1), 0)
     call("save_get_next_inv", d)
@@ -152,6 +160,16 @@ def _script(hv: Any) -> Dict[str, Any]:
     call("restore_new_pool", r, 0, V1P, (5, 6))
     call("restore_put_page", r, 0, oid(1), 1, page(1))
     call("restore_put_pages", r, 0, rec(2, 2) + rec(3, 3), 2)
+    good = array("I", [zlib.crc32(page(4)), zlib.crc32(page(5))])
+    hv.restore_put_pages(r, 0, rec(4, 4) + rec(5, 5), 2, crcs=good)
+    bad = array("I", [zlib.crc32(page(6)), zlib.crc32(page(6)), zlib.crc32(page(8))])
+    e = _error(lambda: hv.restore_put_pages(r, 0, rec(6, 6) + rec(7, 7) + rec(8, 8), 3,
+                                            crcs=bad))
+    assert isinstance(e, HypervisorError) and e.code == errno.EILSEQ
+    assert crc_mismatch_index(e) == 1
+    out["restore_put_pages_crc_refusal"] = str(e)
+    out["restore_put_pages_crc_stored"] = [hv.guest_get(r, 0, oid(n), n) is not None
+                                           for n in (4, 5, 6, 7, 8)]
     call("restore_flush_page", r, 0, oid(2), 2)
     # admin
     call("set_weight", r, 7)
@@ -173,6 +191,10 @@ def _script(hv: Any) -> Dict[str, Any]:
     call("tmem_state", r)
     call("tmem_digest", r)
     call("ram_digest", d)
+    ram_crcs = array("I", [0] * 3)
+    call("ram_page_crcs", d, [100, 3, 4], ram_crcs)
+    out["ram_page_crcs_out"] = ram_crcs.tolist()
+    assert ram_crcs.tolist() == [zlib.crc32(page(9)), zlib.crc32(page(7)), zlib.crc32(page(8))]
     call("guest_heartbeat", d)                         # no workload: (0, 0) on both
     call("op_trace", 0)
     # xm's everyday commands (issue 8 #9); times normalised, they differ run to run
@@ -353,7 +375,16 @@ def test_tmem_batches_travel_through_the_shared_buffer(monkeypatch: pytest.Monke
         assert small.save_get_pages(src, 0, 10) == (0, b"")
         small.restore_begin(dst)
         small.restore_new_pool(dst, 0, V1P, (0, 0))
-        small.restore_put_pages(dst, 0, recs + bytes(view), 1000)   # several round trips
+        allrecs = recs + bytes(view)
+        crcs = array("I", [zlib.crc32(allrecs[i * 4124 + 28:(i + 1) * 4124])
+                           for i in range(1000)])
+        crcs[600] ^= 1                  # in the third round trip: named by its batch index
+        e = _error(lambda: small.restore_put_pages(dst, 0, allrecs, 1000, crcs=crcs))
+        assert isinstance(e, HypervisorError) and e.code == errno.EILSEQ, e
+        assert crc_mismatch_index(e) == 600 and "record 600: page CRC32" in str(e)
+        assert client.tmem_digest(dst)[0][0] == 600          # none from record 600 on
+        crcs[600] ^= 1
+        small.restore_put_pages(dst, 0, allrecs, 1000, crcs=crcs)   # several round trips
         small.save_end(src)
         assert max(counting.sizes) < 1024, "page data went into a message"
         assert len(counting.sizes) >= 3 + 2 + 4 + 3

@@ -146,6 +146,20 @@ def test_a_flipped_ram_byte_in_an_image_is_refused_naming_the_pfn(hosts,
     assert h.web1() == []
 
 
+def test_a_flipped_byte_outside_pages_is_refused(hosts, tmp_path: Path) -> None:
+    """No whole-image CRC any more: the tail's last byte (shared info, no page
+    record covers it) is caught by its run's CRC32 before the domain runs."""
+    h = hosts()
+    path = saved_image(h, tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(Exception) as info:
+        h.svc.domain_restore(str(path))
+    assert "corrupt outside its pages" in str(info.value), str(info.value)
+    assert h.web1() == []
+
+
 class _FlippingPair(relocation_proxy._Pair):
     """Flips one byte inside the first stretch of TMEM_PAGE going to the receiver."""
 

@@ -242,3 +242,73 @@ def test_err_line_is_one_line_and_parses_back() -> None:
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     form = relocation.parse_reply(line, "h")
     assert form[0] == "err" and relocation.reply_error_message(form) == "bad 'stream' at offset 5"
+
+
+def test_timing_figures_over_the_handshake(hooks) -> None:
+    """downtime_ms (suspend -> running, the source's clock), its parts restore_ms
+    and handshake_ms, and the guest's own heartbeat gap, all measured apart."""
+    src = SimHypervisor(guest_processes=True)
+    dst = SimHypervisor(guest_processes=True)
+    server = relocation.RelocationServer(
+        "127.0.0.1", 0, hosts_allow=[],
+        restore=lambda stream, peer, paused=False, on_created=None: restore_domain(
+            dst, stream, hooks=hooks, paused=paused, on_created=on_created),
+        check_offer=lambda offer: [], discard=dst.destroy_domain, unpause=dst.unpause,
+        hv=dst)
+    server.start()
+    try:
+        domid = src.create_domain(parse_domain_config(
+            {**DOMAIN, "workload": {"ram_dirty_pages_per_s": 500}}))
+        deadline = time.monotonic() + 10
+        while src.guest_heartbeat(domid)[1] < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # capped so the image takes ~0.5 s: the destination's guest process (a
+        # python started when the restore builds the domain) is up before go
+        report = relocation.migrate(src, domid, "127.0.0.1", server.port, live=True,
+                                    hooks=hooks, rate_cap_bps=80e6 / 8)
+        assert "downtime_s" not in report and "resumed_after_s" not in report
+        down, hand, rest = report["downtime_ms"], report["handshake_ms"], report["restore_ms"]
+        guest = report["guest_downtime_ms"]
+        assert isinstance(rest, float) and report["destination"]["restore_ms"] == rest
+        assert 0 < hand < down and 0 <= rest < down
+        assert report["image_ms"] < down                      # suspend -> image complete
+        assert report["wire_bytes"] > report["bytes"]          # frames, CRCs, lines
+        assert guest is not None
+        assert abs(down - guest) <= max(0.10 * down, 5.0), {k: report.get(k) for k in (
+            "downtime_ms", "guest_downtime_ms", "image_ms", "restore_ms", "handshake_ms")}
+    finally:
+        server.stop(5)
+        src.close()
+        dst.close()
+
+
+def test_rate_cap_bounds_the_whole_transfer(source, hooks, receivers) -> None:
+    hv, domid = source
+    rx = receivers(hooks)
+    cap = 200e6 / 8                                            # xm migrate -r 200
+    t0 = time.monotonic()
+    report = relocation.migrate(hv, domid, "127.0.0.1", rx.server.port, live=True,
+                                hooks=hooks, rate_cap_bps=cap)
+    took = time.monotonic() - t0
+    assert report["rate_cap_mbit"] == 200.0
+    burst = relocation.RateLimiter(cap).burst
+    assert took >= (report["wire_bytes"] - burst) / cap
+    assert report["send_mbit"] <= 200 * 1.05
+
+
+def test_the_done_phase_runs_after_running_and_delays_nothing(source, hooks, receivers,
+                                                              monkeypatch) -> None:
+    hv, domid = source
+    rx = receivers(hooks)
+    order = []
+    real_done = hooks.save_done
+
+    def slow_done(session, outcome):
+        order.append(("done", rx.hv.domain_info(1).running))   # the destination runs it already
+        time.sleep(0.4)
+        return real_done(session, outcome)
+
+    monkeypatch.setattr(hooks, "save_done", slow_done)
+    report = relocation.migrate(hv, domid, "127.0.0.1", rx.server.port, live=True, hooks=hooks)
+    assert order == [("done", True)]
+    assert report["downtime_ms"] < 400 and report["handshake_ms"] < 400

@@ -196,3 +196,61 @@ def test_pid_file_lock(tmp_path: Path) -> None:
     again.acquire()
     assert Path(path).read_text() == f"{os.getpid()}\n"
     again.release()
+
+
+def test_migrate_overrides_replace_the_migration_section(state_dir: Path) -> None:
+    hv = SimHypervisor()
+    s = XendService(parse_toolstack_config({
+        "xend-state-dir": str(state_dir),
+        "migration": {"max-rate-mbit": 800, "downtime-limit-ms": 120, "max-iters": 9,
+                      "on-limit-miss": "strict"},
+        "tmem": {"plan": "precopy"}}), hv, get_plugin_manager(["tmem"], {"tmem": {
+            "plan": "precopy"}}))
+    limits, cap, settings = s._migrate_overrides({})
+    assert (limits.downtime_limit_ms, limits.max_iters, limits.on_limit_miss) == (
+        120.0, 9, "strict")
+    assert cap == 800e6 / 8
+    assert settings == {"tmem": {"plan": "precopy", "downtime-limit-ms": 120.0}}
+    limits, cap, settings = s._migrate_overrides(
+        {"resource_mbit": 200, "downtime_limit_ms": 40, "max_iters": 3, "plan": "late-freeze"})
+    assert (limits.downtime_limit_ms, limits.max_iters, limits.on_limit_miss) == (
+        40.0, 3, "strict")
+    assert cap == 25e6
+    assert settings == {"tmem": {"plan": "late-freeze", "downtime-limit-ms": 40.0}}
+    for bad, message in (({"resource_mbit": 0}, "-r/--resource"),
+                         ({"downtime_limit_ms": True}, "--downtime-limit-ms"),
+                         ({"max_iters": 2.5}, "--max-iters"),
+                         ({"plan": "fastest"}, "--plan must be one of"),
+                         ({"rate": 1}, "unknown migrate option 'rate'")):
+        with pytest.raises(XendError, match=message):
+            s._migrate_overrides(bad)
+    bare = XendService(parse_toolstack_config({"xend-state-dir": str(state_dir),
+                                               "checkpoint-plugins": []}),
+                       hv, get_plugin_manager([], {}), journal=s.journal)
+    with pytest.raises(XendError, match="checkpoint plugin 'tmem' is not enabled"):
+        bare._migrate_overrides({"plan": "precopy"})
+    assert bare._migrate_overrides({})[2] is None
+    s.stop(5)
+
+
+def test_migrate_cancel_finds_the_job_by_domain(svc, mocker) -> None:
+    started = threading.Event()
+
+    def stalled(hv, domid, host, port, *, cancel, on_accepted, **kw):
+        on_accepted()                                          # renamed migrating-web1
+        started.set()
+        assert cancel.wait(20)
+        from xend_tmem.errors import Cancelled
+        raise Cancelled("cancelled")
+
+    mocker.patch.object(service.relocation, "migrate", side_effect=stalled)
+    with pytest.raises(XendError, match="no migration of domain web1 is in progress here"):
+        svc.job_migrate_cancel("web1")
+    job_id = svc.job_migrate("web1", "127.0.0.1", live=True, port=9)
+    assert started.wait(10)
+    assert svc.job_migrate_cancel("migrating-web1") == job_id
+    st = wait(svc, job_id)
+    assert (st["state"], st["error"]) == ("cancelled", "cancelled")
+    assert svc.hv.domain_info(1).name == "web1" and svc._outgoing == {}
+    with pytest.raises(XendError, match="no migration of domain web1"):
+        svc.job_migrate_cancel("web1")

@@ -358,3 +358,54 @@ def test_server_path_from_environment(monkeypatch) -> None:
     monkeypatch.setenv("XM_SERVER", "httpu:///tmp/a.sock")
     assert rpc.server_path() == "/tmp/a.sock"
     assert rpc.server_path("/x.sock") == "/x.sock"
+
+
+def test_migrate_knobs_go_to_the_daemon_as_options(proxy, capsys) -> None:
+    proxy.xend.job.migrate.return_value = 2
+    done_job(proxy, {**SAVE_RESULT, "op": "migrate", "host": "h", "port": 8002, "live": True})
+    assert run(capsys, "migrate", "-l", "-r", "200", "--downtime-limit-ms", "50",
+               "--max-iters", "5", "--plan", "late-freeze", "web1", "h")[0] == 0
+    proxy.xend.job.migrate.assert_called_once_with(
+        "web1", "h", True, 0, -1, None, False,
+        {"resource_mbit": 200.0, "downtime_limit_ms": 50.0, "max_iters": 5,
+         "plan": "late-freeze"})
+    proxy.xend.job.migrate.reset_mock()
+    done_job(proxy, {**SAVE_RESULT, "op": "migrate", "host": "h", "port": 8002, "live": True})
+    assert run(capsys, "migrate", "--resource", "1000", "web1", "h")[0] == 0
+    proxy.xend.job.migrate.assert_called_once_with("web1", "h", False, 0, -1, None, False,
+                                                   {"resource_mbit": 1000.0})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-r", "0"], "-r/--resource: a rate in Mbit/s"),
+    (["--downtime-limit-ms", "0.5"], "--downtime-limit-ms: 1..3600000"),
+    (["--max-iters", "0"], "--max-iters: 1..1000"),
+])
+def test_migrate_knobs_out_of_range_are_usage_errors(proxy, capsys, argv, message) -> None:
+    rc, out, err = run(capsys, "migrate", *argv, "web1", "h")
+    assert rc == 1 and err.startswith("usage: xm migrate") and f"Error: {message}" in err
+    proxy.xend.job.migrate.assert_not_called()
+
+
+def test_migrate_plan_must_be_a_plan(proxy, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        xm.main(["migrate", "--plan", "fastest", "web1", "h"])
+    assert exc.value.code == 1
+    assert "Error: argument --plan: invalid choice: 'fastest'" in capsys.readouterr().err
+    proxy.xend.job.migrate.assert_not_called()
+
+
+def test_migrate_cancel_waits_for_the_job_to_end(proxy, capsys) -> None:
+    proxy.xend.job.migrate_cancel.return_value = 7
+    proxy.xend.job.status.side_effect = [
+        {"state": "running", "phase": "rounds", "done": 5, "total": 10},
+        {"state": "cancelled", "phase": "rounds", "done": 5, "total": 10, "fault_code": 2,
+         "error": "cancelled"},
+    ]
+    rc, out, err = run(capsys, "migrate-cancel", "web1")
+    proxy.xend.job.migrate_cancel.assert_called_once_with("web1")
+    assert (rc, out, err) == (0, "Migration of web1 cancelled: cancelled\n", "")
+    proxy.xend.job.status.side_effect = [{"state": "done", "phase": "done", "done": 1,
+                                          "total": 1, "result": {}}]
+    rc, out, err = run(capsys, "migrate-cancel", "web1")
+    assert rc == 1 and "had already completed" in err

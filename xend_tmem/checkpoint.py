@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from array import array
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .binio import StreamReader, StreamWriter
 from .codec import image, legacy, sxp
 from .errors import Cancelled, PluginError, SaveError, StreamError, XendTmemError
 from .hypervisor.interface import Hypervisor
+from .integrity import RamCheck
 from .plugins import CheckpointHooks
 from .tmem import policy
 from .session import (JournalFn, Outcome, ProgressFn, RestoreSession, RoundStats, SaveSession,
@@ -90,7 +93,7 @@ class _Saver:
         self.s.progress(phase, self.w.offset, self.total_estimate)
 
     def send_pages(self, pfns: Sequence[int], phase: str) -> None:
-        hv, domid, w, width = self.hv, self.s.domid, self.w, self.s.width
+        hv, domid = self.hv, self.s.domid
         # a backend with a foreign mapping of its own hands out views of a
         # contiguous batch: the image is written straight from guest RAM, no
         # copy. With a page log only while the guest is suspended: the log's CRC
@@ -98,15 +101,43 @@ class _Saver:
         # page between the two.
         map_range = (getattr(hv, "map_foreign_range", None)
                      if self.s.page_log is None or self.s.suspended else None)
+        # with a page log while the guest is suspended, the hypervisor computes
+        # the CRCs of batch k+1 (on its own core) while this thread writes batch k
+        log = self.s.page_log
+        helper = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-crcs")
+                  if log is not None and self.s.suspended and len(pfns) else None)
+
+        def ask_crcs(k: int) -> "Optional[Tuple[Future[None], array]]":
+            if helper is None or k >= len(pfns):
+                return None
+            batch = pfns[k:k + BATCH]
+            crcs = array("I", bytes(4 * len(batch)))
+            return helper.submit(hv.ram_page_crcs, domid, batch, crcs), crcs
+        try:
+            self._send_batches(pfns, phase, map_range, ask_crcs)
+        finally:
+            if helper is not None:
+                helper.shutdown(wait=True)
+
+    def _send_batches(self, pfns: Sequence[int], phase: str, map_range,
+                      ask_crcs: "Callable[[int], Optional[Tuple[Future[None], array]]]") -> None:
+        hv, domid, w, width = self.hv, self.s.domid, self.w, self.s.width
+        log = self.s.page_log
+        pending = ask_crcs(0)
         for i in range(0, len(pfns), BATCH):
             self.s.check_cancel()
             batch = pfns[i:i + BATCH]
+            mine, pending = pending, ask_crcs(i + BATCH)
             view = map_range(domid, batch) if map_range is not None else None
             data = view if view is not None else hv.read_pages(domid, batch)
             before = w.offset
-            if self.s.page_log is not None:
+            if log is not None:
+                crcs = None
+                if mine is not None:
+                    mine[0].result()
+                    crcs = mine[1]
                 # the page data follows the batch's count and pfn list
-                self.s.page_log.ram(batch, data, before + 4 + len(batch) * width)
+                log.ram(batch, data, before + 4 + len(batch) * width, crcs=crcs)
             try:
                 legacy.write_page_batch(w, width, batch, None, data)
             finally:
@@ -282,7 +313,9 @@ def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointH
                 page_log=None,
                 limits: Optional[policy.Limits] = None,
                 rate_cap_bps: Optional[float] = None,
-                overhead_ms: float = 0.0) -> Dict[str, object]:
+                overhead_ms: float = 0.0,
+                settings: Optional[Mapping[str, Mapping[str, object]]] = None
+                ) -> Dict[str, object]:
     """Write ``domid`` as a xend image to ``out``; returns the report.
 
     On success the domain is left suspended (the caller destroys it) unless
@@ -304,7 +337,8 @@ def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointH
     ``xm migrate``'s overrides; default :class:`~xend_tmem.tmem.policy.Limits`);
     ``rate_cap_bps`` the sender's rate cap (bounds the measured bandwidth the
     estimates use); ``overhead_ms`` the expected fixed cost from suspend to
-    the destination running (restore end, handshake).
+    the destination running (restore end, handshake). ``settings``: plugin
+    sections replacing the configured ones for this save (``xm migrate --plan``).
 
     Report times are measured on this host's monotonic clock: ``downtime_ms``
     suspend -> image complete (a migration adds its handshake from
@@ -320,7 +354,8 @@ def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointH
         info = dataclasses.replace(info, name=name, config=config)
     w = out if isinstance(out, StreamWriter) else StreamWriter(out)
     session = SaveSession(hv=hv, domid=domid, live=live, out=w, p2m_size=hv.p2m_size(domid),
-                          width=width, settings=hooks.settings,
+                          width=width,
+                          settings={**hooks.settings, **settings} if settings else hooks.settings,
                           progress=progress or _no_progress, cancel=cancel, journal=journal,
                           page_log=page_log,
                           limits=limits if limits is not None else policy.Limits(),
@@ -510,6 +545,8 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
     outcome = Outcome()
     p2m_expected = memory * 256
     counters = {"pages": 0}
+    # the hypervisor computes the CRCs of the RAM pages it was given (issue 8 #4)
+    ram_check = RamCheck(hv, domid, page_check) if page_check is not None else None
 
     def on_pages(pfns, types, data, offset) -> None:
         # the reader has checked every pfn against p2m_size, checked below against
@@ -519,10 +556,15 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
         if data.nbytes != len(pfns) * PAGE:
             # XTAB/XALLOC/BROKEN entries name a pfn but carry no page
             pfns = [p for p, t in zip(pfns, types) if t not in legacy.NO_DATA_TYPES]
-        if pfns and page_check is not None:
+        token = None
+        if pfns and ram_check is not None:
+            token = ram_check.expect(pfns, data, offset)
+        elif pfns and page_check is not None:
             page_check.ram(pfns, data, offset)
         if pfns:
             hv.write_pages(domid, pfns, data)
+        if token is not None:
+            ram_check.written(token)
         counters["pages"] += len(pfns)
         progress("restore", r.offset, None)
 
@@ -552,6 +594,8 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
         hv.set_shared_info(domid, tail.shared_info)
         if not r.at_eof():
             raise StreamError("data after the end of the image", offset=r.offset)
+        if ram_check is not None:
+            ram_check.finish()
         if page_check is not None:
             page_check.finish()
     except BaseException as exc:
@@ -561,6 +605,8 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
             raise better from exc
         raise
     finally:
+        if ram_check is not None:
+            ram_check.close()
         try:
             errors = hooks.restore_done(session, outcome)
         finally:

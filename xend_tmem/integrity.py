@@ -28,6 +28,7 @@ import os
 import struct
 import zlib
 from collections import deque
+from itertools import starmap
 from typing import BinaryIO, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import XendTmemError
@@ -63,7 +64,7 @@ def describe(rec: Record) -> str:
 
 
 def encode(records: Iterable[Record]) -> bytes:
-    return b"".join(_RECORD.pack(*r) for r in records)
+    return b"".join(starmap(_RECORD.pack, records))
 
 
 def decode(data: bytes) -> List[Record]:
@@ -71,13 +72,11 @@ def decode(data: bytes) -> List[Record]:
     if len(data) % RECORD_SIZE:
         raise IntegrityError(f"page checksum records of {len(data)} bytes: not a multiple "
                              f"of {RECORD_SIZE}")
-    out: List[Record] = []
-    for i in range(0, len(data), RECORD_SIZE):
-        rec = _RECORD.unpack_from(data, i)
-        if rec[0] not in (RAM, TMEM):
-            raise IntegrityError(f"page checksum record {i // RECORD_SIZE} has kind {rec[0]}")
-        out.append(rec)
-    return out
+    kinds = bytes(data[::RECORD_SIZE])          # every record's first byte, in one C slice
+    if kinds and max(kinds) > TMEM:
+        i = next(i for i, k in enumerate(kinds) if k > TMEM)
+        raise IntegrityError(f"page checksum record {i} has kind {kinds[i]}")
+    return list(_RECORD.iter_unpack(data))
 
 
 _HEADS: Dict[Tuple[int, int], struct.Struct] = {}
@@ -145,9 +144,15 @@ class PageLog:
                 raise ValueError(f"page range at image offset {offset} overlaps the previous one")
             cov.append([offset, offset + nbytes])
 
-    def ram(self, pfns: Sequence[int], data, offset: Optional[int] = None) -> None:
-        """``offset``: where the batch's page data goes in the image."""
-        self.records.extend(ram_records(pfns, data))
+    def ram(self, pfns: Sequence[int], data, offset: Optional[int] = None,
+            crcs: Optional[Sequence[int]] = None) -> None:
+        """``offset``: where the batch's page data goes in the image. ``crcs``:
+        the pages' CRC32s when the hypervisor computed them (the guest cannot
+        change them: it is suspended)."""
+        if crcs is None:
+            self.records.extend(ram_records(pfns, data))
+        else:
+            self.records.extend([(RAM, 0, pfn, 0, 0, 0, c) for pfn, c in zip(pfns, crcs)])
         self.cover(offset, len(pfns) * PAGE)
 
     def tmem(self, pool_id: int, version: int, records, count: int, page_size: int,
@@ -220,6 +225,20 @@ class PageCheck:
                     None if offset is None else (lambda i: offset + i * PAGE))
         self.page_bytes += len(pfns) * PAGE
 
+    def expect_ram(self, pfns: Sequence[int], data, offset: Optional[int] = None) -> List[int]:
+        """Check a RAM batch's pfns (in order) and hand back the CRC32s its
+        pages must have, to compare with what the hypervisor computes once
+        they are written (:class:`RamCheck`); the records count as checked."""
+        n = len(pfns)
+        want = self.expected[self.seen:self.seen + n]
+        if len(want) != n or [w[:6] for w in want] != [(RAM, 0, p, 0, 0, 0) for p in pfns]:
+            self._batch(ram_records(pfns, data),
+                        None if offset is None else (lambda i: offset + i * PAGE))
+            raise AssertionError("a differing batch had no differing record")  # pragma: no cover
+        self.seen += n
+        self.page_bytes += n * PAGE
+        return [w[6] for w in want]
+
     def expected_tmem_crcs(self, pool_id: int, version: int, records, count: int,
                            page_size: int, offset: Optional[int] = None) -> List[int]:
         """Check a tmem batch's identities (pool, oid, index, in order) and
@@ -277,6 +296,64 @@ class PageCheck:
             return IntegrityError(f"the image was corrupted in transit "
                                   f"({'; '.join(self.bad_frames)}): {exc}")
         return None
+
+
+class RamCheck:
+    """RAM pages of a restore checked by the hypervisor once written: after
+    ``write_pages`` of batch k, ``ram_page_crcs`` runs on a helper thread (the
+    hypervisor computes them on its own core) while the restore reads batch
+    k+1; each result is compared before the next batch is handed over and at
+    :meth:`finish`, so a bad page still fails the restore before the domain
+    runs. The pfns are checked against the records at once (:meth:`expect`)."""
+
+    def __init__(self, hv, domid: int, check: PageCheck) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+        self.hv = hv
+        self.domid = domid
+        self.check = check
+        self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-check")
+        self._pending: Optional[Tuple[object, List[int], Sequence[int], List[int],
+                                      Optional[int]]] = None
+
+    def expect(self, pfns: Sequence[int], data, offset: Optional[int]) -> Tuple[
+            List[int], Sequence[int], Optional[int]]:
+        """Before the batch is written: its pfns checked, its CRCs to come."""
+        return self.check.expect_ram(pfns, data, offset), list(pfns), offset
+
+    def written(self, token: Tuple[List[int], Sequence[int], Optional[int]]) -> None:
+        """After the batch is written: compare the previous one, ask for this one."""
+        from array import array
+        self._compare()
+        want, pfns, offset = token
+        got = array("I", bytes(4 * len(pfns)))
+        future = self._helper.submit(self.hv.ram_page_crcs, self.domid, pfns, got)
+        self._pending = (future, want, pfns, got, offset)    # type: ignore[assignment]
+
+    def _compare(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        future, want, pfns, got, offset = pending
+        future.result()                                       # type: ignore[attr-defined]
+        have = got.tolist()                                   # type: ignore[attr-defined]
+        if have == want:
+            return
+        for i, (g, w) in enumerate(zip(have, want)):
+            if g != w:
+                where = "" if offset is None else f" (image offset {offset + i * PAGE})"
+                raise IntegrityError(
+                    f"checksum mismatch in RAM page pfn {pfns[i]}{where}: CRC32 {g:08x}, "
+                    f"{self.check.source} says {w:08x}; the image is corrupt")
+
+    def finish(self) -> None:
+        """Every batch compared (raises for a bad page)."""
+        try:
+            self._compare()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._helper.shutdown(wait=True)
 
 
 # -- the sidecar file ----------------------------------------------------------------
@@ -495,6 +572,6 @@ def load_sidecar(image_path: str, image_fd: int) -> Tuple[Optional[ImageCheck], 
     return ImageCheck(records, os.path.basename(path), size, runs), ""
 
 
-__all__ = ["PageLog", "PageCheck", "ImageCheck", "IntegrityError", "CrcWriter", "CrcReader",
+__all__ = ["PageLog", "PageCheck", "RamCheck", "ImageCheck", "IntegrityError", "CrcWriter", "CrcReader",
            "write_sidecar", "load_sidecar", "sidecar_path", "describe", "encode", "decode",
            "RECORD_SIZE"]

@@ -763,6 +763,23 @@ class HypervisorClient:
     def ram_digest(self, domid: int) -> str:
         return self._call("ram_digest", domid)
 
+    def ram_page_crcs(self, domid: int, pfns: Sequence[int], out) -> None:
+        """As the interface: computed by the hypervisor process from its own
+        mapping; the CRCs come back in the shared buffer."""
+        op = "ram_page_crcs"
+        with memoryview(out) as raw, raw.cast("B") as dst:
+            if dst.nbytes < 4 * len(pfns):
+                raise HypervisorError(op, f"a CRC buffer of {dst.nbytes} bytes cannot hold "
+                                          f"{len(pfns)} CRCs")
+            conn = self._acquire(op)
+            try:
+                n, _ = self._exchange(conn, op, op, (domid, [int(p) for p in pfns]))
+                if n != len(pfns):
+                    raise HypervisorError(op, f"{n} CRCs for {len(pfns)} pages")
+                dst[:4 * n] = conn.view[:4 * n]
+            finally:
+                self._release(conn)
+
     def guest_heartbeat(self, domid: int) -> Tuple[int, int]:
         ns, count = self._call("guest_heartbeat", domid)
         return int(ns), int(count)

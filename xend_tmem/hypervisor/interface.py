@@ -305,6 +305,14 @@ class Inspection(Protocol):
         non-live save walk."""
     def ram_digest(self, domid: int) -> str:
         """sha256 of the domain's whole RAM."""
+    def ram_page_crcs(self, domid: int, pfns: Sequence[int],
+                      out: Union[bytearray, memoryview, array]) -> None:
+        """The CRC32 of RAM page ``pfns[i]`` into ``out[i]`` (a writable buffer
+        of at least ``len(pfns)`` native u32): the sidecar's RAM page checksums
+        (issue 8 #4), computed off the toolstack's thread while it writes the
+        previous batch. Meaningful only while the domain cannot write (paused
+        or suspended). Xen has no such op: a backend on real Xen computes them
+        in the toolstack from its foreign mapping."""
     def guest_heartbeat(self, domid: int) -> Tuple[int, int]:
         """``(last beat ns, beats)``: the heartbeat the running guest writes into
         its own RAM at least every millisecond (CLOCK_MONOTONIC of this host;

@@ -327,6 +327,16 @@ class _Connection:
         with self._data(nbytes) as records, self.view[crc_off:crc_off + 4 * count] as crcs:
             self.server.hv.restore_put_pages(domid, pool_id, records, count, crcs=crcs)
 
+    def _h_ram_page_crcs(self, domid: int, pfns: Any) -> int:
+        """The CRCs into the shared buffer (none in the reply); returns their count."""
+        assert self.view is not None
+        if not isinstance(pfns, (list, tuple)) or 4 * len(pfns) > len(self.view):
+            raise HypervisorError("ram_page_crcs", f"{len(pfns) if isinstance(pfns, (list, tuple)) else pfns!r} "
+                                                   "pfns do not fit the connection's buffer")
+        with self.view[:4 * len(pfns)] as out:
+            self.server.hv.ram_page_crcs(domid, pfns, out)
+        return len(pfns)
+
     def _h_restore_put_page(self, domid: int, pool_id: int, oid: Any, index: int,
                             nbytes: int) -> None:
         with self._data(nbytes) as data:

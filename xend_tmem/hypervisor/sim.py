@@ -836,6 +836,20 @@ class SimHypervisor:
             d = self._guest_dom(domid, "guest_heartbeat")
             return read_heartbeat(d.ram, d.p2m)
 
+    def ram_page_crcs(self, domid: int, pfns: Sequence[int], out) -> None:
+        op = "ram_page_crcs"
+        with self._lock:
+            d = self._guest_dom(domid, op)
+            self._runs(pfns, d.p2m, op)                 # every pfn within p2m_size
+            with memoryview(out) as raw, raw.cast("B") as flat, flat.cast("I") as dst, \
+                    memoryview(d.ram) as ram:
+                if dst.nbytes < 4 * len(pfns):
+                    raise HypervisorError(op, f"a CRC buffer of {dst.nbytes} bytes cannot "
+                                              f"hold {len(pfns)} CRCs")
+                crc32 = zlib.crc32
+                dst[:len(pfns)] = array("I", [crc32(ram[p * PAGE_SIZE:(p + 1) * PAGE_SIZE])
+                                              for p in pfns])
+
     def ram_digest(self, domid: int) -> str:
         """sha256 of the domain's whole RAM (save/restore verification)."""
         with self._lock:

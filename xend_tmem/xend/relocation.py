@@ -42,7 +42,13 @@ Extensions, all invisible to a stock xend on either end:
       receiver: (received (domid N))\\n        image restored, domain paused
       sender:   (go)\\n                         journaled first, sent at once
       receiver: (running (report "<JSON>"))\\n  unpaused; its restore's figures
+      receiver: (guest (downtime_ms N))\\n      the guest's heartbeat gap, or (guest)
 
+  ``running`` goes out as soon as the domain is unpaused (its journal
+  bookkeeping follows it); the guest's own figure is measured after it and
+  sent on its own line, which the sender waits for a few seconds at most, so
+  it delays nothing. The sender times ``downtime_ms`` from its suspend to
+  ``running`` received (``restore_ms``, ``handshake_ms`` its parts).
   The receiver unpauses only on ``go``; without it (connection lost, or no
   ``go`` within its timeout) it destroys its copy. The sender's done phase
   (tmem's SAVE_END) runs after ``go`` is out and delays nothing. A sender that
@@ -84,6 +90,10 @@ trickle in) and small line limits (:data:`MAX_OP_LINE`, a pre-flight line
 are in it at once (a new one evicts the oldest) and at most
 :data:`MAX_RECEIVING` images stream in at once. Every malformed message gets an
 ``(err ...)`` reply and one log line.
+
+Rate cap (``xm migrate -r MBIT``, ``migration.max-rate-mbit``): a token
+bucket (:class:`RateLimiter`) paces every byte the sender writes -- frames,
+CRCs and control lines.
 
 Failure handling on the sender: an ``(err ...)`` the receiver sends while the
 image is still streaming is noticed at the next write and stops the save at
@@ -158,6 +168,8 @@ CONTROL_DEADLINE_S = 30.0    # from accept to "receive" (or the last answer), at
 SWEEP_EVERY_S = 1.0           # the accept loop looks for connections past that deadline
 SWEEP_GRACE_S = 5.0
 DRAIN_AFTER_ERROR_S = 2.0     # let the sender read our (err ...) before we close
+GUEST_BEAT_WAIT_S = 2.0       # receiver: the guest's first beat after unpause, at most
+GUEST_REPORT_WAIT_S = 3.0     # sender: the receiver's (guest ...) line after running, at most
 _FRAME = struct.Struct(">I")
 _RECORDS_FLAG = 0x80000000    # with crc32-frames: a frame of page checksum records
 
@@ -363,6 +375,7 @@ class _FramedReader:
         self._buf = memoryview(b"")
         self._frames = 0
         self._offset = 0          # image bytes handed out
+        self.ended_at: Optional[float] = None   # when the end frame arrived (restore_ms)
 
     def _exact(self, n: int) -> bytes:
         data = self.rfile.read(n)
@@ -376,6 +389,7 @@ class _FramedReader:
             (n,) = _FRAME.unpack(self._exact(_FRAME.size))
             if n == 0:
                 self.ended = True
+                self.ended_at = time.monotonic()
                 return False
             records = bool(self.crc and n & _RECORDS_FLAG)
             n &= ~_RECORDS_FLAG if self.crc else 0xFFFFFFFF
@@ -451,7 +465,9 @@ class RelocationServer:
                  io_timeout: float = IO_TIMEOUT_S, go_timeout: float = GO_TIMEOUT_S,
                  tls: Optional[TlsSettings] = None, peer_fingerprint: Optional[str] = None,
                  max_connections: Optional[int] = None,
-                 control_deadline: Optional[float] = None) -> None:
+                 control_deadline: Optional[float] = None,
+                 hv: Optional[Hypervisor] = None) -> None:
+        self.hv = hv
         if tls is not None and ssl_context is None:
             ssl_context = server_context(tls)
         self.peer_fingerprint = peer_fingerprint or (tls.peer_fingerprint if tls else None)
@@ -489,10 +505,39 @@ class RelocationServer:
         self._accept_thread: Optional[threading.Thread] = None
         self._migrations: "OrderedDict[str, Incoming]" = OrderedDict()
 
-    def bind(self, *, unpause: DiscardFn, journal: Optional[jrn.Journal]) -> None:
-        """The daemon's service supplies how to start a domain and its journal."""
+    def bind(self, *, unpause: DiscardFn, journal: Optional[jrn.Journal],
+             hv: Optional[Hypervisor] = None) -> None:
+        """The daemon's service supplies how to start a domain, its journal and
+        its hypervisor (read for the guest's heartbeat, ``guest_downtime_ms``)."""
         self.unpause = unpause
         self.journal = journal
+        if hv is not None:
+            self.hv = hv
+
+    def last_beat(self, domid: int) -> Tuple[int, int]:
+        """The restored guest's last heartbeat ``(ns, count)`` (``(0, 0)``: no
+        hypervisor bound, or a guest that never beats)."""
+        if self.hv is None:
+            return (0, 0)
+        try:
+            ns, count = self.hv.guest_heartbeat(domid)
+        except (XendTmemError, OSError) as exc:
+            log.debug("relocation: no heartbeat of domain %d: %s", domid, exc)
+            return (0, 0)
+        return int(ns), int(count)
+
+    def guest_gap(self, domid: int, beat: Tuple[int, int]) -> Optional[float]:
+        """The guest's own downtime: its last beat before the move to its first
+        beat here (:func:`xend_tmem.heartbeat.guest_gap_ms`); None if it did
+        not beat within :data:`GUEST_BEAT_WAIT_S`."""
+        from ..heartbeat import guest_gap_ms
+        if self.hv is None or beat[0] <= 0:
+            return None
+        try:
+            return guest_gap_ms(self.hv, domid, beat[0], GUEST_BEAT_WAIT_S, beat[1])
+        except (XendTmemError, OSError) as exc:
+            log.debug("relocation: no heartbeat of domain %d after unpause: %s", domid, exc)
+            return None
 
     def start(self) -> None:
         self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
@@ -693,13 +738,19 @@ class RelocationServer:
         with self._changed:
             inc.state = RUNNING
             self._changed.notify_all()
+        log.info("relocation: domain %s (%s) cleared by %s: running here", inc.name,
+                 inc.domid, inc.peer)
+        return True
+
+    def settle(self, inc: Incoming) -> None:
+        """After ``running`` went out: remember the outcome for later queries and
+        drop the journal entry. Kept out of the downtime: until it is done a
+        query is answered from memory, and a crash before it leaves the entry in
+        phase ``go``, which the next start completes (the domain runs here)."""
         if self.journal is not None:
             self.journal.record_outcome(inc.migration_id, RUNNING)
         if inc.entry is not None:
             inc.entry.remove()
-        log.info("relocation: domain %s (%s) cleared by %s: running here", inc.name,
-                 inc.domid, inc.peer)
-        return True
 
     def abort(self, inc: Incoming, why: str) -> bool:
         """No ``go`` (or a failure): destroy the copy unless it already runs."""
@@ -994,6 +1045,14 @@ class _Receiver:
             server.abort(inc, "its restore failed")
             self._fail(exc)
             return
+        restored_at = time.monotonic()
+        report = dict(report)
+        if reader.ended_at is not None:
+            # the part of the downtime this host spent: end of image -> restored, paused
+            report["restore_ms"] = round((restored_at - reader.ended_at) * 1000.0, 3)
+        # the image's last heartbeat, read while the restored guest cannot beat
+        # (it stays stopped until unpause), so nothing is read between go and running
+        beat = server.last_beat(domid)
         if not server.restored(inc, domid):
             self._send_quietly(err_line("Error", f"migration {inc.migration_id} was aborted "
                                                  "here by a query"))
@@ -1030,6 +1089,18 @@ class _Receiver:
         except OSError as exc:
             log.warning("relocation: domain %s runs here; telling %s failed: %s", inc.name,
                         self.peer, exc)
+            return
+        finally:
+            server.settle(inc)
+        # after running (which it never delays): how long the guest itself saw
+        # no time pass, from its heartbeat; the source waits briefly for this
+        gap = server.guest_gap(domid, beat)
+        form: List[Any] = ["guest"]
+        if gap is not None:
+            form.append(["downtime_ms", f"{gap:.3f}"])
+            log.info("relocation: domain %s (%d): the guest noticed %.3f ms of downtime",
+                     inc.name, domid, gap)
+        self._send_quietly(_line(form))
 
     def _read_go(self) -> Optional[List[Any]]:
         self.conn.settimeout(self.server.go_timeout)
@@ -1103,6 +1174,67 @@ def _drain(conn: socket.socket) -> None:
 
 # -- sender -------------------------------------------------------------------
 
+class RateLimiter:
+    """A token bucket: the sender's rate cap (``xm migrate -r``,
+    ``migration.max-rate-mbit``) over every byte it writes.
+
+    Tokens accrue at ``rate_bps`` up to ``burst`` bytes (by default 10 ms worth,
+    at least one 64 KiB chunk), so over any stretch longer than a few
+    milliseconds the rate stays at the cap; :meth:`reserve` may drive the
+    bucket into debt, and the caller waits the time it returns before sending.
+    ``clock`` is injectable so the arithmetic is tested without sleeping.
+    """
+
+    MIN_CHUNK = 16 << 10
+    MAX_CHUNK = 1 << 20
+
+    def __init__(self, rate_bps: float, burst: Optional[int] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not rate_bps > 0:
+            raise ValueError(f"a rate cap must be positive, not {rate_bps!r}")
+        self.rate = float(rate_bps)
+        self.burst = int(burst if burst is not None else max(64 << 10, self.rate * 0.01))
+        self.clock = clock
+        self.tokens = float(self.burst)
+        self.stamp = clock()
+        self.sent = 0                 # bytes reserved and not refunded: the bytes written
+        # how much to hand the socket at once: ~2 ms at the cap
+        self.chunk = int(min(self.MAX_CHUNK, max(self.MIN_CHUNK, self.rate * 0.002)))
+
+    def _refill(self) -> None:
+        now = self.clock()
+        if now > self.stamp:
+            self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def reserve(self, n: int) -> float:
+        """Take ``n`` bytes' tokens; the seconds to wait before sending them."""
+        self._refill()
+        self.tokens -= n
+        self.sent += n
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+    def refund(self, n: int) -> None:
+        """``n`` reserved bytes were not sent after all."""
+        if n > 0:
+            self.tokens = min(float(self.burst), self.tokens + n)
+            self.sent -= n
+
+
+def _pace(limiter: Optional[RateLimiter], n: int, cancel: Optional[threading.Event]) -> None:
+    """Wait until ``n`` more bytes fit under the rate cap (a cancel ends the wait)."""
+    if limiter is None:
+        return
+    wait = limiter.reserve(n)
+    deadline = time.monotonic() + wait
+    while wait > 0:
+        if cancel is not None and cancel.is_set():
+            limiter.refund(n)
+            raise Cancelled("cancelled")
+        time.sleep(min(wait, 0.05))
+        wait = deadline - time.monotonic()
+
+
 class _PeerWriter:
     """The socket as a file for the save path.
 
@@ -1160,10 +1292,15 @@ class _PeerWriter:
 
     def _send_all(self, mv: memoryview) -> None:
         sock = self.ch.sock
+        limiter = self.ch.limiter
         last_progress = time.monotonic()
         while mv.nbytes:
             if self.cancel is not None and self.cancel.is_set():
                 raise Cancelled("cancelled")
+            piece = mv
+            if limiter is not None:
+                piece = mv[:limiter.chunk]
+                _pace(limiter, piece.nbytes, self.cancel)
             try:
                 readable, writable, _ = select.select([sock], [sock], [], 0.2)
             except (OSError, ValueError) as exc:
@@ -1171,18 +1308,23 @@ class _PeerWriter:
             if readable:
                 self.ch.raise_peer_error(None)
             if not writable:
+                if limiter is not None:
+                    limiter.refund(piece.nbytes)
                 if time.monotonic() - last_progress > self.io_timeout:
                     raise PeerError(f"{self.ch.host} stopped reading for "
                                     f"{self.io_timeout:.0f} s")
                 continue
             try:
-                sent = sock.send(mv)
+                sent = sock.send(piece)
             except socket.timeout:
                 sent = 0
             except (ssl_mod.SSLWantWriteError, ssl_mod.SSLWantReadError):
                 sent = 0
             except OSError as exc:
                 self.ch.raise_peer_error(exc)
+            if limiter is not None:
+                limiter.refund(piece.nbytes - sent)
+            self.ch.note_sent(sent)
             mv = mv[sent:]
             last_progress = time.monotonic()
 
@@ -1191,16 +1333,36 @@ class _PeerWriter:
 
 
 class _Channel:
-    def __init__(self, sock: socket.socket, host: str) -> None:
+    """The sender's connection: control lines and (through :class:`_PeerWriter`)
+    the image, every byte under the rate cap ``limiter`` when there is one."""
+
+    def __init__(self, sock: socket.socket, host: str,
+                 limiter: Optional[RateLimiter] = None) -> None:
         self.sock = sock
         self.host = host
         self.rfile = sock.makefile("rb")
+        self.limiter = limiter
+        self.wire_bytes = 0                      # every byte written, lines included
+        self.first_at: Optional[float] = None    # first and last byte handed to the socket
+        self.last_at: Optional[float] = None
+        self.image_end: Optional[Tuple[int, float]] = None   # (wire bytes, time) at the end frame
+
+    def note_sent(self, n: int) -> None:
+        if n > 0:
+            now = time.monotonic()
+            if self.first_at is None:
+                self.first_at = now
+            self.last_at = now
+            self.wire_bytes += n
 
     def send_line(self, form: Any) -> None:
+        data = _line(form)
+        _pace(self.limiter, len(data), None)
         try:
-            self.sock.sendall(_line(form))
+            self.sock.sendall(data)
         except OSError as exc:
             self.raise_peer_error(exc)
+        self.note_sent(len(data))
 
     def read_reply(self, timeout: Optional[float] = None) -> Optional[List[Any]]:
         """The next reply line, or ``None`` when the peer closed."""
@@ -1369,10 +1531,27 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
             connect_timeout: float = CONNECT_TIMEOUT_S, io_timeout: float = IO_TIMEOUT_S,
             ack_timeout: float = ACK_TIMEOUT_S,
             query_window: float = QUERY_WINDOW_S,
-            tls: Optional[TlsSettings] = None) -> Dict[str, Any]:
+            tls: Optional[TlsSettings] = None,
+            limits: Any = None, rate_cap_bps: Optional[float] = None,
+            settings: Optional[Dict[str, Dict[str, Any]]] = None,
+            overhead_ms: float = 0.0,
+            guest_wait: float = GUEST_REPORT_WAIT_S) -> Dict[str, Any]:
     """Send ``domid`` to the relocation server at ``host:port``; returns the save
     report plus ``peer_domid``, ``destination`` (the receiver's report),
     ``migration`` (its id) and ``extended``.
+
+    Timing (issue 7), on this host's monotonic clock: ``downtime_ms`` runs
+    from the suspend to ``running`` received, with its parts ``restore_ms``
+    (the receiver's end of image -> restored, from its report) and
+    ``handshake_ms`` (``received`` -> ``running`` as seen here);
+    ``guest_downtime_ms`` is the guest's own figure, its heartbeat's gap,
+    which the receiver sends after ``running`` (waited for ``guest_wait`` s at
+    most). No figure is computed from another. ``limits`` (the host's stop
+    rule with ``xm migrate``'s overrides), ``rate_cap_bps`` (a cap on every
+    byte written: frames, CRCs and control lines) and ``settings`` (plugin
+    sections for this save, e.g. ``tmem.plan``) go to the save path, with
+    ``overhead_ms``, the suspend -> running cost expected beyond the image
+    (the daemon's last measurement for this destination), for the estimates.
 
     On success the source domain is left suspended for the caller to destroy.
     On a failure before ``go`` it is running again (tmem thawed by the save
@@ -1396,7 +1575,7 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
         sock = _connect(host, port, use_ssl, connect_timeout, tls)
     except PeerError as exc:
         raise PeerError(_untouched(str(exc), label, host)) from None
-    ch = _Channel(sock, host)
+    ch = _Channel(sock, host, RateLimiter(rate_cap_bps) if rate_cap_bps else None)
     op = "sslreceive" if use_ssl else "receive"
     state: Dict[str, Any] = {"go": False, "accepted": False}
     page_log: Optional[integrity.PageLog] = None
@@ -1463,8 +1642,9 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
                     raise PeerError(f"unexpected answer {sxp.to_string(answer)} (from {host})")
                 return
             writer.end()
-            state["sent_at"] = time.monotonic()
+            ch.image_end = (ch.wire_bytes, ch.last_at or time.monotonic())
             answer = ch.read_reply(timeout=ack_timeout)
+            state["received_at"] = time.monotonic()
             if answer is None:
                 raise PeerError(f"{host} closed the connection before confirming the restore "
                                 f"of domain {label}")
@@ -1481,11 +1661,23 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
                 ch.send_line(["go"])
             except PeerError as exc:
                 state["go_error"] = str(exc)
+                return
             jrn.killpoint("migrate-go-sent")
+            # running is awaited here, before the done phase, so its arrival is
+            # timed as it happens; the receiver never waits for this host's
+            # done phase (it started the domain on go). After go nothing
+            # raises: the outcome is settled below, by a query if need be.
+            try:
+                state["answer"] = ch.read_reply(timeout=ack_timeout)
+            except PeerError as exc:
+                state["go_error"] = str(exc)
+            state["running_at"] = time.monotonic()
 
         report = save_domain(hv, domid, writer, hooks=hooks, live=live, progress=progress,
                              cancel=cancel, name=name, journal=journal, commit=commit,
-                             page_log=page_log)
+                             page_log=page_log, limits=limits, rate_cap_bps=rate_cap_bps,
+                             settings=settings, overhead_ms=overhead_ms)
+        _wire_figures(report, ch, rate_cap_bps)
         report["extended"] = extended
         if page_log is not None:
             report["integrity"] = f"{len(page_log.records)} page checksums and a CRC32 per frame"
@@ -1494,17 +1686,12 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
             return report
         report["peer_domid"] = state.get("peer_domid")
         why = state.get("go_error")
-        answer: Optional[List[Any]] = None
-        if why is None:
-            try:
-                answer = ch.read_reply(timeout=ack_timeout)
-            except PeerError as exc:
-                why = str(exc)
+        answer: Optional[List[Any]] = state.get("answer")
         if answer is not None and answer[0] == RUNNING:
-            report["destination"] = _peer_report(sxp.child_value(answer, "report"))
-            # suspend here until the destination confirmed the domain runs there
-            report["resumed_after_s"] = round(
-                float(report.get("downtime_s", 0.0)) + time.monotonic() - state["sent_at"], 6)
+            dest = _peer_report(sxp.child_value(answer, "report"))
+            report["destination"] = dest
+            _handshake_figures(report, state, dest)
+            report["guest_downtime_ms"] = _guest_figure(ch, guest_wait)
             return report
         if why is None and answer is None:
             why = f"{host} closed the connection after go"
@@ -1529,6 +1716,52 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
         raise
     finally:
         ch.close()
+
+
+def _wire_figures(report: Dict[str, Any], ch: "_Channel",
+                  rate_cap_bps: Optional[float]) -> None:
+    """What went over the wire: every byte written (frames, CRCs, lines) and the
+    rate from the first to the last, against the cap."""
+    report["wire_bytes"] = ch.wire_bytes
+    # the rate while the image streamed: first byte to the end frame (the
+    # handshake's waits are not sending time)
+    sent, end = ch.image_end or (ch.wire_bytes, ch.last_at)
+    span = (end - ch.first_at) if ch.first_at is not None and end else 0.0
+    report["send_mbit"] = round(sent * 8 / span / 1e6, 3) if span > 0 else None
+    report["rate_cap_mbit"] = round(rate_cap_bps * 8 / 1e6, 3) if rate_cap_bps else None
+
+
+def _handshake_figures(report: Dict[str, Any], state: Dict[str, Any],
+                       dest: Optional[Dict[str, Any]]) -> None:
+    """``downtime_ms`` = suspend -> running received; its parts ``restore_ms``
+    (the receiver's own figure) and ``handshake_ms`` (received -> running here)."""
+    sus = report.get("suspended_mono")
+    running_at = state.get("running_at")
+    if isinstance(sus, (int, float)) and running_at is not None:
+        report["image_ms"] = report.get("downtime_ms")    # suspend -> image complete
+        report["downtime_ms"] = round((running_at - float(sus)) * 1000.0, 3)
+    received_at = state.get("received_at")
+    if received_at is not None and running_at is not None:
+        report["handshake_ms"] = round((running_at - received_at) * 1000.0, 3)
+    restore = (dest or {}).get("restore_ms")
+    report["restore_ms"] = (float(restore) if isinstance(restore, (int, float))
+                            and not isinstance(restore, bool) else None)
+
+
+def _guest_figure(ch: "_Channel", wait: float) -> Optional[float]:
+    """The receiver's ``(guest (downtime_ms N))`` after ``running``, waited for
+    ``wait`` seconds at most (an older receiver sends none: None)."""
+    try:
+        line = ch.read_reply(timeout=wait)
+    except PeerError:
+        return None
+    if not line or line[0] != "guest":
+        return None
+    value = sxp.child_value(line, "downtime_ms")
+    try:
+        return round(float(value), 3) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _untouched(why: str, name: str, host: str) -> str:
@@ -1577,4 +1810,5 @@ def _resolve_in_doubt(hv: Hypervisor, domid: int, name: str, host: str, port: in
 __all__ = ["RelocationServer", "Incoming", "migrate", "query_migration", "host_allowed",
            "confirmed_names", "make_offer", "err_line", "parse_reply", "MigrationInDoubt",
            "PREFLIGHT_OP", "QUERY_OP", "PROTOCOL", "TlsSettings", "server_context",
-           "client_context", "check_fingerprint", "offer_problem", "INTEGRITY_FRAMES"]
+           "client_context", "check_fingerprint", "offer_problem", "INTEGRITY_FRAMES",
+           "RateLimiter"]

@@ -103,6 +103,10 @@ class XendService:
         self._doubt_thread: Optional[threading.Thread] = None
         self.query_window = relocation.QUERY_WINDOW_S   # a job asking its destination
         self.ack_timeout = relocation.ACK_TIMEOUT_S
+        self._outgoing: Dict[int, Tuple[int, str]] = {}  # migrate job id -> (domid, name)
+        # destination -> the last migration's suspend -> running cost beyond the
+        # image (handshake, restore end): the next estimate's fixed overhead
+        self._overhead_ms: Dict[Tuple[str, int], float] = {}
 
     @property
     def relocation_servers(self) -> List[relocation.RelocationServer]:
@@ -112,7 +116,7 @@ class XendService:
     def relocation_servers(self, servers: List[relocation.RelocationServer]) -> None:
         """The daemon hands over its servers; they start domains and journal through us."""
         for server in servers:
-            server.bind(unpause=self.incoming_started, journal=self.journal)
+            server.bind(unpause=self.incoming_started, journal=self.journal, hv=self.hv)
         self._relocation_servers = list(servers)
 
     # -- registration ---------------------------------------------------------
@@ -131,6 +135,7 @@ class XendService:
             "xend.job.save": self.job_save,
             "xend.job.restore": self.job_restore,
             "xend.job.migrate": self.job_migrate,
+            "xend.job.migrate_cancel": self.job_migrate_cancel,
             "xend.job.status": self.job_status,
             "xend.job.cancel": self.job_cancel,
             "xend.node.info": self.node_info,
@@ -506,13 +511,16 @@ class XendService:
     # -- migrate --------------------------------------------------------------
     def job_migrate(self, dom: Any, dst: str, live: bool = False, port: int = 0,
                     node: int = -1, ssl: Optional[bool] = None,
-                    change_home_server: bool = False) -> int:
+                    change_home_server: bool = False,
+                    options: Optional[Dict[str, Any]] = None) -> int:
         """Start ``xm migrate``. ``port`` 0 means the configured relocation port;
         ``ssl`` None means the configuration's ``xend-relocation-ssl``.
         ``change_home_server`` concerns xend's managed (XenAPI) domains; this
-        toolstack has none, so it changes nothing."""
+        toolstack has none, so it changes nothing. ``options``: this migration's
+        overrides of the ``migration:`` section (:meth:`_migrate_overrides`)."""
         if not isinstance(dst, str) or not dst:
             raise XendError("migrate needs a destination host")
+        limits, rate_cap_bps, settings = self._migrate_overrides(options or {})
         use_ssl = self.config.relocation_ssl if ssl is None else bool(ssl)
         try:
             port = int(port or 0)
@@ -555,7 +563,10 @@ class XendService:
                                             query_window=self.query_window,
                                             ack_timeout=self.ack_timeout,
                                             tls=self.config.relocation_tls() if use_ssl
-                                            else None)
+                                            else None,
+                                            limits=limits, rate_cap_bps=rate_cap_bps,
+                                            settings=settings,
+                                            overhead_ms=self._overhead_ms.get((dst, port), 0.0))
             except relocation.MigrationInDoubt:
                 entry.update(phase="in-doubt", notes={})
                 self._watch_in_doubt()
@@ -566,15 +577,101 @@ class XendService:
                 entry.remove()
                 raise
             entry.update(phase="done", notes={})
+            if isinstance(report.get("image_ms"), (int, float)) and report.get("handshake_ms"):
+                self._overhead_ms[(dst, port)] = max(0.0, float(report["downtime_ms"])
+                                                     - float(report["image_ms"]))
             jrn.killpoint("migrate-done")
             self._destroy_source(domid, name)
             entry.remove()
             log.info("migrated domain %s (%d) to %s:%d", name, domid, dst, port)
+            # a plugin's plan decision (its inputs, every alternative's estimates)
+            # at the top, next to the figures it is judged by
+            decisions = [sec["policy"] for sec in (report.get("plugins") or {}).values()
+                         if isinstance(sec, dict) and isinstance(sec.get("policy"), dict)]
             return {"op": "migrate", "domain": name, "domid": domid, "host": dst, "port": port,
-                    "ssl": use_ssl, **report}
+                    "ssl": use_ssl, "guest_downtime_ms": None, "restore_ms": None,
+                    "handshake_ms": None, **({"policy": decisions[0]} if decisions else {}),
+                    **report}
 
-        return self.jobs.start("migrate", name, self._reported(work),
-                               cleanup=lambda: self._release(domid)).id
+        def cleanup() -> None:
+            with self._lock:
+                for jid in [j for j, (d, _) in self._outgoing.items() if d == domid]:
+                    del self._outgoing[jid]
+            self._release(domid)
+
+        with self._lock:
+            job = self.jobs.start("migrate", name, self._reported(work), cleanup=cleanup)
+            if job.finished is None:
+                self._outgoing[job.id] = (domid, name)
+        return job.id
+
+    def _migrate_overrides(self, options: Dict[str, Any]
+                           ) -> Tuple[Any, Optional[float], Optional[Dict[str, Dict[str, Any]]]]:
+        """The stop rule, rate cap and plugin settings of one migration: the
+        ``migration:`` section, overridden by ``xm migrate``'s ``resource_mbit``
+        (``-r``), ``downtime_limit_ms``, ``max_iters`` and ``plan`` (the tmem
+        plugin's). The tmem plugin is handed the same downtime limit as the host."""
+        from ..tmem.settings import PLANS, parse_settings, with_host_limit
+        if not isinstance(options, dict):
+            raise XendError(f"migrate options must be a mapping, got {options!r}")
+        known = ("resource_mbit", "downtime_limit_ms", "max_iters", "plan")
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise XendError(f"unknown migrate option {unknown[0]!r} (known: {', '.join(known)})")
+        mig = self.config.migration
+        rate = options.get("resource_mbit")
+        if rate is not None:
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
+                    or not 0 < rate <= 1e6:
+                raise XendError(f"-r/--resource must be 1..1000000 Mbit/s, got {rate!r}")
+            rate_cap_bps: Optional[float] = float(rate) * 1e6 / 8
+        else:
+            rate_cap_bps = mig.max_rate_bps
+        limits = mig.limits()
+        limit = options.get("downtime_limit_ms")
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) \
+                    or not 1 <= limit <= 3.6e6:
+                raise XendError(f"--downtime-limit-ms must be 1..3600000, got {limit!r}")
+            limits = dataclasses.replace(limits, downtime_limit_ms=float(limit))
+        iters = options.get("max_iters")
+        if iters is not None:
+            if isinstance(iters, bool) or not isinstance(iters, int) or not 1 <= iters <= 1000:
+                raise XendError(f"--max-iters must be 1..1000, got {iters!r}")
+            limits = dataclasses.replace(limits, max_iters=iters)
+        plan = options.get("plan")
+        if "tmem" not in self.hooks.enabled:
+            if plan is not None:
+                raise XendError("--plan is the tmem plugin's plan, and checkpoint plugin "
+                                "'tmem' is not enabled on this host")
+            return limits, rate_cap_bps, None
+        section = dict(self.hooks.settings.get("tmem") or {})
+        if plan is not None:
+            if plan not in PLANS:
+                raise XendError(f"--plan must be one of {', '.join(PLANS)}, got {plan!r}")
+            section["plan"] = plan
+        if limits.downtime_limit_ms is not None:
+            section = with_host_limit(section, limits.downtime_limit_ms)
+        try:
+            parse_settings(section, "xm migrate --plan" if plan is not None else "tmem")
+        except ConfigError as exc:
+            raise XendError(str(exc)) from None
+        return limits, rate_cap_bps, {"tmem": section}
+
+    def job_migrate_cancel(self, dom: Any) -> int:
+        """``xm migrate-cancel DOM``: cancel the migration of ``DOM`` that is in
+        progress (by name, its ``migrating-`` name while it moves, or id), as
+        Ctrl-C on its ``xm migrate`` would; returns its job id to wait on."""
+        text = str(dom).strip()
+        with self._lock:
+            found = [jid for jid, (d, name) in self._outgoing.items()
+                     if text in (name, MIGRATING_PREFIX + name, str(d))]
+        if not found:
+            raise XendError(f"no migration of domain {text} is in progress here")
+        job = self.jobs.get(found[0])
+        job.cancel.set()
+        log.info("migration of domain %s (job %d) cancelled by xm migrate-cancel", text, job.id)
+        return job.id
 
     # -- jobs -----------------------------------------------------------------
     def _reported(self, work: Callable[[Job], Dict[str, Any]]) -> Callable[[Job], Dict[str, Any]]:
@@ -620,8 +717,10 @@ class XendService:
 
     def domain_migrate(self, dom: Any, dst: str, live: bool = False, port: int = 0,
                        node: int = -1, ssl: Optional[bool] = None,
-                       change_home_server: bool = False) -> Dict[str, Any]:
-        return self._wait(self.job_migrate(dom, dst, live, port, node, ssl, change_home_server))
+                       change_home_server: bool = False,
+                       options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        return self._wait(self.job_migrate(dom, dst, live, port, node, ssl, change_home_server,
+                                           options))
 
     # -- relocation server callbacks --------------------------------------------
     def incoming_restore(self, stream, peer: str, paused: bool = False,

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Text
 from .. import __version__
 from ..config import ENV_VAR as ENV_CONFIG, load_toolstack_config
 from ..errors import ConfigError
+from ..tmem.settings import PLANS
 from ..xmconfig import load_domain_file
 from . import rpc
 from .progress import ProgressDisplay, shown_lines, summary_line
@@ -267,14 +268,59 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def migrate_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """This migration's overrides of the daemon's ``migration:`` section (only
+    those given, so the daemon's configuration supplies the rest)."""
+    out: Dict[str, Any] = {}
+    if args.resource is not None:
+        if not 0 < args.resource <= 1e6:
+            raise XmUsageError(f"-r/--resource: a rate in Mbit/s, 1..1000000, got "
+                               f"{args.resource:g}")
+        out["resource_mbit"] = float(args.resource)
+    if args.downtime_limit_ms is not None:
+        if not 1 <= args.downtime_limit_ms <= 3.6e6:
+            raise XmUsageError(f"--downtime-limit-ms: 1..3600000, got {args.downtime_limit_ms:g}")
+        out["downtime_limit_ms"] = float(args.downtime_limit_ms)
+    if args.max_iters is not None:
+        if not 1 <= args.max_iters <= 1000:
+            raise XmUsageError(f"--max-iters: 1..1000, got {args.max_iters}")
+        out["max_iters"] = int(args.max_iters)
+    if args.plan is not None:
+        out["plan"] = args.plan
+    return out
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
+    options = migrate_options(args)
     proxy = server()
     ssl = True if args.ssl else None      # None: the daemon's xend-relocation-ssl
+    extra = (options,) if options else ()    # a daemon without the knobs still takes the rest
     result = _job(proxy, lambda: proxy.xend.job.migrate(args.dom, args.host, bool(args.live),
                                                         args.port, args.node, ssl,
-                                                        bool(args.change_home_server)),
+                                                        bool(args.change_home_server), *extra),
                   "migrate", _show_progress(args), sys.stderr)
     _print_result(args, result)
+    return EXIT_OK
+
+
+def cmd_migrate_cancel(args: argparse.Namespace) -> int:
+    """Cancel a migration started elsewhere, as Ctrl-C on its ``xm migrate``
+    would, and wait (up to :data:`CANCEL_WAIT_S`) until it has ended."""
+    proxy = server()
+    job_id = proxy.xend.job.migrate_cancel(args.dom)
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while True:
+        status = proxy.xend.job.status(job_id, POLL_S)
+        if status["state"] != "running":
+            break
+        if time.monotonic() > deadline:
+            raise XmError(f"the migration of {args.dom} did not stop within "
+                          f"{CANCEL_WAIT_S:.0f} s of being cancelled; see the xend log")
+    if status["state"] == "done":
+        print(f"The migration of {args.dom} had already completed: it runs on the "
+              "destination", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"Migration of {args.dom} cancelled: {status.get('error') or status['state']}")
     return EXIT_OK
 
 
@@ -410,10 +456,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--ssl", action="store_true", help="use TLS")
     p.add_argument("-c", "--change_home_server", action="store_true",
                    help="accepted for compatibility (domains here are never managed)")
+    p.add_argument("-r", "--resource", type=float, default=None, metavar="MBIT",
+                   help="cap the transfer rate at MBIT megabits per second (default: the "
+                        "configuration's migration.max-rate-mbit)")
+    p.add_argument("--downtime-limit-ms", type=float, default=None, metavar="MS",
+                   help="iterate until the expected downtime is under MS (default: "
+                        "migration.downtime-limit-ms)")
+    p.add_argument("--max-iters", type=int, default=None, metavar="N",
+                   help="at most N live rounds (default: migration.max-iters)")
+    p.add_argument("--plan", choices=PLANS, default=None,
+                   help="the tmem plugin's plan for this migration (default: tmem.plan)")
     p.add_argument("dom")
     p.add_argument("host")
     _report_options(p)
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("migrate-cancel", help="cancel a migration in progress (from any "
+                                              "shell; the domain keeps running here)")
+    p.add_argument("dom", metavar="DOM", help="the migrating domain's name or id")
+    p.set_defaults(func=cmd_migrate_cancel)
 
     p = sub.add_parser("tmem-list", help="list tmem pools")
     p.add_argument("-l", "--long", action="store_true")
