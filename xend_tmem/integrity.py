@@ -31,6 +31,7 @@ from collections import deque
 from itertools import starmap
 from typing import BinaryIO, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .crc import crc32 as _crc32
 from .errors import XendTmemError
 
 PAGE = 4096
@@ -94,7 +95,7 @@ def _heads(version: int, page_size: int) -> struct.Struct:
 def ram_records(pfns: Sequence[int], data) -> List[Record]:
     """The records of a RAM batch (``data``: the pages of ``pfns`` in order)."""
     mv = memoryview(data).cast("B")
-    crc32 = zlib.crc32
+    crc32 = _crc32
     crcs = [crc32(mv[o:o + PAGE]) for o in range(0, len(pfns) * PAGE, PAGE)]
     return [(RAM, 0, pfn, 0, 0, 0, c) for pfn, c in zip(pfns, crcs)]
 
@@ -115,7 +116,7 @@ def tmem_crcs(version: int, records, count: int, page_size: int) -> List[int]:
     rec = _heads(version, page_size).size
     head = rec - page_size
     mv = memoryview(records).cast("B")
-    crc32 = zlib.crc32
+    crc32 = _crc32
     return [crc32(mv[o:o + page_size]) for o in range(head, count * rec, rec)]
 
 
@@ -302,9 +303,15 @@ class RamCheck:
     """RAM pages of a restore checked by the hypervisor once written: after
     ``write_pages`` of batch k, ``ram_page_crcs`` runs on a helper thread (the
     hypervisor computes them on its own core) while the restore reads batch
-    k+1; each result is compared before the next batch is handed over and at
-    :meth:`finish`, so a bad page still fails the restore before the domain
-    runs. The pfns are checked against the records at once (:meth:`expect`)."""
+    k+1; each result is compared before batch k+1 is written (:meth:`expect`)
+    and at :meth:`finish`, so a bad page still fails the restore before the
+    domain runs. The pfns are checked against the records at once.
+
+    Batch k's CRCs must be computed before batch k+1 is written: a live
+    migration re-sends pages dirtied in a round, so batch k+1 may carry a
+    newer copy of a pfn of batch k (the heartbeat page at the end of one round
+    and at the start of the next), and a CRC of the newer copy would not match
+    batch k's record."""
 
     def __init__(self, hv, domid: int, check: PageCheck) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -317,13 +324,16 @@ class RamCheck:
 
     def expect(self, pfns: Sequence[int], data, offset: Optional[int]) -> Tuple[
             List[int], Sequence[int], Optional[int]]:
-        """Before the batch is written: its pfns checked, its CRCs to come."""
+        """Before the batch is written: the previous batch compared (its CRCs
+        taken before this one can overwrite its pages), this one's pfns
+        checked, its CRCs to come."""
+        self._compare()
         return self.check.expect_ram(pfns, data, offset), list(pfns), offset
 
     def written(self, token: Tuple[List[int], Sequence[int], Optional[int]]) -> None:
-        """After the batch is written: compare the previous one, ask for this one."""
+        """After the batch is written: ask for its CRCs."""
         from array import array
-        self._compare()
+        self._compare()                 # no-op after expect(); kept for direct callers
         want, pfns, offset = token
         got = array("I", bytes(4 * len(pfns)))
         future = self._helper.submit(self.hv.ram_page_crcs, self.domid, pfns, got)
@@ -381,9 +391,9 @@ class CrcWriter:
         if runs and runs[-1][0] + runs[-1][1] == at:
             last = runs[-1]
             last[1] += data.nbytes
-            last[2] = zlib.crc32(data, last[2])
+            last[2] = _crc32(data, last[2])
         else:
-            runs.append([at, data.nbytes, zlib.crc32(data)])
+            runs.append([at, data.nbytes, _crc32(data)])
 
     def write(self, data) -> int:
         mv = memoryview(data).cast("B")
@@ -392,7 +402,7 @@ class CrcWriter:
         done = mv[:n]
         pos = self.size
         if pos < HEAD_BYTES:
-            self.head_crc = zlib.crc32(done[:HEAD_BYTES - pos], self.head_crc)
+            self.head_crc = _crc32(done[:HEAD_BYTES - pos], self.head_crc)
         end = pos + n
         p = pos
         cov = self.covered
@@ -498,7 +508,7 @@ class CrcReader:
                 break
             lo, hi = max(at, pos), min(at + length, end)
             if lo < hi:
-                self._crc = zlib.crc32(mv[lo - pos:hi - pos], self._crc)
+                self._crc = _crc32(mv[lo - pos:hi - pos], self._crc)
             if at + length > end:
                 break
             if self._crc != want:

@@ -17,6 +17,8 @@ import struct
 import zlib
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ..crc import crc32 as fast_crc32
+
 OID = Tuple[int, int, int]
 
 SEGMENT_BYTES = 16 << 20     # size of one segment
@@ -400,7 +402,7 @@ def record_crcs(records, count: int, record_size: int, page_size: int, out) -> N
     ``out`` (a writable buffer of native u32): the sidecar's page checksums."""
     mv = memoryview(records).cast("B")
     head = record_size - page_size
-    crc32 = zlib.crc32
+    crc32 = fast_crc32
     with memoryview(out) as raw, raw.cast("B") as flat, flat.cast("I") as dst:
         if dst.nbytes < 4 * count:
             raise ValueError(f"a CRC buffer of {dst.nbytes} bytes cannot hold {count} CRCs")
@@ -417,7 +419,7 @@ def first_crc_mismatch(records, count: int, record_size: int, page_size: int,
     with memoryview(crcs) as raw, raw.cast("B") as flat, flat.cast("I") as want:
         if want.nbytes < 4 * count:
             raise ValueError(f"{want.nbytes // 4} CRCs for {count} records")
-        crc32 = zlib.crc32
+        crc32 = fast_crc32
         got = [crc32(mv[o:o + page_size]) for o in range(head, count * record_size, record_size)]
         if got == want[:count].tolist():
             return None

@@ -62,6 +62,7 @@ from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, U
 
 from ..domconfig import (DomainConfig, TmemSpec, WorkloadSpec, parse_domain_config,
                          workload_from_image)
+from ..crc import crc32 as fast_crc32
 from ..errors import ConfigError, HypervisorError, NoSuchDomain
 from .guest import (ACK_TIMEOUT_S, CMD_RUN, CMD_STOP, SLOT_RAM_WRITES, GuestError, GuestLog,
                     GuestProcess, read_heartbeat)
@@ -846,7 +847,7 @@ class SimHypervisor:
                 if dst.nbytes < 4 * len(pfns):
                     raise HypervisorError(op, f"a CRC buffer of {dst.nbytes} bytes cannot "
                                               f"hold {len(pfns)} CRCs")
-                crc32 = zlib.crc32
+                crc32 = fast_crc32
                 dst[:len(pfns)] = array("I", [crc32(ram[p * PAGE_SIZE:(p + 1) * PAGE_SIZE])
                                               for p in pfns])
 
