@@ -65,3 +65,19 @@ def test_job_polls_long_without_a_display(mocker, shown: bool, wait: float) -> N
     assert xm._job(proxy, lambda: 9, "save", shown, stream) == {"op": "save"}
     assert [c.args for c in proxy.xend.job.status.call_args_list] == [(9, wait), (9, wait)]
     assert sleep.call_count == 1
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_page_log_tmem_records_are_identity_plus_crc(version: int) -> None:
+    """The save's records for a tmem batch, built in one pass, equal the
+    identities (what the restore compares) with each page's CRC32."""
+    size = integrity._heads(version, 4096).size
+    records = bytearray(os.urandom(20 * size + 7))          # trailing bytes ignored
+    log = integrity.PageLog()
+    log.tmem(5, version, records, 20, 4096)
+    ids = integrity.tmem_ids(5, version, records, 20, 4096)
+    crcs = integrity.tmem_crcs(version, records, 20, 4096)
+    assert log.records == [(*i, c) for i, c in zip(ids, crcs)]
+    given = integrity.PageLog()
+    given.tmem(5, version, records, 19, 4096, crcs=crcs[:19])
+    assert given.records == log.records[:19]
