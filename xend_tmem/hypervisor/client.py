@@ -41,6 +41,7 @@ from typing import (TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence,
 from ..errors import HypervisorError, NoSuchDomain, XendTmemError
 from . import wire
 from .interface import OID, PAGE_SIZE, Buffer, DomainInfo, HostInfo, crc_mismatch_index
+from .pfnruns import pfn_runs as _runs
 from .server import PROTOCOL, ServeOptions, paths, raise_error, running_pid
 
 if TYPE_CHECKING:
@@ -96,30 +97,6 @@ def _reason(exc: HypervisorError) -> str:
     return text[len(prefix):] if text.startswith(prefix) else text
 
 
-def _runs(pfns: Sequence[int], limit: int, op: str) -> List[Tuple[int, int]]:
-    """Contiguous runs ``(first_pfn, count)`` of ``pfns``, range-checked (as the sim)."""
-    n = len(pfns)
-    if n > 1:                            # a save's batch: one run, compared in C
-        first = pfns[0]
-        if (type(first) is int and 0 <= first and first + n <= limit
-                and (pfns == range(first, first + n) if isinstance(pfns, range)
-                     else list(pfns) == list(range(first, first + n)))):
-            return [(first, n)]
-    runs: List[Tuple[int, int]] = []
-    start = prev = -2
-    for pfn in pfns:
-        if isinstance(pfn, bool) or not isinstance(pfn, int) or not 0 <= pfn < limit:
-            shown = f"{pfn:#x}" if isinstance(pfn, int) else repr(pfn)
-            raise HypervisorError(op, f"pfn {shown} is outside the domain's {limit} pages")
-        if pfn == prev + 1:
-            prev = pfn
-            continue
-        if start >= 0:
-            runs.append((start, prev - start + 1))
-        start = prev = pfn
-    if start >= 0:
-        runs.append((start, prev - start + 1))
-    return runs
 
 
 class HypervisorClient:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
-import fcntl
 import logging
 import mmap
 import os
@@ -38,6 +36,7 @@ import time
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from .. import errors as errors_mod
+from ..pidlock import PidLock, lock_holder
 from ..errors import HypervisorError, XendTmemError
 from . import wire
 from .interface import Hypervisor
@@ -80,64 +79,9 @@ class AlreadyRunning(XendTmemError):
         super().__init__(f"the hypervisor is already running (pid {pid}, pid file {path})")
 
 
-class PidLock:
-    """``hypervisor.pid`` under ``flock``: the lock, not the file, says who runs."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.fd: Optional[int] = None
-
-    def acquire(self) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise AlreadyRunning(read_pid(self.path), self.path) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        os.close(self.fd)
-        self.fd = None
-
-
-def read_pid(path: str) -> Optional[int]:
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
 def running_pid(state_dir: str) -> Optional[int]:
     """The pid of the hypervisor holding ``state_dir``'s lock (-1 if unreadable), or None."""
-    path = paths(state_dir)[1]
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return read_pid(path) or -1
-            raise
-        return None
-    finally:
-        os.close(fd)
+    return lock_holder(paths(state_dir)[1])
 
 
 # -- errors across the wire --------------------------------------------------------
@@ -524,7 +468,7 @@ def serve(opts: ServeOptions, ready: Optional[Callable[[Optional[str]], None]] =
     """Run the hypervisor until SIGTERM/SIGINT; ``ready(None)`` once it answers, or
     ``ready(error)`` if it cannot start. Returns the exit status."""
     sock_path, pid_path, log_path = paths(opts.state_dir)
-    lock = PidLock(pid_path)
+    lock = PidLock(pid_path, lambda pid: AlreadyRunning(pid, pid_path))
     handler: Optional[logging.Handler] = None
     server: Optional[HypervisorServer] = None
     hv: Any = None

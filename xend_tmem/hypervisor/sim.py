@@ -45,7 +45,6 @@ in-process, deterministically.
 from __future__ import annotations
 
 import errno
-import errno
 import hashlib
 import logging
 import mmap
@@ -73,6 +72,7 @@ from .interface import (CLIENT_COMPRESS, CLIENT_FROZEN, EFROZEN, MAX_POOLS, OID,
 from .pagestore import PageStore, SegmentHeap, first_crc_mismatch, record_crcs
 
 log = logging.getLogger("xend_tmem.hypervisor.sim")
+from .pfnruns import pfn_runs
 from .profiles import make_profile
 from .interface import HostInfo, crc_mismatch_message
 
@@ -490,20 +490,7 @@ class SimHypervisor:
     @staticmethod
     def _runs(pfns: Sequence[int], limit: int, op: str) -> List[Tuple[int, int]]:
         """Contiguous runs ``(first_pfn, count)`` of ``pfns``, range-checked."""
-        runs: List[Tuple[int, int]] = []
-        start = prev = -2
-        for pfn in pfns:
-            if not 0 <= pfn < limit:
-                raise HypervisorError(op, f"pfn {pfn:#x} is outside the domain's {limit} pages")
-            if pfn == prev + 1:
-                prev = pfn
-                continue
-            if start >= 0:
-                runs.append((start, prev - start + 1))
-            start = prev = pfn
-        if start >= 0:
-            runs.append((start, prev - start + 1))
-        return runs
+        return pfn_runs(pfns, limit, op)
 
     # =====================================================================
     # domains built from configuration, lookup, workloads

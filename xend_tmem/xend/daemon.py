@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import http.client
 import logging
 import os
@@ -39,6 +38,7 @@ import xmlrpc.client
 from typing import TYPE_CHECKING, Any, List, NoReturn, Optional, Sequence, Tuple
 
 from ..config import ToolstackConfig, load_toolstack_config
+from ..pidlock import PidLock, lock_holder, read_pid
 from ..errors import ConfigError, PluginError, XendTmemError
 from ..hypervisor.backends import load_backend
 from ..plugins import CheckpointHooks, get_plugin_manager
@@ -63,52 +63,22 @@ class StartError(XendTmemError):
 
 # -- pid file ------------------------------------------------------------------
 
-class PidFile:
-    """A pid file held under ``flock`` for the daemon's lifetime.
-
-    The lock, not the file's existence, says whether a daemon runs: a file left
-    by a killed daemon is unlocked and is simply taken over.
-    """
+class PidFile(PidLock):
+    """xend's pid file: our lock, and never a file a stock xend (which does not
+    lock its pid file) still owns."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self.fd: Optional[int] = None
+        super().__init__(path, lambda pid: StartError(
+            f"xend is already running (pid {pid}, pid file {path})"))
 
-    def acquire(self) -> None:
-        directory = os.path.dirname(self.path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                pid = read_pid(self.path)
-                raise StartError(f"xend is already running (pid {pid}, pid file {self.path})") \
-                    from None
-            raise
+    def before_takeover(self) -> None:
         other = foreign_owner(self.path)
         if other is not None:
-            os.close(fd)
             raise StartError(f"pid file {self.path} belongs to running process {other} "
                              f"({_cmdline(other)}), which is not xend-tmem (a stock xend?); it "
                              f"is left alone: give this daemon its own xend-pid-file (and "
                              f"socket, state dir and ports; INSTALL.md, 'Two daemons on one "
                              f"host'), or remove the file if that process is no xend")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        os.close(self.fd)
-        self.fd = None
 
 
 def _cmdline(pid: int) -> str:
@@ -165,31 +135,9 @@ def foreign_owner(path: str) -> Optional[int]:
     return pid
 
 
-def read_pid(path: str) -> Optional[int]:
-    try:
-        with open(path, "r") as f:
-            text = f.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
 def running_pid(path: str) -> Optional[int]:
     """The pid of the daemon holding ``path``'s lock, or ``None`` if none does."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return read_pid(path) or -1
-            raise
-        return None
-    finally:
-        os.close(fd)
+    return lock_holder(path)
 
 
 # -- pieces of the running daemon ------------------------------------------------
