@@ -28,14 +28,14 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xend_tmem import integrity  # noqa: E402
-from xend_tmem.checkpoint import restore_domain, save_domain  # noqa: E402
-from xend_tmem.hypervisor.client import HypervisorClient, spawn  # noqa: E402
-from xend_tmem.hypervisor.server import ServeOptions  # noqa: E402
-from xend_tmem.plugins import get_plugin_manager  # noqa: E402
+from xend_tmem import integrity
+from xend_tmem.checkpoint import restore_domain, save_domain
+from xend_tmem.hypervisor.client import HypervisorClient, spawn
+from xend_tmem.hypervisor.server import ServeOptions
+from xend_tmem.plugins import get_plugin_manager
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seam_throughput import MiB, RECORD, _warm, _write_source  # noqa: E402
+from seam_throughput import MiB, RECORD, _warm, _write_source
 
 
 def run(ram_mib: int, tmem_mib: int, where: str, runs: int) -> Dict[str, List[float]]:
@@ -67,13 +67,12 @@ def run(ram_mib: int, tmem_mib: int, where: str, runs: int) -> Dict[str, List[fl
             for sidecar in (False, True):
                 _warm(scratch, size)
                 t0 = time.perf_counter()
-                f = open(img, "wb", buffering=0)
-                log = integrity.PageLog() if sidecar else None
-                out = integrity.CrcWriter(f, log) if sidecar else f
-                save_domain(hv, domid, out, hooks=hooks, live=False,
-                            **({"page_log": log} if sidecar else {}))
-                os.fsync(f.fileno())
-                f.close()
+                with open(img, "wb", buffering=0) as f:
+                    log = integrity.PageLog() if sidecar else None
+                    out = integrity.CrcWriter(f, log) if sidecar else f
+                    save_domain(hv, domid, out, hooks=hooks, live=False,
+                                **({"page_log": log} if sidecar else {}))
+                    os.fsync(f.fileno())
                 if sidecar:
                     integrity.write_sidecar(integrity.sidecar_path(str(img)), log, out)
                 times["save+sidecar" if sidecar else "save"].append(time.perf_counter() - t0)

@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import yaml
 
@@ -195,7 +195,7 @@ def run(ram_mib: int, tmem_mib: int, where: str, keep: bool, runs: int) -> Dict[
     }
 
 
-def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ram-mib", type=int, default=512)
     p.add_argument("--tmem-mib", type=int, default=1024)

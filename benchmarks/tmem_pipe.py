@@ -8,8 +8,15 @@ saves a simulated domain's persistent tmem (``--mib`` of 4 KiB pages) as a
 ``-5`` chunk into a pipe while a second process restores it into its own
 simulated hypervisor. Setup (generating the pages) is outside the timing.
 Reported per run and as the median: throughput of both, the ratio
-tmem/raw, and each side's peak memory during the transfer (VmHWM reset after
-setup) against what it holds (page data + index).
+tmem/raw, the time a fresh process takes to commit the same number of bytes and
+nothing else (``commit_s``; ``ratio_commit_floor`` = raw / max(raw, commit): what
+a cold receiver could reach if committing were all it did), and each side's memory: ``*_held_mib`` is the whole resident size
+(VmRSS, interpreter included) of the process holding the pages (the sender
+after setup, the receiver after the restore) and ``*_peak_over_held_mib`` how
+far its peak during the transfer (VmHWM, reset after setup) rose above that;
+``*_total_mib`` is their sum, to hold against ``memory_limit_mib`` (page data
+x 1.02 + 32 MiB). The cold receiver commits its memory during the timed
+transfer; the preallocated one has it committed at startup (Xen's heap).
 """
 from __future__ import annotations
 
@@ -90,7 +97,7 @@ def role_raw_recv(fd: int, nbytes: int) -> None:
 def _domain_config(pages: int):
     from xend_tmem.domconfig import parse_domain_config
     return parse_domain_config({
-        "name": "bench", "memory": 16, "vcpus": 1,
+        "name": "bench", "memory": 1, "vcpus": 1,     # guest RAM is not what is measured
         "tmem": {"version": 1, "pools": [
             {"id": 0, "persistent": True, "shared": False, "pagebits": 0, "uuid": [0, 0],
              "pages": [], "bulk": {"pages": pages, "objects": max(1, pages // 512)}}]},
@@ -101,14 +108,12 @@ def role_save(fd: int, pages: int) -> None:
     from xend_tmem.binio import StreamWriter
     from xend_tmem.hypervisor.sim import SimHypervisor
     from xend_tmem.tmem.save import TmemWriter
-    start_rss = _rss_kib()
     hv = SimHypervisor(tmem_version=1, tmem_capacity_pages=pages + 1024)
     domid = hv.create_domain(_domain_config(pages))
     hv.suspend(domid)
-    held = _rss_kib() - start_rss
     out = os.fdopen(fd, "wb", buffering=0)
     _reset_peak()
-    before = _rss_kib()
+    before = held = _rss_kib()
     _ready_and_wait({})
     t0 = time.monotonic()
     w = StreamWriter(out)
@@ -131,7 +136,7 @@ def role_restore(fd: int, pages: int, prealloc: bool) -> None:
     from xend_tmem.tmem.restore import TmemRestorer
     hv = SimHypervisor(tmem_version=1, tmem_capacity_pages=pages + 1024,
                        tmem_prealloc_mib=(pages * 4124 >> 20) + 16 if prealloc else 0)
-    domid = hv.create_domain_shell("bench", 16 * 256, 1)
+    domid = hv.create_domain_shell("bench", 256, 1)
     inp = os.fdopen(fd, "rb", buffering=0)
     _reset_peak()
     start_rss = _rss_kib()
@@ -145,8 +150,21 @@ def role_restore(fd: int, pages: int, prealloc: bool) -> None:
     t1 = time.monotonic()
     end_rss = _rss_kib()
     _report({"t0": t0, "t1": t1, "pages": rest.page_count, "bytes": r.offset,
-             "held_kib": end_rss - start_rss, "rss_before_kib": start_rss,
+             "held_kib": end_rss, "rss_before_kib": start_rss,
              "rss_end_kib": end_rss, "peak_kib": _rss_kib("VmHWM")})
+
+
+def role_commit(nbytes: int) -> None:
+    """The floor under a cold receiver: a fresh process committing ``nbytes`` of
+    memory (MAP_POPULATE, in the store's segment size) and nothing else."""
+    import mmap
+    from xend_tmem.hypervisor.pagestore import SEGMENT_BYTES
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    _ready_and_wait({})
+    t0 = time.monotonic()
+    segs = [mmap.mmap(-1, SEGMENT_BYTES, flags=flags) for _ in range(-(-nbytes // SEGMENT_BYTES))]
+    t1 = time.monotonic()
+    _report({"t0": t0, "t1": t1, "segments": len(segs)})
 
 
 # -- parent ------------------------------------------------------------------------
@@ -158,6 +176,21 @@ def _spawn(role: str, fd: int, arg: int):
 
 
 F_SETPIPE_SZ = 1031
+
+
+def _alone(role: str, arg: int) -> dict:
+    p = subprocess.Popen([sys.executable, __file__, "--role", role, "--fd", "-1",
+                          "--arg", str(arg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    if not p.stdout.readline():
+        raise SystemExit(f"benchmark child {role} died during setup")
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    line = p.stdout.readline()
+    p.wait()
+    if p.returncode or not line:
+        raise SystemExit(f"benchmark child {role} failed (exit {p.returncode})")
+    return json.loads(line)
 
 
 def _pair(send_role: str, recv_role: str, arg: int):
@@ -195,7 +228,39 @@ ROLES = {
     "save": lambda fd, arg: role_save(fd, arg),
     "restore": lambda fd, arg: role_restore(fd, arg, prealloc=False),
     "restore-prealloc": lambda fd, arg: role_restore(fd, arg, prealloc=True),
+    "commit": lambda fd, arg: role_commit(arg),
 }
+
+
+def _profile_threads(role: str) -> None:
+    """Profile every thread the role starts too (the restore's put thread, the
+    heap's committing thread): one file per thread name, merged across the
+    threads of that name, ``/tmp/bench-<role>-<thread>.prof``."""
+    import cProfile
+    import re
+    import threading
+    run = threading.Thread.run
+    profiles: dict = {}
+    lock = threading.Lock()
+
+    def profiled_run(self: threading.Thread) -> None:
+        pr = cProfile.Profile()
+        pr.enable()
+        try:
+            run(self)
+        finally:
+            pr.disable()
+            name = re.sub(r"[_-]?\d+$", "", self.name) or "thread"
+            import pstats
+            with lock:
+                st = profiles.get(name)
+                if st is None:
+                    profiles[name] = st = pstats.Stats(pr)
+                else:
+                    st.add(pr)
+                st.dump_stats(f"/tmp/bench-{role}-{name}.prof")
+
+    threading.Thread.run = profiled_run  # type: ignore[method-assign]
 
 
 def _run_role(args) -> None:
@@ -220,6 +285,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.role and os.environ.get("TMEM_BENCH_PROFILE") == args.role:
         import cProfile
+        _profile_threads(args.role)
         cProfile.runctx("run(args)", globals(), {"run": _run_role, "args": args},
                         f"/tmp/bench-{args.role}.prof")
         return 0
@@ -234,6 +300,7 @@ def main(argv=None) -> int:
         nbytes = cold["bytes"]
         t_raw, _, raw_recv = _pair("raw-send", "raw-recv", nbytes)
         assert raw_recv["bytes"] == nbytes
+        commit = _alone("commit", nbytes)
         save, restore = cold["save"], cold["restore"]
         run = {
             "bytes": nbytes, "raw_s": t_raw, "tmem_s": cold["s"], "tmem_prealloc_s": warm["s"],
@@ -248,6 +315,14 @@ def main(argv=None) -> int:
             "save_peak_over_held_mib": (save["peak_kib"] - save["rss_before_kib"]) / 1024,
             "restore_held_mib": restore["held_kib"] / 1024,
             "restore_peak_over_held_mib": (restore["peak_kib"] - restore["rss_end_kib"]) / 1024,
+            "commit_s": commit["t1"] - commit["t0"],
+            "ratio_commit_floor": t_raw / max(t_raw, commit["t1"] - commit["t0"]),
+            "page_data_mib": pages * 4096 / MiB,
+            "memory_limit_mib": pages * 4096 / MiB * 1.02 + 32,
+            "save_total_mib": save["peak_kib"] / 1024,
+            "restore_total_mib": max(restore["peak_kib"], restore["rss_end_kib"]) / 1024,
+            "restore_prealloc_total_mib": max(warm["restore"]["peak_kib"],
+                                              warm["restore"]["rss_end_kib"]) / 1024,
         }
         runs.append(run)
         if not args.json:

@@ -9,14 +9,22 @@ interface's ``tmem_digest`` (Inspection), which every backend provides.
 """
 from __future__ import annotations
 
+import os
+import time
 from typing import Any, Dict, List, Mapping, Optional
 
 from xend_tmem.hypervisor.interface import Hypervisor
+from xend_tmem.hypervisor.pagestore import PageStore
+from xend_tmem.session import Outcome, RestoreSession, SaveSession
 from xend_tmem.xend.progress import plural
+from xend_tmem.xen import PAGE_SIZE
 
 from . import hookimpl
 
 NAME = "tmem-digest"
+CALIBRATION_PAGES = 1024          # 4 MiB hashed a few times per process when nothing was
+CALIBRATION_RUNS = 5              # measured yet
+_per_page_s: List[float] = []     # this host's last measured restore digest, s per page
 
 
 def _digest(hv: Hypervisor, domid: int) -> Dict[str, Any]:
@@ -30,7 +38,7 @@ def _report(at: str, pools: Dict[str, Any]) -> Dict[str, Any]:
 
 
 @hookimpl
-def checkpoint_save_done(session, outcome) -> None:
+def checkpoint_save_done(session: SaveSession, outcome: Outcome) -> None:
     # The guest has been suspended since before the last round and is resumed
     # only after the done phase, so this is its state at suspend, taken after
     # the image was sent (the digest costs no stream time).
@@ -39,9 +47,45 @@ def checkpoint_save_done(session, outcome) -> None:
 
 
 @hookimpl
-def checkpoint_restore_done(session, outcome) -> None:
+def checkpoint_restore_done(session: RestoreSession, outcome: Outcome) -> None:
     if outcome.ok:
-        session.report[NAME] = _report("restore", _digest(session.hv, session.domid))
+        t0 = time.monotonic()
+        pools = _digest(session.hv, session.domid)
+        session.report[NAME] = _report("restore", pools)
+        pages = session.report[NAME]["persistent_pages"]
+        if pages >= CALIBRATION_PAGES:     # big enough to measure the rate, not the call
+            _per_page_s[:] = [(time.monotonic() - t0) / pages]
+
+
+def _calibrated_per_page_s() -> float:
+    """Seconds per page of the restore digest: this host's last measured one,
+    else the page store's own digest timed over a sample (the simulator's
+    ``tmem_digest`` is that code, run by the hypervisor process on this host)."""
+    if not _per_page_s:
+        store = PageStore(1, PAGE_SIZE)
+        page = os.urandom(PAGE_SIZE)
+        # put in an order unlike the key order, as a guest's puts are
+        for i in sorted(range(CALIBRATION_PAGES), key=lambda i: (i * 7919) % CALIBRATION_PAGES):
+            store.put(store.make_key((i // 64, 7, 0), i % 64), page)
+        best = float("inf")
+        for _ in range(CALIBRATION_RUNS):     # the least of a few: a preemption is no rate
+            t0 = time.monotonic()
+            store.digest()
+            best = min(best, time.monotonic() - t0)
+        _per_page_s.append(best / CALIBRATION_PAGES)
+    return _per_page_s[0]
+
+
+@hookimpl
+def checkpoint_migrate_restore_cost(hv: Hypervisor, offer: Mapping[str, Any]) -> Optional[float]:
+    # the destination hashes every persistent tmem page before the guest runs:
+    # downtime the sender must expect (measured by the last restore here, else
+    # calibrated on a sample)
+    tmem = offer.get("tmem")
+    pages = tmem.get("persistent_pages") if isinstance(tmem, Mapping) else None
+    if not isinstance(pages, int) or isinstance(pages, bool) or pages <= 0:
+        return None
+    return pages * _calibrated_per_page_s() * 1000.0
 
 
 @hookimpl

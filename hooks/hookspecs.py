@@ -27,11 +27,16 @@ must not give parameters default values (pluggy never fills them).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 import pluggy
 
 from . import PROJECT
+
+if TYPE_CHECKING:                       # annotations only: the host imports this module
+    from xend_tmem.binio import StreamReader
+    from xend_tmem.hypervisor.interface import Hypervisor
+    from xend_tmem.session import Outcome, Pending, RestoreSession, RoundStats, SaveSession
 
 _hookspec = pluggy.HookspecMarker(PROJECT)
 
@@ -49,7 +54,7 @@ def checkpoint_configure(settings: Mapping[str, Mapping[str, Any]]) -> None:
 # -- save ----------------------------------------------------------------------
 
 @_hookspec
-def checkpoint_save_setup(session) -> None:
+def checkpoint_save_setup(session: SaveSession) -> None:
     """Before anything is written: size up the state, choose a plan.
 
     :param session: the :class:`~xend_tmem.session.SaveSession` (hypervisor,
@@ -59,7 +64,7 @@ def checkpoint_save_setup(session) -> None:
 
 
 @_hookspec
-def checkpoint_save_before_header(session) -> None:
+def checkpoint_save_before_header(session: SaveSession) -> None:
     """The very first bytes of the libxc stream, before ``p2m_size``.
 
     Only a plugin configured for the seed layout (SPEC §3) writes here.
@@ -68,7 +73,7 @@ def checkpoint_save_before_header(session) -> None:
 
 
 @_hookspec
-def checkpoint_save_before_rounds(session) -> None:
+def checkpoint_save_before_rounds(session: SaveSession) -> None:
     """After the stream header and p2m frame list, before the first page batch.
 
     Xen's place for the ``-5`` chunk. For a non-live save the guest is already
@@ -77,7 +82,7 @@ def checkpoint_save_before_rounds(session) -> None:
 
 
 @_hookspec
-def checkpoint_save_after_round(session, round) -> None:
+def checkpoint_save_after_round(session: SaveSession, round: RoundStats) -> None:
     """Between live page rounds, with the guest running.
 
     :param session: the save session.
@@ -88,7 +93,7 @@ def checkpoint_save_after_round(session, round) -> None:
 
 
 @_hookspec
-def checkpoint_save_pending(session):
+def checkpoint_save_pending(session: SaveSession) -> Optional[Pending]:
     """How much this plugin still has to send, when the host decides whether to stop.
 
     :param session: the save session.
@@ -99,7 +104,7 @@ def checkpoint_save_pending(session):
 
 
 @_hookspec
-def checkpoint_save_after_suspend(session) -> None:
+def checkpoint_save_after_suspend(session: SaveSession) -> None:
     """The guest is suspended; the last RAM round has not been sent yet.
 
     Everything still owed must be written now. :param session: the save session.
@@ -107,7 +112,7 @@ def checkpoint_save_after_suspend(session) -> None:
 
 
 @_hookspec
-def checkpoint_save_done(session, outcome) -> None:
+def checkpoint_save_done(session: SaveSession, outcome: Outcome) -> None:
     """Always, exactly once for every save whose setup ran: success, error or cancel.
 
     Release whatever the plugin acquired (thaw, drop logs). The host calls
@@ -120,7 +125,7 @@ def checkpoint_save_done(session, outcome) -> None:
 # -- restore -------------------------------------------------------------------
 
 @_hookspec
-def checkpoint_restore_markers() -> List[int]:
+def checkpoint_restore_markers() -> Optional[List[int]]:
     """The chunk markers this plugin reads (tmem: ``[-5, -6]``).
 
     The host refuses a marker claimed by two plugins or one it parses itself.
@@ -129,7 +134,7 @@ def checkpoint_restore_markers() -> List[int]:
 
 
 @_hookspec
-def checkpoint_restore_setup(session) -> None:
+def checkpoint_restore_setup(session: RestoreSession) -> None:
     """Before the libxc stream is read; the (paused, empty) domain exists.
 
     :param session: the :class:`~xend_tmem.session.RestoreSession`.
@@ -137,7 +142,8 @@ def checkpoint_restore_setup(session) -> None:
 
 
 @_hookspec(firstresult=True)
-def checkpoint_restore_chunk(session, marker: int, reader, offset: int) -> Optional[bool]:
+def checkpoint_restore_chunk(session: RestoreSession, marker: int, reader: StreamReader,
+                             offset: int) -> Optional[bool]:
     """A chunk with a marker this plugin declared was met; its marker int is consumed.
 
     The host calls only the plugin that owns the marker (its marker registry,
@@ -152,7 +158,8 @@ def checkpoint_restore_chunk(session, marker: int, reader, offset: int) -> Optio
 
 
 @_hookspec(firstresult=True)
-def checkpoint_inspect_chunk(marker: int, reader, offset: int) -> Optional[Dict[str, Any]]:
+def checkpoint_inspect_chunk(marker: int, reader: StreamReader,
+                             offset: int) -> Optional[Dict[str, Any]]:
     """``xend-tmem inspect`` met a chunk with a marker this plugin declared.
 
     Optional, but without it ``inspect`` cannot read past this plugin's chunks
@@ -166,7 +173,7 @@ def checkpoint_inspect_chunk(marker: int, reader, offset: int) -> Optional[Dict[
 
 
 @_hookspec
-def checkpoint_restore_done(session, outcome) -> None:
+def checkpoint_restore_done(session: RestoreSession, outcome: Outcome) -> None:
     """Always, exactly once for every restore whose setup ran.
 
     On success finish what must come last (freeze a client saved FROZEN); on
@@ -178,7 +185,7 @@ def checkpoint_restore_done(session, outcome) -> None:
 # -- migration pre-flight ---------------------------------------------------------
 
 @_hookspec
-def checkpoint_migrate_offer(hv, domid: int) -> Optional[Dict[str, Any]]:
+def checkpoint_migrate_offer(hv: Hypervisor, domid: int) -> Optional[Dict[str, Any]]:
     """Sender, before anything is frozen: what the receiver must accept.
 
     :param hv: the hypervisor backend. :param domid: the domain to migrate.
@@ -187,7 +194,7 @@ def checkpoint_migrate_offer(hv, domid: int) -> Optional[Dict[str, Any]]:
 
 
 @_hookspec
-def checkpoint_migrate_check(hv, offer: Mapping[str, Any]) -> Optional[str]:
+def checkpoint_migrate_check(hv: Hypervisor, offer: Mapping[str, Any]) -> Optional[str]:
     """Receiver: can this host take the domain described by ``offer``?
 
     :param hv: the receiver's hypervisor backend.
@@ -196,10 +203,19 @@ def checkpoint_migrate_check(hv, offer: Mapping[str, Any]) -> Optional[str]:
     """
 
 
+@_hookspec
+def checkpoint_migrate_restore_cost(hv: Hypervisor, offer: Mapping[str, Any]) -> Optional[float]:
+    """Receiver: the milliseconds this plugin's restore-finishing work (between
+    the end of the image and the domain restored, paused) is expected to take
+    for the domain ``offer`` describes. The pre-flight answer carries the sum so
+    the sender's downtime estimate includes it. ``None``: no such work.
+    """
+
+
 # -- crash recovery -------------------------------------------------------------------
 
 @_hookspec
-def checkpoint_recover(hv, domid: int, notes: Mapping[str, Any]) -> None:
+def checkpoint_recover(hv: Hypervisor, domid: int, notes: Mapping[str, Any]) -> None:
     """``xend start`` after a xend that died during a save of ``domid``: undo it.
 
     Called for every plugin, with only the notes this plugin recorded through

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional
 
-from xend_tmem.codec.tmemchunk import MARKERS
+from xend_tmem.xen import PAGE_SIZE, TMEM_MARKERS
 from xend_tmem.tmem.report import report_lines
 from xend_tmem.tmem.restore import TmemRestorer
 from xend_tmem.tmem.save import TmemSaveJob, TmemSizes, check_movable
@@ -82,7 +82,7 @@ def checkpoint_recover(hv, domid: int, notes: Mapping[str, Any]) -> None:
 
 @hookimpl
 def checkpoint_restore_markers() -> List[int]:
-    return list(MARKERS)
+    return list(TMEM_MARKERS)
 
 
 @hookimpl
@@ -93,7 +93,7 @@ def checkpoint_restore_setup(session) -> None:
 
 @hookimpl
 def checkpoint_restore_chunk(session, marker: int, reader, offset: int) -> Optional[bool]:
-    if marker not in MARKERS:
+    if marker not in TMEM_MARKERS:
         return None
     session.plugin_state[NAME].read_chunk(reader, marker, offset)
     return True
@@ -132,7 +132,7 @@ def checkpoint_migrate_offer(hv, domid: int) -> Optional[Dict[str, Any]]:
         return None
     check_movable(hv, domid, sizes.persistent_pages)   # refused before the source is renamed
     return {NAME: {"version": sizes.version, "pools": sizes.pools,
-                   "persistent_pages": sizes.persistent_pages, "page_size": 4096}}
+                   "persistent_pages": sizes.persistent_pages, "page_size": PAGE_SIZE}}
 
 
 @hookimpl

@@ -50,7 +50,7 @@ def stop_process(client: HypervisorClient, proc: "subprocess.Popen[bytes]", stat
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise AssertionError(f"hypervisor process {proc.pid} ignored SIGTERM")
+            raise AssertionError(f"hypervisor process {proc.pid} ignored SIGTERM") from None
     shutil.rmtree(state_dir, ignore_errors=True)
 
 

@@ -1,6 +1,7 @@
 """Domain configuration loader: vectors load as configs, errors name file and key."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import zlib
@@ -96,7 +97,7 @@ tmem:
     assert p1.pages[0].oid == (5, 0, 0)          # an int OID in a v1 config
     assert p1.bulk == BulkSpec(pages=10, objects=3, seed=0) and p1.total_pages == 11
     assert (p0.shared, p0.uuid, p0.persistent, p0.pages) == (True, (1, 2), False, ())
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.name = "x"                          # frozen dataclass
 
 

@@ -12,6 +12,7 @@ import random
 import pytest
 
 from xend_tmem import plugins
+from xend_tmem import xen
 from xend_tmem.checkpoint import restore_domain, save_domain
 from xend_tmem.domconfig import parse_domain_config
 from xend_tmem.errors import StreamError, XendTmemError
@@ -253,7 +254,7 @@ def test_restore_skips_pages_that_carry_no_data():
     legacy.write_p2m_size(w, 256, 8)
     legacy.write_pv_ext_info(w, 8, 5168)
     legacy.write_p2m_frame_list(w, 8, range(legacy.p2m_frame_count(256, 8)))
-    legacy.write_page_batch(w, 8, [3, 4, 5, 6], [0, legacy.TYPE_XTAB, 0, legacy.TYPE_XALLOC],
+    legacy.write_page_batch(w, 8, [3, 4, 5, 6], [0, xen.TYPE_XTAB, 0, xen.TYPE_XALLOC],
                             b"\x11" * 4096 + b"\x22" * 4096)
     legacy.write_vcpu_info(w, 0, [0])
     legacy.write_end(w)

@@ -22,9 +22,9 @@ import pytest
 from xend_tmem.errors import HypervisorError, NoSuchDomain
 from xend_tmem.hypervisor import wire
 from xend_tmem.hypervisor.client import HypervisorClient
-from xend_tmem.hypervisor.interface import (EFROZEN, DomainInfo, HostInfo, Hypervisor,
-                                             crc_mismatch_index)
+from xend_tmem.hypervisor.interface import DomainInfo, HostInfo, Hypervisor, crc_mismatch_index
 from xend_tmem.hypervisor.sim import SimHypervisor
+from xend_tmem.xen import EFROZEN
 
 from hvfixtures import start_process, stop_process
 

@@ -87,7 +87,7 @@ def test_outcomes_are_remembered_and_bounded(tmp_path: Path) -> None:
 
 def test_kill_points_are_inert_unless_asked(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.delenv(jrn.KILLPOINT_ENV, raising=False)
-    f = open(tmp_path / "x", "wb")
+    f = open(tmp_path / "x", "wb")  # noqa: SIM115 - closed in the finally below
     try:
         assert jrn.killpoint_stream(f, "save-stream") is f
         progress = print

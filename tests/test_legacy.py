@@ -11,10 +11,11 @@ import pytest
 
 from xend_tmem.binio import StreamReader, StreamWriter
 from xend_tmem.codec import legacy as L
+from xend_tmem import xen
 from xend_tmem.codec.image import QEMU_SIGNATURE
 from xend_tmem.errors import SaveError, StreamError, XendTmemError
 
-PAGE = L.PAGE_SIZE
+PAGE = xen.PAGE_SIZE
 
 
 def page(tag: int) -> bytes:
@@ -73,10 +74,10 @@ BATCHES = [
 
 def batch_data(pfns, types) -> bytes:
     return b"".join(page(p) for i, p in enumerate(pfns)
-                    if types is None or types[i] not in L.NO_DATA_TYPES)
+                    if types is None or types[i] not in xen.NO_DATA_TYPES)
 
 
-def build_pv(width=8, ctx=L.VCPU_CTX_X64, extv=False, xcnt=None, layout="released",
+def build_pv(width=8, ctx=xen.VCPU_CTX_X64, extv=False, xcnt=None, layout="released",
              tmem_body=True, vcpus=(0, 2), max_vcpu=3, p2m_size=5000,
              unmapped=(5, 7, 4999), batches=BATCHES) -> Built:
     b = Built()
@@ -85,7 +86,7 @@ def build_pv(width=8, ctx=L.VCPU_CTX_X64, extv=False, xcnt=None, layout="release
         w.write(fake_tmem(-5, b"seed-tmem"))
     L.write_p2m_size(w, p2m_size, width, layout)
     L.write_pv_ext_info(w, width, ctx, extv=extv, xcnt_size=xcnt)
-    gw = L.VCPU_CTX_SIZES[ctx]
+    gw = xen.VCPU_CTX_SIZES[ctx]
     frames = L.p2m_frame_count(p2m_size, gw)
     L.write_p2m_frame_list(w, width, [0x1000 + i for i in range(frames)])
     b.mark("body")
@@ -101,11 +102,11 @@ def build_pv(width=8, ctx=L.VCPU_CTX_X64, extv=False, xcnt=None, layout="release
     for pfns, types in batches[2:]:
         L.write_page_batch(w, width, pfns, types, batch_data(pfns, types))
     L.write_vcpu_info(w, max_vcpu, vcpus)
-    L.write_chunk(w, L.LAST_CHECKPOINT)
+    L.write_chunk(w, xen.LAST_CHECKPOINT)
     b.mark("end")
     L.write_end(w)
     b.mark("tail")
-    rec = ctx + (L.EXTV_SIZE if extv else 0) + (xcnt or 0)
+    rec = ctx + (xen.EXTV_SIZE if extv else 0) + (xcnt or 0)
     ctxs = [bytes([(v + 1) & 0xFF]) * ctx for v in vcpus]
     ext = [bytes([0xE0 + v % 16]) * (rec - ctx) for v in vcpus]
     L.write_pv_tail(w, width, list(unmapped), ctxs, b"S" * PAGE, ext_ctx=ext)
@@ -125,9 +126,9 @@ def read(data: bytes, width=8, guest="pv", rec: Optional[Recorder] = None, handl
 
 @pytest.mark.parametrize("width", [4, 8])
 @pytest.mark.parametrize("ctx, extv, xcnt", [
-    (L.VCPU_CTX_X64, False, None),
-    (L.VCPU_CTX_X32, True, None),
-    (L.VCPU_CTX_X64, True, 832),
+    (xen.VCPU_CTX_X64, False, None),
+    (xen.VCPU_CTX_X32, True, None),
+    (xen.VCPU_CTX_X64, True, 832),
 ])
 def test_pv_round_trip(width, ctx, extv, xcnt):
     b = build_pv(width, ctx, extv, xcnt)
@@ -135,7 +136,7 @@ def test_pv_round_trip(width, ctx, extv, xcnt):
     rec = Recorder()
     header, body, tail = read(data, width, rec=rec)
 
-    gw = L.VCPU_CTX_SIZES[ctx]
+    gw = xen.VCPU_CTX_SIZES[ctx]
     assert header.layout == "released"
     assert header.p2m_size == 5000
     assert (header.width, header.guest, header.guest_width) == (width, "pv", gw)
@@ -165,7 +166,7 @@ def test_pv_round_trip(width, ctx, extv, xcnt):
     got = [(p, t) for p, t, _, _ in rec.batches]
     want = [(pf, t if t is not None else [0] * len(pf)) for pf, t in BATCHES]
     assert got == want
-    for (pfns, types, blob, off), (wp, wt) in zip(rec.batches, BATCHES):
+    for (_pfns, _types, blob, off), (wp, wt) in zip(rec.batches, BATCHES):
         assert blob == batch_data(wp, wt)
         assert data[off:off + len(blob)] == blob      # offset is where the data sits
 
@@ -185,12 +186,12 @@ def test_pv_without_ext_info_or_vcpu_info():
     L.write_p2m_frame_list(b.w, 4, [7])            # 1024 pfns / 1024 per page at width 4
     L.write_page_batch(b.w, 4, [3], None, page(3))
     L.write_end(b.w)
-    L.write_pv_tail(b.w, 4, [], [b"c" * L.VCPU_CTX_X32], bytes(PAGE))
+    L.write_pv_tail(b.w, 4, [], [b"c" * xen.VCPU_CTX_X32], bytes(PAGE))
     header, body, tail = read(b.data(), 4)
     assert header.ext_info == {} and header.guest_width == 4
-    assert header.vcpu_ctx_size == L.VCPU_CTX_X32 and header.p2m_frames == 1
+    assert header.vcpu_ctx_size == xen.VCPU_CTX_X32 and header.p2m_frames == 1
     assert body.vcpu_info is None
-    assert tail.vcpus == [0] and tail.contexts == [b"c" * L.VCPU_CTX_X32]
+    assert tail.vcpus == [0] and tail.contexts == [b"c" * xen.VCPU_CTX_X32]
 
 
 def test_many_vcpus_use_multiword_bitmap():
@@ -207,11 +208,11 @@ def test_many_vcpus_use_multiword_bitmap():
 
 def test_wire_bytes_match_spec():
     b = Built()
-    L.write_pv_ext_info(b.w, 8, L.VCPU_CTX_X32, extv=True, xcnt_size=512)
+    L.write_pv_ext_info(b.w, 8, xen.VCPU_CTX_X32, extv=True, xcnt_size=512)
     L.write_page_batch(b.w, 4, [5, 6], [0xF, 2], page(6))
     L.write_tsc_info(b.w, 2, 1 << 40, 3000000, 9)
     L.write_vcpu_info(b.w, 1, [0, 1])
-    L.write_hvm_param(b.w, L.HVM_VIRIDIAN, 0x1234)
+    L.write_hvm_param(b.w, xen.HVM_VIRIDIAN, 0x1234)
     L.write_end(b.w)
     raw = b.data()
     ext = (b"\xff" * 8 + struct.pack("<I", 8 + 2800 + 8 + 12) + b"vcpu" + struct.pack("<I", 2800)
@@ -420,12 +421,12 @@ def test_hvm_params_toolstack_and_compression():
     b = Built()
     w = b.w
     L.write_p2m_size(w, 64, 8)
-    for cid in sorted(L.HVM_PARAM_IDS):
+    for cid in sorted(xen.HVM_PARAM_IDS):
         L.write_hvm_param(w, cid, -cid * 0x1000)
     L.write_toolstack(w, b"libxl-toolstack")
-    L.write_chunk(w, L.ENABLE_VERIFY_MODE)
+    L.write_chunk(w, xen.ENABLE_VERIFY_MODE)
     L.write_page_batch(w, 8, [1, 2], None, page(1) + page(2))
-    L.write_chunk(w, L.ENABLE_COMPRESSION)
+    L.write_chunk(w, xen.ENABLE_COMPRESSION)
     L.write_page_batch(w, 8, [3, 4, 5], [0, 0xF, 0], inline=False)
     L.write_compressed_data(w, 8, b"z" * 3000)
     L.write_end(w)
@@ -433,7 +434,7 @@ def test_hvm_params_toolstack_and_compression():
                      dm_signature=L.DM_RECORD_0002)
     rec = Recorder()
     header, body, tail = read(b.data(), 8, "hvm", rec=rec)
-    assert body.hvm_params == {cid: -cid * 0x1000 for cid in L.HVM_PARAM_IDS}
+    assert body.hvm_params == {cid: -cid * 0x1000 for cid in xen.HVM_PARAM_IDS}
     assert body.toolstack_len == len(b"libxl-toolstack")
     assert body.verify_mode and body.compressed
     assert body.batches == 2 and body.pages == 2 and body.compressed_pages == 2
@@ -506,7 +507,7 @@ def test_unmapped_pfn_outside_p2m():
     L.write_p2m_size(b.w, 16, 8)
     L.write_p2m_frame_list(b.w, 8, [1])
     L.write_end(b.w)
-    L.write_pv_tail(b.w, 8, [3, 16], [bytes(L.VCPU_CTX_X64)], bytes(PAGE))
+    L.write_pv_tail(b.w, 8, [3, 16], [bytes(xen.VCPU_CTX_X64)], bytes(PAGE))
     with pytest.raises(StreamError) as ei:
         read(b.data(), 8)
     assert ei.value.value == 16 and ei.value.offset == 8 + 8 + 4 + 4 + 8
@@ -515,7 +516,7 @@ def test_unmapped_pfn_outside_p2m():
 def test_hvm_tail_qemu_record_to_eof():
     b = Built()
     L.write_p2m_size(b.w, 256, 4)
-    L.write_hvm_param(b.w, L.HVM_IDENT_PT, 0xFEFFD000)
+    L.write_hvm_param(b.w, xen.HVM_IDENT_PT, 0xFEFFD000)
     L.write_page_batch(b.w, 4, [0, 255], None, page(0) + page(255))
     L.write_end(b.w)
     state = bytes(range(256)) * 9000            # > one reader CHUNK
@@ -524,7 +525,7 @@ def test_hvm_tail_qemu_record_to_eof():
     pieces: List[bytes] = []
     header, body, tail = read(raw, 4, "hvm", dm_sink=lambda v: pieces.append(bytes(v)))
     assert header.guest == "hvm" and header.p2m_frames == 0 and header.ext_info == {}
-    assert body.hvm_params == {L.HVM_IDENT_PT: 0xFEFFD000} and body.pages == 2
+    assert body.hvm_params == {xen.HVM_IDENT_PT: 0xFEFFD000} and body.pages == 2
     assert tail.magic_pfns == (10, 11, 12) and tail.hvm_context == b"hvm-ctx"
     assert tail.dm_signature == QEMU_SIGNATURE
     assert tail.dm_bytes == len(state) and b"".join(pieces) == state
@@ -576,7 +577,7 @@ def _cuts(data: bytes, b: Built, stride: int) -> List[int]:
 @pytest.mark.parametrize("width, layout", [(8, "released"), (4, "seed")])
 def test_truncated_pv_stream_raises_stream_error(width, layout):
     # small batches only: every cut re-reads the stream
-    b = build_pv(width, L.VCPU_CTX_X32, extv=True, xcnt=64, layout=layout, batches=BATCHES[:3])
+    b = build_pv(width, xen.VCPU_CTX_X32, extv=True, xcnt=64, layout=layout, batches=BATCHES[:3])
     data = b.data()
     read(data, width)                                   # the whole stream is fine
     for cut in _cuts(data, b, 97):
@@ -588,7 +589,7 @@ def test_truncated_hvm_stream_raises_stream_error():
     b = Built()
     L.write_p2m_size(b.w, 256, 8)
     b.w.write(fake_tmem(-5, b"t" * 40))
-    L.write_hvm_param(b.w, L.HVM_VM86_TSS, 7)
+    L.write_hvm_param(b.w, xen.HVM_VM86_TSS, 7)
     L.write_page_batch(b.w, 8, [0, 1, 2], [0, 0xF, 0], page(0) + page(2))
     L.write_vcpu_info(b.w, 0, [0])
     L.write_toolstack(b.w, b"ts")

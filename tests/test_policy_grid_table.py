@@ -23,9 +23,9 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from xend_tmem.tmem.policy import (PLANS, RAM_RECORD_BYTES, XEN_MAX_FACTOR, Limits,
-                                   PlanChoice, Progress, Rates, choose_plan, dirtied_pages,
-                                   should_stop)
+from xend_tmem.tmem.policy import (PLANS, Limits, PlanChoice, Progress, Rates, choose_plan,
+                                   dirtied_pages, should_stop)
+from xend_tmem.xen import RAM_RECORD_BYTES, XEN_MAX_FACTOR
 
 MiB = 1 << 20
 LINKS = {"1Gb/s": 125e6, "10Gb/s": 1250e6}
@@ -169,7 +169,7 @@ def test_the_stop_rule_holds_the_limit_or_says_so(cell: Tuple[str, int, int, str
     assert p.rounds <= limits.max_iters
     assert p.pages_sent <= XEN_MAX_FACTOR * p.ram_pages + p.ram_pages
     assert p.elapsed_s <= limits.max_total_s or p.rounds == 1
-    for q, e in history[:-1]:
+    for _, e in history[:-1]:
         assert e.action == "iterate" and not e.stop
     limit = limits.downtime_limit_ms
     if d.expected_downtime_ms <= limit:

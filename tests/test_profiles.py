@@ -24,11 +24,12 @@ from xend_tmem.domconfig import parse_domain_config
 from xend_tmem.errors import HypervisorError, SaveError, StreamError, XendTmemError
 from xend_tmem.hooks import hookimpl
 from xend_tmem.binio import StreamReader, StreamWriter
-from xend_tmem.hypervisor.interface import EFROZEN, DomainInfo, HostInfo, Hypervisor
+from xend_tmem.hypervisor.interface import DomainInfo, HostInfo, Hypervisor
 from xend_tmem.hypervisor.profiles import make_profile
 from xend_tmem.hypervisor.sim import SimHypervisor
 from xend_tmem.tmem.restore import TmemRestorer
 from xend_tmem.tmem.save import TmemWriter
+from xend_tmem.xen import EFROZEN
 
 A5, CD = 0xA5A5A5A5A5A5A5A5, 0x0123456789ABCDEF
 V1P = 0x01000001

@@ -17,7 +17,8 @@ from typing import Dict, List, Sequence
 import pytest
 
 from xend_tmem.hypervisor.interface import Hypervisor
-from xend_tmem.integrity import PAGE, IntegrityError, PageCheck, RamCheck, ram_records
+from xend_tmem.integrity import IntegrityError, PageCheck, RamCheck, ram_records
+from xend_tmem.xen import PAGE_SIZE as PAGE
 
 DOMID = 7
 

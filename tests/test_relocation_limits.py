@@ -7,8 +7,6 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
-
 from test_hostile_regress import GOOD, Host, ask, make_cert, preflight
 from xend_tmem.xend import relocation
 

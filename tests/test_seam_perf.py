@@ -13,6 +13,7 @@ import pytest
 from xend_tmem import binio
 from xend_tmem.binio import StreamWriter
 from xend_tmem.codec import tmemchunk as tc
+from xend_tmem import xen
 from xend_tmem.hypervisor.interface import Hypervisor
 from xend_tmem.hypervisor.pagestore import PageStore
 from xend_tmem.tmem.save import TmemWriter
@@ -35,8 +36,9 @@ def test_collect_into_gives_what_collect_gives(seed):
         store.delete(_key(i))
     for i in range(60, 70):                                  # reuse freed slots
         store.put(_key(i), bytes([i]) * 4096)
-    keys = store.snapshot() + [_key(5)]                      # a key gone since the snapshot
-    store.delete(_key(5))
+    store.put(_key(5), bytes([5]) * 4096)                    # (again) the newest page
+    keys = store.snapshot()
+    store.delete(_key(5))                                    # a page gone since the snapshot
     out = memoryview(bytearray(9 * RS))
     pos_a = pos_b = 0
     while True:
@@ -110,7 +112,7 @@ def test_two_batches_in_flight_make_the_plain_loops_calls(mocker, n_pages, walk)
     w.version = 1
     out = io.BytesIO()
     sw = StreamWriter(out)
-    pool = tc.PoolRecord(0, tc.POOL_PERSIST | 1 << tc.POOL_VERSION_SHIFT, n_pages, (0, 0))
+    pool = tc.PoolRecord(0, xen.POOL_PERSIST | 1 << xen.POOL_VERSION_SHIFT, n_pages, (0, 0))
     w._write_pages(sw, pool)
     sw.flush()
     per = tc.BATCH_BYTES // RS

@@ -13,9 +13,9 @@ import pytest
 
 from xend_tmem.domconfig import BulkSpec, load_domain_config, parse_domain_config
 from xend_tmem.errors import HypervisorError, NoSuchDomain
-from xend_tmem.hypervisor.interface import (CLIENT_COMPRESS, CLIENT_FROZEN, EFROZEN,
-                                            DomainControl, TmemControl)
+from xend_tmem.hypervisor.interface import DomainControl, TmemControl
 from xend_tmem.hypervisor.sim import MAX_TICK_OPS, SimHypervisor
+from xend_tmem.xen import CLIENT_COMPRESS, CLIENT_FROZEN, EFROZEN
 
 from hvfixtures import backend, both, both_new, new_hv  # noqa: F401 (fixture)
 

@@ -21,6 +21,7 @@ from xend_tmem.errors import SaveError
 from xend_tmem.hooks import hookimpl
 from xend_tmem.hypervisor.sim import SimHypervisor
 from xend_tmem.tmem import policy
+from xend_tmem import xen
 
 from test_checkpoint_mock import P2M, names
 from test_checkpoint_mock import make_hv as mock_hv
@@ -45,7 +46,7 @@ def make_hv(mocker, clock):
     hv = mock_hv(mocker)
 
     def read(d, pfns):
-        clock[0] += len(pfns) * policy.RAM_RECORD_BYTES / CAP
+        clock[0] += len(pfns) * xen.RAM_RECORD_BYTES / CAP
         return bytes(4096 * len(pfns))
     hv.read_pages.side_effect = read
     return hv
@@ -153,7 +154,7 @@ def test_the_rate_cap_bounds_the_bandwidth_the_estimates_use(mocker, link):
     dirty_log(hv, [range(10), []])
     report = save(hv, policy.Limits(downtime_limit_ms=300))
     # 10 pages and the tail at the 1 MB/s cap, not at the BytesIO's GB/s
-    assert report["est_downtime_ms"] >= (10 * policy.RAM_RECORD_BYTES
+    assert report["est_downtime_ms"] >= (10 * xen.RAM_RECORD_BYTES
                                          + policy.TAIL_BYTES) / CAP * 1000 - 1
 
 

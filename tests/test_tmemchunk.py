@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from xend_tmem.binio import StreamReader, StreamWriter
 from xend_tmem.codec.chunkdoc import ChunkCollector
 from xend_tmem.codec import tmemchunk as tc
+from xend_tmem import xen
 from xend_tmem.errors import SaveError, StreamError
 
 VECTORS = Path(__file__).parent / "data" / "vectors"
@@ -64,17 +65,17 @@ def build(version=1, pools=(), extra=None, client=(0, 0, 0), max_pools=16) -> by
     return buf.getvalue()
 
 
-V1P = tc.POOL_PERSIST | (1 << 24)
+V1P = xen.POOL_PERSIST | (1 << 24)
 
 
 def test_round_trip_v0_and_v1_with_terminator_and_extra():
     for version in (0, 1):
         oid = (7, 0, 0) if version == 0 else (7, 8, 9)
-        flags = tc.POOL_PERSIST | (version << 24)
+        flags = xen.POOL_PERSIST | (version << 24)
         data = build(version, pools=[
             (0, flags, 3, (1, 2), [record(version, oid, 0, 1), record(version, oid, 1, 2)], True),
-            (3, tc.POOL_SHARED | (version << 24), 0, (5, 6), [], False),
-        ], extra=[(0, oid, 1), (3, oid, 4)], client=(tc.CLIENT_COMPRESS, 9, 11))
+            (3, xen.POOL_SHARED | (version << 24), 0, (5, 6), [], False),
+        ], extra=[(0, oid, 1), (3, oid, 4)], client=(xen.CLIENT_COMPRESS, 9, 11))
         col = decode(data)
         c = col.chunks[0]
         assert c["client"] == {"flags": 1, "weight": 9, "cap": 11}
@@ -112,11 +113,11 @@ def patched(offset: int, value: int, data: bytes = BASE) -> bytes:
     (16, 0x4, "client flags"),
     (28, 1, "separator after cap"),
     (32, 16, "pool_id"),
-    (36, tc.POOL_PERSIST | (1 << 3), "pool flags"),
-    (36, tc.POOL_PERSIST | (1 << 12), "pool flags"),
-    (36, tc.POOL_PERSIST | (2 << 24), "pool flags"),
-    (36, tc.POOL_PERSIST | (1 << 4), "pool flags"),  # 8 KiB pages on a 4 KiB target
-    (36, tc.POOL_SHARED, "n_pages"),                 # ephemeral pool announcing pages
+    (36, xen.POOL_PERSIST | (1 << 3), "pool flags"),
+    (36, xen.POOL_PERSIST | (1 << 12), "pool flags"),
+    (36, xen.POOL_PERSIST | (2 << 24), "pool flags"),
+    (36, xen.POOL_PERSIST | (1 << 4), "pool flags"),  # 8 KiB pages on a 4 KiB target
+    (36, xen.POOL_SHARED, "n_pages"),                 # ephemeral pool announcing pages
 ])
 def test_field_validation_names_field_and_offset(offset, value, field):
     with pytest.raises(StreamError) as ei:
@@ -126,11 +127,11 @@ def test_field_validation_names_field_and_offset(offset, value, field):
 
 
 def test_v0_rejects_precompressed_bit_and_v1_accepts_it():
-    d0 = build(0, pools=[(0, tc.POOL_PRECOMPRESSED, 0, (0, 0), [], False)])
+    d0 = build(0, pools=[(0, xen.POOL_PRECOMPRESSED, 0, (0, 0), [], False)])
     with pytest.raises(StreamError):
         decode(d0)
-    d1 = build(1, pools=[(0, tc.POOL_PRECOMPRESSED | (1 << 24), 0, (0, 0), [], False)])
-    assert decode(d1).chunks[0]["pools"][0]["flags"] & tc.POOL_PRECOMPRESSED
+    d1 = build(1, pools=[(0, xen.POOL_PRECOMPRESSED | (1 << 24), 0, (0, 0), [], False)])
+    assert decode(d1).chunks[0]["pools"][0]["flags"] & xen.POOL_PRECOMPRESSED
 
 
 def test_pool_ids_must_increase():
@@ -140,8 +141,8 @@ def test_pool_ids_must_increase():
 
 
 def test_h4_pool_flags_without_version_bits_accepted():
-    data = build(1, pools=[(0, tc.POOL_PERSIST, 0, (0, 0), [], False)])
-    assert decode(data).chunks[0]["pools"][0]["flags"] == tc.POOL_PERSIST
+    data = build(1, pools=[(0, xen.POOL_PERSIST, 0, (0, 0), [], False)])
+    assert decode(data).chunks[0]["pools"][0]["flags"] == xen.POOL_PERSIST
 
 
 def test_stream_order_rules():
@@ -177,7 +178,7 @@ def test_every_truncation_is_a_stream_error(vec):
 
 def test_huge_page_size_is_not_preallocated():
     # pagebits 15 = 128 MiB pages, n_pages 2^32-1, but only a few bytes follow:
-    data = patched(36, tc.POOL_PERSIST | (15 << 4) | (1 << 24))
+    data = patched(36, xen.POOL_PERSIST | (15 << 4) | (1 << 24))
     data = patched(40, 0xFFFFFFFE, data)
     r = StreamReader(io.BytesIO(data[:200]))
     with pytest.raises(StreamError):
@@ -221,7 +222,7 @@ def chunk_states(draw):
     pools = []
     for pid in ids:
         persist = draw(st.booleans())
-        flags = (tc.POOL_PERSIST if persist else 0) | (tc.POOL_SHARED if draw(st.booleans()) else 0)
+        flags = (xen.POOL_PERSIST if persist else 0) | (xen.POOL_SHARED if draw(st.booleans()) else 0)
         flags |= version << 24
         n_real = draw(st.integers(0, 3)) if persist else 0
         extra = draw(st.integers(0, 2)) if persist else 0
@@ -248,7 +249,7 @@ def test_property_round_trip(state):
     got = col.chunks[0]
     assert got["client"] == dict(zip(("flags", "weight", "cap"), client))
     assert [p["id"] for p in got["pools"]] == [p[0] for p in pools]
-    for (pid, flags, n, uuid, recs, term), gp in zip(pools, got["pools"]):
+    for (_pid, flags, n, uuid, recs, term), gp in zip(pools, got["pools"]):
         assert gp["flags"] == flags and gp["n_pages"] == n and gp["uuid"] == list(uuid)
         assert len(gp["pages"]) == len(recs) and gp["terminated"] == term
     if extra is not None:

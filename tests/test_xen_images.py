@@ -15,13 +15,12 @@ from __future__ import annotations
 import io
 import json
 import struct
-import zlib
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import pytest
 
-from xend_tmem import plugins
+from xend_tmem import plugins, xen
 from xend_tmem.checkpoint import restore_domain, save_domain
 from xend_tmem.codec import legacy
 from xend_tmem.errors import StreamError
@@ -380,13 +379,13 @@ def _stream_xsaves(data: bytes) -> Tuple[Any, list]:
 
     def handler(reader, marker, offset) -> None:
         order.see(marker, offset)
-        if marker == tc.MARKER_TMEM:
+        if marker == xen.TMEM:
             order.client = tc.read_tmem(reader, collector, marker_offset=offset)
         else:
             tc.read_extra(reader, order.version, collector,
                           max_pools=order.client.max_pools, marker_offset=offset)
 
-    reader = legacy.LegacyReader(r, width=None, handlers={m: handler for m in tc.MARKERS})
+    reader = legacy.LegacyReader(r, width=None, handlers={m: handler for m in xen.TMEM_MARKERS})
     header = reader.read_header()
     tail = reader.read_tail(reader.read_body())
     assert r.at_eof()

@@ -80,6 +80,26 @@ def test_daemon_gone_mid_call(proxy, capsys) -> None:
     assert rc == 1 and err.startswith("Error: lost the connection to xend")
 
 
+@pytest.mark.parametrize("argv, call, reply, wanted", [
+    (["domid", "web1"], "xend.domain", [1, 2], "list, not a struct"),
+    (["list"], "xend.domains_with_state", [{"name": "a"}, 3], "list, not an array of structs"),
+    (["tmem-freeable"], "xend.node.tmem_query_freeable_mb", True, "bool, not an int"),
+    (["info"], "xend.node.info", [["host"]], "list, not an array of (key, value) pairs"),
+    (["save", "web1", "/tmp/x.img"], "xend.job.save", "7", "str, not an int"),
+])
+def test_a_reply_of_the_wrong_shape_is_one_error_line(proxy, capsys, argv, call, reply,
+                                                      wanted) -> None:
+    """A xend that answers with another type (an older or newer one) is named, not a
+    traceback."""
+    obj = proxy
+    for part in call.split("."):
+        obj = getattr(obj, part)
+    obj.return_value = reply
+    rc, _, err = run(capsys, *argv)
+    assert (rc, err) == (1, f"Error: xend answered {call} with {wanted} "
+                            "(an older or newer xend?)\n")
+
+
 @pytest.mark.parametrize("argv", [[], ["save"], ["save", "web1"], ["frobnicate"],
                                   ["migrate", "-p", "x", "web1", "h"], ["list", "--bogus"]])
 def test_usage_errors_exit_1_with_error_prefix(proxy, capsys, argv: List[str]) -> None:

@@ -10,7 +10,7 @@ import ctypes
 import os
 import stat
 import struct
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO, Callable, List, Optional, Union
 
 from .errors import StreamError
 
@@ -31,6 +31,7 @@ def _load_sync_file_range() -> Optional[Callable[..., int]]:
 
 
 _sync_file_range = _load_sync_file_range()
+Buffer = Union[bytes, bytearray, memoryview]
 _U32 = struct.Struct("<I")
 _S32 = struct.Struct("<i")
 _U64 = struct.Struct("<Q")
@@ -51,6 +52,7 @@ class StreamReader:
         self.end = 0
         self._base = offset          # stream offset of buf[0]
         self._eof = False
+        self._spare: List[bytearray] = []   # buffers given back after a :meth:`lend`
 
     # -- position ---------------------------------------------------------
     @property
@@ -80,9 +82,12 @@ class StreamReader:
             self._base += self.pos
             self.pos, self.end = 0, rest
         while self.end < n and not self._eof:
-            want = min(max(n - self.end, CHUNK), CHUNK)
-            if len(self.buf) < self.end + want:
-                self.buf.extend(bytes(self.end + want - len(self.buf)))
+            # read into the room the buffer has (up to CHUNK); grow it only
+            # for bytes asked for that do not fit, by at most CHUNK a read
+            need = min(n - self.end, CHUNK)
+            if len(self.buf) - self.end < need:
+                self.buf.extend(bytes(self.end + need - len(self.buf)))
+            want = min(len(self.buf) - self.end, CHUNK)
             got = self._read_into(self.end, want)
             if not got:
                 self._eof = True
@@ -103,6 +108,30 @@ class StreamReader:
             return len(data)
         finally:
             mv.release()
+
+    def lend(self, n: int) -> bytearray:
+        """The buffer holding the next ``n`` available bytes (at ``pos``), for
+        the caller to keep using after the reader moves on (another thread
+        storing them while the next batch is read): the reader goes on in a
+        spare buffer, with the bytes after those ``n`` copied to the same
+        offsets, so ``pos``/``end`` and the offset are unchanged (the caller
+        still calls :meth:`skip` for them). Hand it back with :meth:`give_back`."""
+        if n > self.end - self.pos:
+            raise ValueError(f"{n} bytes lent, {self.end - self.pos} available")
+        old = self.buf
+        new = self._spare.pop() if self._spare else bytearray(len(old))
+        if len(new) < len(old):
+            new.extend(bytes(len(old) - len(new)))
+        keep = self.pos + n
+        if self.end > keep:
+            new[keep:self.end] = old[keep:self.end]
+        self.buf = new
+        return old
+
+    def give_back(self, buf: bytearray) -> None:
+        """Take back a buffer :meth:`lend` handed out (no view of it may remain)."""
+        if len(self._spare) < 2:
+            self._spare.append(buf)
 
     def skip(self, n: int) -> None:
         """Consume ``n`` bytes already made available by :meth:`fill`."""
@@ -150,19 +179,19 @@ class StreamReader:
 
     def u32(self, field: str) -> int:
         self._need(4, field)
-        v = _U32.unpack_from(self.buf, self.pos)[0]
+        v: int = _U32.unpack_from(self.buf, self.pos)[0]
         self.pos += 4
         return v
 
     def s32(self, field: str) -> int:
         self._need(4, field)
-        v = _S32.unpack_from(self.buf, self.pos)[0]
+        v: int = _S32.unpack_from(self.buf, self.pos)[0]
         self.pos += 4
         return v
 
     def u64(self, field: str) -> int:
         self._need(8, field)
-        v = _U64.unpack_from(self.buf, self.pos)[0]
+        v: int = _U64.unpack_from(self.buf, self.pos)[0]
         self.pos += 8
         return v
 
@@ -217,7 +246,7 @@ class StreamWriter:
         if _sync_file_range(self._wb_fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:  # type: ignore[misc]
             self._wb_fd = -1             # e.g. a filesystem that refuses it: the fsync does all
 
-    def write(self, data) -> None:
+    def write(self, data: Buffer) -> None:
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
         self.offset += n
         if n >= 65536:
@@ -241,15 +270,13 @@ class StreamWriter:
     def ulong(self, width: int, v: int) -> None:
         self.write(_U32.pack(v) if width == 4 else _U64.pack(v))
 
-    def _write_all(self, data) -> None:
+    def _write_all(self, data: Buffer) -> None:
         with memoryview(data) as raw, raw.cast("B") as whole:
             mv = whole
             total = mv.nbytes
             while mv.nbytes:
-                n = self._f.write(mv)
-                if n is None:          # non-blocking raw file wrote nothing
-                    n = 0
-                mv = mv[n:]
+                wrote: Optional[int] = self._f.write(mv)
+                mv = mv[wrote or 0:]   # None: a non-blocking raw file wrote nothing
             mv.release()
         if self._wb_fd >= 0:
             self._writeback(total)
@@ -266,12 +293,12 @@ class StreamWriter:
             fl()
 
 
-def ensure_reader(f) -> StreamReader:
+def ensure_reader(f: Union[BinaryIO, StreamReader]) -> StreamReader:
     """Accept either a file object or an existing :class:`StreamReader`."""
     return f if isinstance(f, StreamReader) else StreamReader(f)
 
 
-def ensure_writer(f) -> StreamWriter:
+def ensure_writer(f: Union[BinaryIO, StreamWriter]) -> StreamWriter:
     return f if isinstance(f, StreamWriter) else StreamWriter(f)
 
 

@@ -19,7 +19,7 @@ import dataclasses
 import time
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .binio import StreamReader, StreamWriter
 from .codec import image, legacy, sxp
@@ -28,12 +28,11 @@ from .hypervisor.interface import Hypervisor
 from .integrity import RamCheck
 from .plugins import CheckpointHooks
 from .tmem import policy
+from .xen import (EXTV_SIZE, MAX_BATCH, MAX_XSAVE, NO_DATA_TYPES, PAGE_SIZE, VCPU_CTX_SIZES,
+                  VCPU_CTX_X32, VCPU_CTX_X64, XEN_MAX_FACTOR)
 from .session import (JournalFn, Outcome, ProgressFn, RestoreSession, RoundStats, SaveSession,
                       _no_progress)
 
-PAGE = 4096
-BATCH = 1024                 # pages per batch (Xen's MAX_BATCH_SIZE)
-MAX_FACTOR = policy.XEN_MAX_FACTOR   # RoundStats.max_pages: Xen's 3 x p2m_size
 
 
 def _raise_done_errors(phase: str, errors: List[Tuple[str, BaseException]],
@@ -80,13 +79,14 @@ class _Saver:
         self.last_round_pages = 0            # RAM pages sent after the suspend
         self.ram_bytes = 0
         self.started = time.monotonic()
+        self.sink: Optional[Any] = None      # the raw output, when it can drain (a socket)
         self.suspended_at: Optional[float] = None
         self.stream_end: Optional[float] = None
         self.total_estimate: Optional[int] = None
         self.est_downtime_ms: Optional[float] = None   # the stop rule's last estimate
         self.est_freeze_ms: Optional[float] = None     # plugins' last estimate before suspend
         self.committed_at: Optional[float] = None
-        self.ctx_size = legacy.VCPU_CTX_X64   # set from the domain when the header is written
+        self.ctx_size = VCPU_CTX_X64   # set from the domain when the header is written
         self.xsave_size: Optional[int] = None  # the xcnt size, None when no vcpu has xsave
 
     def progress(self, phase: str) -> None:
@@ -110,7 +110,7 @@ class _Saver:
         def ask_crcs(k: int) -> "Optional[Tuple[Future[None], array]]":
             if helper is None or k >= len(pfns):
                 return None
-            batch = pfns[k:k + BATCH]
+            batch = pfns[k:k + MAX_BATCH]
             crcs = array("I", bytes(4 * len(batch)))
             return helper.submit(hv.ram_page_crcs, domid, batch, crcs), crcs
         try:
@@ -124,10 +124,10 @@ class _Saver:
         hv, domid, w, width = self.hv, self.s.domid, self.w, self.s.width
         log = self.s.page_log
         pending = ask_crcs(0)
-        for i in range(0, len(pfns), BATCH):
+        for i in range(0, len(pfns), MAX_BATCH):
             self.s.check_cancel()
-            batch = pfns[i:i + BATCH]
-            mine, pending = pending, ask_crcs(i + BATCH)
+            batch = pfns[i:i + MAX_BATCH]
+            mine, pending = pending, ask_crcs(i + MAX_BATCH)
             view = map_range(domid, batch) if map_range is not None else None
             data = view if view is not None else hv.read_pages(domid, batch)
             before = w.offset
@@ -143,7 +143,8 @@ class _Saver:
             finally:
                 if view is not None:
                     view.release()
-            if self.s.page_log is not None and w.offset != before + 4 + (width + 4096) * len(batch):
+            if (self.s.page_log is not None
+                    and w.offset != before + 4 + (width + PAGE_SIZE) * len(batch)):
                 raise AssertionError(f"a RAM batch of {len(batch)} pages took "
                                      f"{w.offset - before} bytes: page log offsets are wrong")
             self.pages_sent += len(batch)
@@ -170,20 +171,28 @@ class _Saver:
         # written (RAM and plugins' after-round chunks) and every second counts once
         mark_t, mark_b = time.monotonic(), self.w.offset     # log-dirty was just enabled
         carried = 0           # pages read early (after plugins' chunks): the next entry's
+        drained = 0.0         # seconds spent draining since the mark: no sending time
         while True:
             self.rounds += 1
             t0 = time.monotonic()
             b0 = self.w.offset
             self.send_pages(to_send, "rounds")
+            # the round ends when the receiver has taken it, so nothing it has
+            # not read is left for the downtime (a socket queue of MBs would be,
+            # unseen by the estimate); the wait is no sending time: the rate is
+            # the sender's, which the receiver keeps up with once warm
+            sent_at = time.monotonic()
+            in_flight = self.drain()
+            drained += time.monotonic() - sent_at
             sent_total += len(to_send)
             pages = len(to_send)
             now = time.monotonic()
-            elapsed = max(now - t0, 1e-6)
+            elapsed = max(sent_at - t0, 1e-6)
             s.bandwidth_bps = (self.w.offset - b0) / elapsed if self.w.offset > b0 else s.bandwidth_bps
             dirty = hv.read_and_clear_dirty(s.domid)
-            window.add(self.w.offset - mark_b, now - mark_t, len(dirty) + carried,
+            window.add(self.w.offset - mark_b, now - mark_t - drained, len(dirty) + carried,
                        now - mark_t)
-            mark_t, mark_b, carried = now, self.w.offset, 0
+            mark_t, mark_b, carried, drained = now, self.w.offset, 0, 0.0
             s.rates = window.rates(policy.DEFAULT_BANDWIDTH, s.overhead_ms,
                                    cap_bps=s.rate_cap_bps)
             # RAM's side, for plugins to weigh their own steps by the host's rule
@@ -194,13 +203,16 @@ class _Saver:
             stats = RoundStats(number=self.rounds, pages_sent=pages,
                                bytes_sent=self.w.offset - b0, elapsed_s=elapsed,
                                bandwidth_bps=s.bandwidth_bps or 0.0, ram_pages=p2m,
-                               max_rounds=s.limits.max_iters, max_pages=MAX_FACTOR * p2m,
+                               max_rounds=s.limits.max_iters, max_pages=XEN_MAX_FACTOR * p2m,
                                dirty_pages=len(dirty))
             before_hooks = self.w.offset
             hooks.save_after_round(s, stats)
             if self.w.offset != before_hooks:
                 # plugins sent something (tmem, its log): what the guest dirtied
                 # meanwhile is owed too, and weighs on the decision now
+                sent_at = time.monotonic()
+                in_flight = self.drain()
+                drained += time.monotonic() - sent_at
                 more = set(hv.read_and_clear_dirty(s.domid)).difference(dirty)
                 carried = len(more)
                 dirty = sorted(more.union(dirty))
@@ -210,7 +222,8 @@ class _Saver:
             pending = hooks.save_pending(s)
             progress = dataclasses.replace(s.round_progress,
                                            tmem_after_bytes=pending.after_suspend,
-                                           before_bytes=pending.before_suspend)
+                                           before_bytes=pending.before_suspend,
+                                           in_flight_bytes=in_flight)
             to_send = dirty
             d = policy.should_stop(progress, s.rates, s.limits, best)
             best = d.expected_downtime_ms if best is None else min(best, d.expected_downtime_ms)
@@ -228,7 +241,19 @@ class _Saver:
                 s.warnings.append(d.warning)
             s.log.info("domain %d: stopping after round %d (%d pages sent this round, "
                        "%d dirty): %s", s.domid, self.rounds, pages, len(dirty), d.why)
+            self.drain(settle=True)      # the receiver catches up while the guest runs
             return list(dirty)
+
+    def drain(self, settle: bool = False) -> int:
+        """Flush, and wait for the receiver to take what was written (a sink
+        with ``drain``: a migration's socket; ``settle`` before the suspend);
+        the bytes still in flight."""
+        sink = self.sink
+        if sink is None or not hasattr(sink, "drain"):
+            return 0
+        self.w.flush()
+        sink.drain(settle=settle)
+        return int(sink.in_flight())
 
     def suspend(self) -> None:
         self.progress("suspend")
@@ -247,10 +272,10 @@ class _Saver:
         # keeps the extended context its image brought (DOMCTL_get_ext_vcpucontext)
         ext = [hv.get_ext_vcpu_context(s.domid, v) for v in vcpus]
         for v, c, e in zip(vcpus, contexts, ext):
-            if len(c) != self.ctx_size or len(e) != legacy.EXTV_SIZE:
+            if len(c) != self.ctx_size or len(e) != EXTV_SIZE:
                 raise StreamError(f"vcpu {v} of domain {s.domid} has a {len(c)}-byte context "
                                   f"and a {len(e)}-byte extended context; the image announced "
-                                  f"{self.ctx_size} and {legacy.EXTV_SIZE}", field="vcpu context")
+                                  f"{self.ctx_size} and {EXTV_SIZE}", field="vcpu context")
         if self.xsave_size is not None:
             # xcnt: each record is extv + the vcpu's xsave (DOMCTL_getvcpuextstate)
             xsave = _vcpu_xsaves(hv, s.domid, vcpus)
@@ -268,9 +293,9 @@ def _vcpu_context_size(hv, domid: int) -> int:
     ``vcpu`` block, and through it the guest width of the p2m frame list."""
     vcpus = hv.online_vcpus(domid)
     size = len(hv.get_vcpu_context(domid, vcpus[0] if vcpus else 0))
-    if size not in legacy.VCPU_CTX_SIZES:
+    if size not in VCPU_CTX_SIZES:
         raise StreamError(f"domain {domid}'s vcpu context is {size} bytes, neither an x86-64 "
-                          f"({legacy.VCPU_CTX_X64}) nor an x86-32 ({legacy.VCPU_CTX_X32}) one",
+                          f"({VCPU_CTX_X64}) nor an x86-32 ({VCPU_CTX_X32}) one",
                           field="vcpu context")
     return size
 
@@ -299,9 +324,9 @@ def _vcpu_xsave_size(hv, domid: int) -> Optional[int]:
         raise SaveError(f"domain {domid}'s vcpus have xsave records of different sizes "
                         f"({_sizes(xsave)}); an xcnt block announces one size for all vcpus")
     size = sizes.pop()
-    if size > legacy.MAX_XSAVE:
+    if size > MAX_XSAVE:
         raise SaveError(f"domain {domid}'s xsave records are {size} bytes; the xcnt block "
-                        f"allows at most {legacy.MAX_XSAVE}")
+                        f"allows at most {MAX_XSAVE}")
     return size
 
 
@@ -361,6 +386,7 @@ def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointH
                           limits=limits if limits is not None else policy.Limits(),
                           rate_cap_bps=rate_cap_bps, overhead_ms=overhead_ms)
     saver = _Saver(session, hooks)
+    saver.sink = out if not isinstance(out, StreamWriter) else None   # drain(): see rounds_live
     outcome = Outcome()
     logdirty = False
     setup_ran = False
@@ -372,7 +398,7 @@ def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointH
         setup_ran = True
         hooks.save_setup(session)
         pending = hooks.save_pending(session)
-        saver.total_estimate = (session.p2m_size * (PAGE + width) + pending.before_suspend
+        saver.total_estimate = (session.p2m_size * (PAGE_SIZE + width) + pending.before_suspend
                                 + pending.after_suspend)
         image.write_header(w, domain_sxp(info))
         hooks.save_before_header(session)
@@ -380,7 +406,7 @@ def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointH
         ctx_size = saver.ctx_size = _vcpu_context_size(hv, domid)
         saver.xsave_size = _vcpu_xsave_size(hv, domid)
         legacy.write_pv_ext_info(w, width, ctx_size, extv=True, xcnt_size=saver.xsave_size)
-        frames = legacy.p2m_frame_count(session.p2m_size, legacy.VCPU_CTX_SIZES[ctx_size])
+        frames = legacy.p2m_frame_count(session.p2m_size, VCPU_CTX_SIZES[ctx_size])
         legacy.write_p2m_frame_list(w, width, range(frames))
         hooks.save_before_rounds(session)
         if live:
@@ -553,9 +579,9 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
         # the config; ``data`` is valid only during this call (write_pages copies)
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled")
-        if data.nbytes != len(pfns) * PAGE:
+        if data.nbytes != len(pfns) * PAGE_SIZE:
             # XTAB/XALLOC/BROKEN entries name a pfn but carry no page
-            pfns = [p for p, t in zip(pfns, types) if t not in legacy.NO_DATA_TYPES]
+            pfns = [p for p, t in zip(pfns, types) if t not in NO_DATA_TYPES]
         token = None
         if pfns and ram_check is not None:
             token = ram_check.expect(pfns, data, offset)

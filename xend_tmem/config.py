@@ -27,12 +27,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Pattern, Tuple
 
 
 from .errors import ConfigError
+from .hypervisor.profiles import SWITCHABLE_DEFECTS
+from .xen import XEN_MAX_ITERS
 from .yamlfile import parse_yaml
 
 ENV_VAR = "XEND_CONFIG"
 DEFAULT_PATH = "/etc/xen/xend-config.yaml"
 XEN_RELEASE_DEFAULT = "4.0.2"
-DEFECTS = ("H1", "H2", "H3")
 _RELEASE_RE = re.compile(r"4\.([0-5])\.(\d+|x)")
 LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -74,7 +75,7 @@ class MigrationSettings:
     max_rate_mbit: float = 0.0          # sender's rate cap, megabits/s (xm migrate -r); 0 = none
     downtime_limit_ms: float = 300.0
     on_limit_miss: str = "best-effort"  # or strict: abort and leave the source running
-    max_iters: int = 29                 # Xen's own ceiling by default
+    max_iters: int = XEN_MAX_ITERS      # Xen's own ceiling by default
     max_total_s: float = 0.0            # 0 = no cap on a migration's total time
     downtime_limit_from: str = ""       # the key that set the limit ("" = the default)
 
@@ -258,11 +259,17 @@ _KEYS: Dict[str, Tuple[str, Callable[[Any], Any], bool]] = {
 _REQUIRED_PATHS = ("xend-unix-socket", "xend-pid-file", "xend-state-dir", "logfile")
 
 
-def _hypervisor(value: Any, where: str) -> HypervisorSettings:
+def _section(value: Any, where: str, section: str) -> Dict[str, Any]:
+    """A section of the file: a mapping (absent: empty), or refused naming it."""
     if value is None:
-        return HypervisorSettings()
+        return {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: hypervisor: expected a mapping, got {value!r}")
+        raise ConfigError(f"{where}: {section}: expected a mapping, got {value!r}")
+    return value
+
+
+def _hypervisor(value: Any, where: str) -> HypervisorSettings:
+    value = _section(value, where, "hypervisor")
     out: Dict[str, Any] = {}
     for key, raw in value.items():
         name = f"hypervisor.{key}"
@@ -293,11 +300,11 @@ def _hypervisor(value: Any, where: str) -> HypervisorSettings:
                 items = []
             if not isinstance(items, list) or not all(isinstance(d, str) for d in items):
                 raise ConfigError(f"{where}: {name}: expected a list of defect names "
-                                  f"({', '.join(DEFECTS)}), got {raw!r}")
+                                  f"({', '.join(SWITCHABLE_DEFECTS)}), got {raw!r}")
             for d in items:
-                if d.upper() not in DEFECTS:
+                if d.upper() not in SWITCHABLE_DEFECTS:
                     raise ConfigError(f"{where}: {name}: unknown defect {d!r} "
-                                      f"(switchable: {', '.join(DEFECTS)})")
+                                      f"(switchable: {', '.join(SWITCHABLE_DEFECTS)})")
             out["defects"] = tuple(sorted({d.upper() for d in items}))
         elif key in ("tmem-capacity-mb", "tmem-prealloc-mb"):
             try:
@@ -319,7 +326,8 @@ def _hypervisor(value: Any, where: str) -> HypervisorSettings:
                      "tmem-prealloc-mb", "seed", "tmem-version")
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: {name}: unknown key{hint} (known: {', '.join(known[:-1])})")
+            raise ConfigError(f"{where}: {name}: unknown key{hint} "
+                              f"(known: {', '.join(known[:-1])})")
     return HypervisorSettings(**out)
 
 
@@ -337,10 +345,7 @@ def _migration_number(raw: Any, where: str, name: str, lo: float, hi: float,
 def _migration(value: Any, tmem: Any, where: str) -> MigrationSettings:
     """The ``migration:`` section; ``tmem.downtime-limit-ms`` is the old name of
     ``migration.downtime-limit-ms`` and still sets it (both given: they must agree)."""
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: migration: expected a mapping, got {value!r}")
+    value = _section(value, where, "migration")
     out: Dict[str, Any] = {}
     for key, raw in value.items():
         name = f"migration.{key}"
@@ -377,7 +382,8 @@ def _migration(value: Any, tmem: Any, where: str) -> MigrationSettings:
 
 def _xen_release(raw: Any, where: str, name: str) -> str:
     """'4.0.2' style, 4.0.0 to 4.5.x; a bare '4.1' means '4.1.0'."""
-    text = str(raw).strip() if isinstance(raw, (str, float, int)) and not isinstance(raw, bool) else ""
+    scalar = isinstance(raw, (str, float, int)) and not isinstance(raw, bool)
+    text = str(raw).strip() if scalar else ""
     if re.fullmatch(r"4\.[0-5]", text):
         text += ".0"
     m = _RELEASE_RE.fullmatch(text)
@@ -492,7 +498,7 @@ def load_toolstack_config(path: Optional[str] = None) -> ToolstackConfig:
     """
     path, required = config_path(path)
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         if not required:

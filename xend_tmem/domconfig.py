@@ -20,14 +20,13 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 
 from .errors import ConfigError
+from .xen import MAX_POOLS, PAGE_SIZE
 from .yamlfile import parse_yaml
 
 OID = Tuple[int, int, int]
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
-MAX_POOLS = 16
-PAGE_SIZE = 4096
 MAX_MEMORY_MIB = 1 << 20          # 1 TiB: the simulator maps RAM lazily, but keep it sane
 MAX_VCPUS = 128
 MAX_BULK_PAGES = 1 << 28          # 1 TiB of 4 KiB pages
@@ -324,13 +323,15 @@ class _Parser:
             name=name,
             memory=self.int_(m.get("memory", 128), "memory", 1, MAX_MEMORY_MIB),
             vcpus=self.int_(m.get("vcpus", 1), "vcpus", 1, MAX_VCPUS),
-            workload=self.workload(m["workload"], "workload") if "workload" in m else WorkloadSpec(),
+            workload=(self.workload(m["workload"], "workload") if "workload" in m
+                      else WorkloadSpec()),
             tmem=tmem,
             source=self.source,
         )
 
     def workload(self, v: Any, path: str) -> WorkloadSpec:
-        rates = ("ram_dirty_pages_per_s", "tmem_puts_per_s", "tmem_gets_per_s", "tmem_flushes_per_s")
+        rates = ("ram_dirty_pages_per_s", "tmem_puts_per_s", "tmem_gets_per_s",
+                 "tmem_flushes_per_s")
         m = self.mapping(v, path, rates + ("seed",))
         kw: Dict[str, Any] = {k: self.rate(m[k], f"{path}.{k}") for k in rates if k in m}
         if "seed" in m:

@@ -26,15 +26,20 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import zlib
+from array import array
 from collections import deque
 from itertools import starmap
-from typing import BinaryIO, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import (BinaryIO, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple,
+                    Union)
 
 from .crc import crc32 as _crc32
 from .errors import XendTmemError
+from .xen import PAGE_SIZE
 
-PAGE = 4096
+Buffer = Union[bytes, bytearray, memoryview, "array[int]"]
+
 RAM = 0
 TMEM = 1
 SIDECAR_SUFFIX = ".crc"
@@ -68,15 +73,9 @@ def encode(records: Iterable[Record]) -> bytes:
     return b"".join(starmap(_RECORD.pack, records))
 
 
-def decode(data: bytes) -> List[Record]:
+def decode(data: Buffer) -> List[Record]:
     """Records from their wire/file form (a length not a multiple is refused)."""
-    if len(data) % RECORD_SIZE:
-        raise IntegrityError(f"page checksum records of {len(data)} bytes: not a multiple "
-                             f"of {RECORD_SIZE}")
-    kinds = bytes(data[::RECORD_SIZE])          # every record's first byte, in one C slice
-    if kinds and max(kinds) > TMEM:
-        i = next(i for i, k in enumerate(kinds) if k > TMEM)
-        raise IntegrityError(f"page checksum record {i} has kind {kinds[i]}")
+    check_record_bytes(data)
     return list(_RECORD.iter_unpack(data))
 
 
@@ -92,15 +91,15 @@ def _heads(version: int, page_size: int) -> struct.Struct:
     return st
 
 
-def ram_records(pfns: Sequence[int], data) -> List[Record]:
+def ram_records(pfns: Sequence[int], data: Buffer) -> List[Record]:
     """The records of a RAM batch (``data``: the pages of ``pfns`` in order)."""
     mv = memoryview(data).cast("B")
     crc32 = _crc32
-    crcs = [crc32(mv[o:o + PAGE]) for o in range(0, len(pfns) * PAGE, PAGE)]
+    crcs = [crc32(mv[o:o + PAGE_SIZE]) for o in range(0, len(pfns) * PAGE_SIZE, PAGE_SIZE)]
     return [(RAM, 0, pfn, 0, 0, 0, c) for pfn, c in zip(pfns, crcs)]
 
 
-def tmem_ids(pool_id: int, version: int, records, count: int,
+def tmem_ids(pool_id: int, version: int, records: Buffer, count: int,
              page_size: int) -> List[Tuple[int, int, int, int, int, int]]:
     """The identities ``(TMEM, pool, oid0, oid1, oid2, index)`` of a batch of
     wire-layout tmem records, in order."""
@@ -111,7 +110,7 @@ def tmem_ids(pool_id: int, version: int, records, count: int,
     return [(TMEM, pool_id, o0, o1, o2, i) for o0, o1, o2, i in st.iter_unpack(mv)]
 
 
-def tmem_crcs(version: int, records, count: int, page_size: int) -> List[int]:
+def tmem_crcs(version: int, records: Buffer, count: int, page_size: int) -> List[int]:
     """The CRC32 of each record's page."""
     rec = _heads(version, page_size).size
     head = rec - page_size
@@ -120,17 +119,129 @@ def tmem_crcs(version: int, records, count: int, page_size: int) -> List[int]:
     return [crc32(mv[o:o + page_size]) for o in range(head, count * rec, rec)]
 
 
+# -- records as bytes, a batch at a time -----------------------------------------------
+#
+# A save or restore of a 1.5 GiB image handles ~400 000 records: one Python tuple each
+# cost ~0.35 s per operation (building them, then the cyclic GC walking the growing
+# list). The records are kept in their file form instead (the sidecar's body, 41 bytes
+# each) and a batch's are built with one strided byte copy per field byte: every
+# field is little-endian, so byte j of a field of every record is byte j of every
+# value of a little-endian array of that field.
+
+_LITTLE = sys.byteorder == "little"
+_O_POOL, _O_OID, _O_INDEX, _O_CRC = 1, 5, 29, 37       # field offsets in a record
+
+
+def _le_bytes(values: "array[int]") -> memoryview:
+    """``values``' bytes, little-endian."""
+    if not _LITTLE:                                     # pragma: no cover - big-endian hosts
+        values = array(values.typecode, values)
+        values.byteswap()
+    return memoryview(values).cast("B")
+
+
+def _u32s(crcs: Union[Sequence[int], Buffer]) -> "array[int]":
+    if isinstance(crcs, array) and crcs.typecode == "I":
+        return crcs
+    return array("I", crcs)                             # type: ignore[arg-type]
+
+
+def _scatter(dst: memoryview, at: int, src: memoryview, width: int, stride: int) -> None:
+    """Byte ``j`` (< ``width``) of every ``stride``-byte item of ``src`` into byte
+    ``at + j`` of every record of ``dst`` (as many items as records)."""
+    for j in range(width):
+        dst[at + j::RECORD_SIZE] = src[j::stride]
+
+
+def ram_record_bytes(pfns: Sequence[int], crcs: Union[Sequence[int], Buffer]) -> bytearray:
+    """The file form of a RAM batch's records (``crcs``: its pages' CRC32s)."""
+    n = len(pfns)
+    c = _u32s(crcs)
+    if len(c) != n:
+        raise ValueError(f"{len(c)} CRCs for {n} RAM pages")
+    out = bytearray(n * RECORD_SIZE)            # kind RAM, pool, oid1, oid2, index: 0
+    if n:
+        mv = memoryview(out)
+        _scatter(mv, _O_OID, _le_bytes(array("Q", pfns)), 8, 8)
+        _scatter(mv, _O_CRC, _le_bytes(c), 4, 4)
+    return out
+
+
+def tmem_record_bytes(pool_id: int, version: int, records: Buffer, count: int,
+                      page_size: int, crcs: Union[Sequence[int], Buffer]) -> bytearray:
+    """The file form of a batch of wire-layout tmem records' records: the oid
+    and index bytes are copied from the wire heads (little-endian too)."""
+    rec = _heads(version, page_size).size
+    src = memoryview(records).cast("B")
+    if src.nbytes < count * rec:
+        raise ValueError(f"{src.nbytes} bytes do not hold {count} tmem records of {rec}")
+    src = src[:count * rec]
+    c = _u32s(crcs)
+    if len(c) != count:
+        raise ValueError(f"{len(c)} CRCs for {count} tmem pages")
+    out = bytearray(count * RECORD_SIZE)
+    if count:
+        mv = memoryview(out)
+        mv[0::RECORD_SIZE] = bytes([TMEM]) * count
+        for j, b in enumerate(struct.pack("<I", pool_id)):
+            if b:
+                mv[_O_POOL + j::RECORD_SIZE] = bytes([b]) * count
+        oid = 8 if version == 0 else 24             # the wire head: oid, then u32 index
+        _scatter(mv, _O_OID, src, oid, rec)
+        _scatter(mv, _O_INDEX, src[oid:], 4, rec)
+        _scatter(mv, _O_CRC, _le_bytes(c), 4, 4)
+    return out
+
+
+def record_crcs(data: Buffer, first: int, n: int) -> "array[int]":
+    """The CRC fields of records ``first .. first+n`` of the file form ``data``."""
+    raw = bytearray(4 * n)
+    if n:
+        src = memoryview(data).cast("B")[first * RECORD_SIZE:(first + n) * RECORD_SIZE]
+        mv = memoryview(raw)
+        for j in range(4):
+            mv[j::4] = src[_O_CRC + j::RECORD_SIZE]
+    out = array("I")
+    out.frombytes(raw)
+    if not _LITTLE:                                     # pragma: no cover
+        out.byteswap()
+    return out
+
+
+def check_record_bytes(data: Buffer) -> None:
+    """Refuse a file form whose length is not whole records or that has a bad kind."""
+    mv = memoryview(data).cast("B")
+    if mv.nbytes % RECORD_SIZE:
+        raise IntegrityError(f"page checksum records of {mv.nbytes} bytes: not a multiple "
+                             f"of {RECORD_SIZE}")
+    kinds = bytes(mv[::RECORD_SIZE])            # every record's first byte, in one C slice
+    if kinds and max(kinds) > TMEM:
+        i = next(i for i, k in enumerate(kinds) if k > TMEM)
+        raise IntegrityError(f"page checksum record {i} has kind {kinds[i]}")
+
+
 class PageLog:
-    """The save side: one record per page written, in stream order.
+    """The save side: one record per page written, in stream order, kept in
+    the sidecar's file form (:attr:`data`).
 
     With ``covered`` (a deque, set by :class:`CrcWriter`), the image byte
     ranges the records cover are noted too, so the writer can checksum only
     the bytes between them."""
 
     def __init__(self) -> None:
-        self.records: List[Record] = []
+        self.data = bytearray()  # the records, RECORD_SIZE bytes each
         self.sent = 0            # records already handed to a stream (migration)
         self.covered: Optional[Deque[List[int]]] = None
+
+    @property
+    def count(self) -> int:
+        """Records logged."""
+        return len(self.data) // RECORD_SIZE
+
+    @property
+    def records(self) -> List[Record]:
+        """The records as tuples (a copy: for reports and tests, not per page)."""
+        return decode(self.data)
 
     def cover(self, offset: Optional[int], nbytes: int) -> None:
         """Image bytes ``offset .. offset+nbytes`` are pages just logged (they
@@ -145,40 +256,37 @@ class PageLog:
                 raise ValueError(f"page range at image offset {offset} overlaps the previous one")
             cov.append([offset, offset + nbytes])
 
-    def ram(self, pfns: Sequence[int], data, offset: Optional[int] = None,
-            crcs: Optional[Sequence[int]] = None) -> None:
+    def ram(self, pfns: Sequence[int], data: Buffer, offset: Optional[int] = None,
+            crcs: Optional[Union[Sequence[int], Buffer]] = None) -> None:
         """``offset``: where the batch's page data goes in the image. ``crcs``:
         the pages' CRC32s when the hypervisor computed them (the guest cannot
         change them: it is suspended)."""
         if crcs is None:
-            self.records.extend(ram_records(pfns, data))
-        else:
-            self.records.extend([(RAM, 0, pfn, 0, 0, 0, c) for pfn, c in zip(pfns, crcs)])
-        self.cover(offset, len(pfns) * PAGE)
+            mv = memoryview(data).cast("B")
+            crc32 = _crc32
+            crcs = [crc32(mv[o:o + PAGE_SIZE]) for o in range(0, len(pfns) * PAGE_SIZE, PAGE_SIZE)]
+        self.data += ram_record_bytes(pfns, crcs)
+        self.cover(offset, len(pfns) * PAGE_SIZE)
 
-    def tmem(self, pool_id: int, version: int, records, count: int, page_size: int,
-             offset: Optional[int] = None, crcs: Optional[Sequence[int]] = None) -> None:
+    def tmem(self, pool_id: int, version: int, records: Buffer, count: int, page_size: int,
+             offset: Optional[int] = None,
+             crcs: Optional[Union[Sequence[int], Buffer]] = None) -> None:
         """``offset``: where the records go in the image (a record's oid and
         index are covered by its identity, its page by its CRC). ``crcs``: the
         pages' CRC32s when the hypervisor computed them."""
         if crcs is None:
             crcs = tmem_crcs(version, records, count, page_size)
-        # each record built once from the unpacked heads (not ids, then id + crc):
-        # a save logs ~250 000 of them per GiB of tmem
-        st = _heads(version, page_size)
-        mv = memoryview(records).cast("B")[:count * st.size]
-        if version == 0:
-            self.records.extend([(TMEM, pool_id, o0, 0, 0, i, c)
-                                 for (o0, i), c in zip(st.iter_unpack(mv), crcs)])
-        else:
-            self.records.extend([(TMEM, pool_id, o0, o1, o2, i, c)
-                                 for (o0, o1, o2, i), c in zip(st.iter_unpack(mv), crcs)])
-        self.cover(offset, count * st.size)
+        self.data += tmem_record_bytes(pool_id, version, records, count, page_size, crcs)
+        self.cover(offset, count * _heads(version, page_size).size)
+
+    def take_unsent_bytes(self) -> bytes:
+        """The file form of the records not handed to a stream yet."""
+        out = bytes(self.data[self.sent * RECORD_SIZE:])
+        self.sent = self.count
+        return out
 
     def take_unsent(self) -> List[Record]:
-        out = self.records[self.sent:]
-        self.sent = len(self.records)
-        return out
+        return decode(self.take_unsent_bytes())
 
 
 class PageCheck:
@@ -186,30 +294,54 @@ class PageCheck:
     (all known up front from a sidecar, or arriving ahead of their pages in a
     migration stream). Corrupt frames seen in transit are remembered too.
 
-    A batch is compared as a whole (one list comparison); only a batch that
+    The records are kept in their file form; a batch is compared as a whole
+    (its records built the same way, one byte comparison); only a batch that
     differs is walked page by page, to name the first bad page."""
 
-    def __init__(self, records: Optional[List[Record]] = None, source: str = "") -> None:
-        self.expected: List[Record] = list(records or [])
+    def __init__(self, records: Optional[Union[List[Record], Buffer]] = None,
+                 source: str = "") -> None:
+        self._exp = bytearray()
         self.source = source            # "FILE.crc" or "the migration stream"
         self.seen = 0
         self.page_bytes = 0             # image bytes the checked records cover
         self.bad_frames: List[str] = []
+        if records:
+            self.add_expected(records)
 
-    def add_expected(self, records: List[Record]) -> None:
-        if len(self.expected) + len(records) > MAX_RECORDS:
+    @property
+    def count(self) -> int:
+        """Records expected so far."""
+        return len(self._exp) // RECORD_SIZE
+
+    @property
+    def expected(self) -> List[Record]:
+        """The expected records as tuples (a copy: for reports and tests)."""
+        return decode(self._exp)
+
+    def _want(self, i: int) -> Record:
+        return _RECORD.unpack_from(self._exp, i * RECORD_SIZE)  # type: ignore[return-value]
+
+    def add_expected(self, records: Union[List[Record], Buffer]) -> None:
+        """More records: tuples, or their file form (checked: whole records, known kinds)."""
+        if isinstance(records, list):
+            data: Buffer = encode(records)
+        else:
+            check_record_bytes(records)
+            data = records
+        n = memoryview(data).nbytes // RECORD_SIZE
+        if self.count + n > MAX_RECORDS:
             raise IntegrityError(f"more than {MAX_RECORDS} page checksum records")
-        self.expected.extend(records)
+        self._exp += data
 
     def frame_bad(self, what: str) -> None:
         self.bad_frames.append(what)
 
     def _check(self, got: Record, offset: Optional[int]) -> None:
         where = f" (image offset {offset})" if offset is not None else ""
-        if self.seen >= len(self.expected):
+        if self.seen >= self.count:
             raise IntegrityError(f"{describe(got)}{where} has no checksum in {self.source}: "
                                  "the image does not match its checksums")
-        want = self.expected[self.seen]
+        want = self._want(self.seen)
         self.seen += 1
         if want[:6] != got[:6]:
             raise IntegrityError(f"{describe(got)}{where} is where {self.source} has "
@@ -220,59 +352,65 @@ class PageCheck:
                 f"{self.source} says {want[6]:08x}; the image is corrupt"
                 + (f" ({'; '.join(self.bad_frames)})" if self.bad_frames else ""))
 
-    def _batch(self, got: List[Record], offsets) -> None:
-        n = len(got)
-        if self.expected[self.seen:self.seen + n] == got:
+    def _matches(self, got: Buffer) -> bool:
+        """``got`` (file form) is what the next records say."""
+        return self._exp.startswith(got, self.seen * RECORD_SIZE)   # type: ignore[arg-type]
+
+    def _batch(self, got: Buffer, offsets: Optional[Callable[[int], int]]) -> None:
+        n = memoryview(got).nbytes // RECORD_SIZE
+        if self._matches(got):
             self.seen += n
             return
-        for i, rec in enumerate(got):           # name the first bad one
+        for i, rec in enumerate(decode(got)):           # name the first bad one
             self._check(rec, None if offsets is None else offsets(i))
         raise AssertionError("a differing batch had no differing record")  # pragma: no cover
 
-    def ram(self, pfns: Sequence[int], data, offset: Optional[int] = None) -> None:
-        self._batch(ram_records(pfns, data),
-                    None if offset is None else (lambda i: offset + i * PAGE))
-        self.page_bytes += len(pfns) * PAGE
+    def ram(self, pfns: Sequence[int], data: Buffer, offset: Optional[int] = None) -> None:
+        mv = memoryview(data).cast("B")
+        crc32 = _crc32
+        crcs = [crc32(mv[o:o + PAGE_SIZE]) for o in range(0, len(pfns) * PAGE_SIZE, PAGE_SIZE)]
+        self._batch(ram_record_bytes(pfns, crcs),
+                    None if offset is None else (lambda i: offset + i * PAGE_SIZE))
+        self.page_bytes += len(pfns) * PAGE_SIZE
 
-    def expect_ram(self, pfns: Sequence[int], data, offset: Optional[int] = None) -> List[int]:
+    def expect_ram(self, pfns: Sequence[int], data: Buffer,
+                   offset: Optional[int] = None) -> "array[int]":
         """Check a RAM batch's pfns (in order) and hand back the CRC32s its
         pages must have, to compare with what the hypervisor computes once
         they are written (:class:`RamCheck`); the records count as checked."""
         n = len(pfns)
-        want = self.expected[self.seen:self.seen + n]
-        if len(want) != n or [w[:6] for w in want] != [(RAM, 0, p, 0, 0, 0) for p in pfns]:
-            self._batch(ram_records(pfns, data),
-                        None if offset is None else (lambda i: offset + i * PAGE))
-            raise AssertionError("a differing batch had no differing record")  # pragma: no cover
-        self.seen += n
-        self.page_bytes += n * PAGE
-        return [w[6] for w in want]
+        if self.seen + n <= self.count:
+            want = record_crcs(self._exp, self.seen, n)
+            if self._matches(ram_record_bytes(pfns, want)):   # the pfns, in order
+                self.seen += n
+                self.page_bytes += n * PAGE_SIZE
+                return want
+        self.ram(pfns, data, offset)            # raises, naming the first bad page
+        raise AssertionError("a differing batch had no differing record")  # pragma: no cover
 
-    def expected_tmem_crcs(self, pool_id: int, version: int, records, count: int,
-                           page_size: int, offset: Optional[int] = None) -> List[int]:
+    def expected_tmem_crcs(self, pool_id: int, version: int, records: Buffer, count: int,
+                           page_size: int, offset: Optional[int] = None) -> "array[int]":
         """Check a tmem batch's identities (pool, oid, index, in order) and
         hand back the CRC32s its pages must have, for the hypervisor to verify
         as it stores them (``restore_put_pages(crcs=)``); the records count as
         checked. :meth:`tmem_mismatch` names a page the hypervisor refused."""
-        ids = tmem_ids(pool_id, version, records, count, page_size)
         rec = _heads(version, page_size).size
-        want = self.expected[self.seen:self.seen + count]
-        if len(want) != count or [w[:6] for w in want] != ids:
-            crcs = tmem_crcs(version, records, count, page_size)
-            self._batch([(*i, c) for i, c in zip(ids, crcs)],
-                        None if offset is None else
-                        (lambda i: offset + i * rec + rec - page_size))
-            raise AssertionError("a differing batch had no differing record")  # pragma: no cover
-        self.seen += count
-        self.page_bytes += count * rec
-        return [w[6] for w in want]
+        if self.seen + count <= self.count:
+            want = record_crcs(self._exp, self.seen, count)
+            if self._matches(tmem_record_bytes(pool_id, version, records, count, page_size,
+                                               want)):
+                self.seen += count
+                self.page_bytes += count * rec
+                return want
+        self.tmem(pool_id, version, records, count, page_size, offset)   # raises
+        raise AssertionError("a differing batch had no differing record")  # pragma: no cover
 
-    def tmem_mismatch(self, first: int, count: int, index: int, records, version: int,
+    def tmem_mismatch(self, first: int, count: int, index: int, records: Buffer, version: int,
                       page_size: int, offset: Optional[int] = None) -> IntegrityError:
         """The error for record ``index`` of the batch whose checks began at
         record ``first`` (the hypervisor refused it)."""
         rec = _heads(version, page_size).size
-        want = self.expected[first + index]
+        want = self._want(first + index)
         got = tmem_crcs(version, memoryview(records).cast("B")[index * rec:], 1, page_size)[0]
         where = ("" if offset is None else
                  f" (image offset {offset + index * rec + rec - page_size})")
@@ -281,12 +419,11 @@ class PageCheck:
             f"{self.source} says {want[6]:08x}; the image is corrupt"
             + (f" ({'; '.join(self.bad_frames)})" if self.bad_frames else ""))
 
-    def tmem(self, pool_id: int, version: int, records, count: int, page_size: int,
+    def tmem(self, pool_id: int, version: int, records: Buffer, count: int, page_size: int,
              offset: Optional[int] = None) -> None:
         rec = _heads(version, page_size).size
-        ids = tmem_ids(pool_id, version, records, count, page_size)
         crcs = tmem_crcs(version, records, count, page_size)
-        self._batch([(*i, c) for i, c in zip(ids, crcs)],
+        self._batch(tmem_record_bytes(pool_id, version, records, count, page_size, crcs),
                     None if offset is None else (lambda i: offset + i * rec + rec - page_size))
         self.page_bytes += count * rec
 
@@ -295,9 +432,9 @@ class PageCheck:
         if self.bad_frames:
             raise IntegrityError(f"the image was corrupted in transit: "
                                  f"{'; '.join(self.bad_frames)}")
-        if self.seen != len(self.expected):
+        if self.seen != self.count:
             raise IntegrityError(f"the image has {self.seen} pages, {self.source} lists "
-                                 f"{len(self.expected)}: the image does not match")
+                                 f"{self.count}: the image does not match")
 
     def explain(self, exc: BaseException) -> Optional[IntegrityError]:
         """A restore failure caused by a frame corrupted in transit, said so."""
@@ -327,20 +464,19 @@ class RamCheck:
         self.domid = domid
         self.check = check
         self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-check")
-        self._pending: Optional[Tuple[object, List[int], Sequence[int], List[int],
+        self._pending: Optional[Tuple[object, "array[int]", Sequence[int], "array[int]",
                                       Optional[int]]] = None
 
-    def expect(self, pfns: Sequence[int], data, offset: Optional[int]) -> Tuple[
-            List[int], Sequence[int], Optional[int]]:
+    def expect(self, pfns: Sequence[int], data: Buffer, offset: Optional[int]) -> Tuple[
+            "array[int]", Sequence[int], Optional[int]]:
         """Before the batch is written: the previous batch compared (its CRCs
         taken before this one can overwrite its pages), this one's pfns
         checked, its CRCs to come."""
         self._compare()
         return self.check.expect_ram(pfns, data, offset), list(pfns), offset
 
-    def written(self, token: Tuple[List[int], Sequence[int], Optional[int]]) -> None:
+    def written(self, token: Tuple["array[int]", Sequence[int], Optional[int]]) -> None:
         """After the batch is written: ask for its CRCs."""
-        from array import array
         self._compare()                 # no-op after expect(); kept for direct callers
         want, pfns, offset = token
         got = array("I", bytes(4 * len(pfns)))
@@ -353,12 +489,11 @@ class RamCheck:
             return
         future, want, pfns, got, offset = pending
         future.result()                                       # type: ignore[attr-defined]
-        have = got.tolist()                                   # type: ignore[attr-defined]
-        if have == want:
+        if got == want:                 # two array('I'): one C comparison
             return
-        for i, (g, w) in enumerate(zip(have, want)):
+        for i, (g, w) in enumerate(zip(got, want)):         # type: ignore[call-overload]
             if g != w:
-                where = "" if offset is None else f" (image offset {offset + i * PAGE})"
+                where = "" if offset is None else f" (image offset {offset + i * PAGE_SIZE})"
                 raise IntegrityError(
                     f"checksum mismatch in RAM page pfn {pfns[i]}{where}: CRC32 {g:08x}, "
                     f"{self.check.source} says {w:08x}; the image is corrupt")
@@ -447,9 +582,9 @@ def write_sidecar(path: str, log: PageLog, image: CrcWriter, rename: bool = True
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(_HEADER.pack(SIDECAR_MAGIC, image.size, image.head_crc, len(image.runs),
-                                 len(log.records)))
+                                 log.count))
             f.write(b"".join(_RUN.pack(*r) for r in image.runs))
-            f.write(encode(log.records))
+            f.write(log.data)           # the records are kept in their file form
             f.flush()
             os.fsync(f.fileno())
         if not rename:
@@ -469,7 +604,7 @@ class ImageCheck(PageCheck):
     each as soon as the reader has passed it, and at :meth:`finish` that the
     runs and the checked pages make up the whole image."""
 
-    def __init__(self, records: List[Record], source: str, size: int,
+    def __init__(self, records: Union[List[Record], Buffer], source: str, size: int,
                  runs: Sequence[Tuple[int, int, int]]) -> None:
         super().__init__(records, source)
         self.size = size
@@ -586,10 +721,11 @@ def load_sidecar(image_path: str, image_fd: int) -> Tuple[Optional[ImageCheck], 
             if off < at or length == 0 or off + length > size:
                 return None, f"{path} not used: its runs are not in image order"
             at = off + length
-        records = decode(f.read(count * RECORD_SIZE))
+        records = f.read(count * RECORD_SIZE)       # checked by ImageCheck (kinds)
     return ImageCheck(records, os.path.basename(path), size, runs), ""
 
 
-__all__ = ["PageLog", "PageCheck", "RamCheck", "ImageCheck", "IntegrityError", "CrcWriter", "CrcReader",
-           "write_sidecar", "load_sidecar", "sidecar_path", "describe", "encode", "decode",
-           "RECORD_SIZE"]
+__all__ = ["PageLog", "PageCheck", "RamCheck", "ImageCheck", "IntegrityError", "CrcWriter",
+           "CrcReader", "write_sidecar", "load_sidecar", "sidecar_path", "describe", "encode",
+           "decode", "RECORD_SIZE", "ram_record_bytes", "tmem_record_bytes", "record_crcs",
+           "check_record_bytes"]

@@ -8,6 +8,8 @@ another from releasing what it holds.
 """
 from __future__ import annotations
 
+import sys
+from importlib import metadata
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import pluggy
@@ -15,8 +17,10 @@ import pluggy
 from xend_tmem.hooks import PROJECT, hookspecs
 
 from .codec.legacy import HOST_CHUNK_IDS, MarkerRegistry
+from .binio import StreamReader
 from .errors import ConfigError, PluginError, StreamError
-from .session import Outcome, Pending, RestoreSession, SaveSession
+from .hypervisor.interface import Hypervisor
+from .session import Outcome, Pending, RestoreSession, RoundStats, SaveSession
 
 ENTRY_POINT_GROUP = "xend_tmem.checkpoint"
 
@@ -24,14 +28,12 @@ ENTRY_POINT_GROUP = "xend_tmem.checkpoint"
 # a plugin may not claim them.
 
 
-def installed_plugins() -> Dict[str, Any]:
+def installed_plugins() -> Dict[str, metadata.EntryPoint]:
     """Entry points of the checkpoint plugin group, by name."""
-    from importlib import metadata
-    eps = metadata.entry_points()
-    if hasattr(eps, "select"):
-        group = eps.select(group=ENTRY_POINT_GROUP)
-    else:  # Python 3.9
-        group = eps.get(ENTRY_POINT_GROUP, [])
+    if sys.version_info >= (3, 10):
+        group = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    else:  # Python 3.9: a dict of groups
+        group = metadata.entry_points().get(ENTRY_POINT_GROUP, [])
     return {ep.name: ep for ep in group}
 
 
@@ -52,7 +54,7 @@ class CheckpointHooks:
         A plugin that declares markers must read them: the stream has no chunk
         lengths, so a chunk nobody parses ends every restore.
         """
-        declared = []
+        declared: List[Tuple[str, List[int]]] = []
         readers = {impl.plugin_name
                    for impl in self.pm.hook.checkpoint_restore_chunk.get_hookimpls()}
         for impl in reversed(self.pm.hook.checkpoint_restore_markers.get_hookimpls()):
@@ -72,15 +74,17 @@ class CheckpointHooks:
     def restore_markers(self) -> Set[int]:
         return set(self.registry.markers)
 
-    def _owner_impl(self, hook_name: str, marker: int):
+    def _owner_impl(self, hook_name: str, marker: int) -> Optional[pluggy.HookImpl]:
         """The ``hook_name`` implementation of the plugin that owns ``marker``, or None."""
         owner = self.registry.owner(marker)
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+        caller: pluggy.HookCaller = getattr(self.pm.hook, hook_name)
+        for impl in caller.get_hookimpls():
             if impl.plugin_name == owner:
                 return impl
         return None
 
-    def inspect_chunk(self, marker: int, reader, offset: int) -> Optional[Dict[str, Any]]:
+    def inspect_chunk(self, marker: int, reader: StreamReader,
+                      offset: int) -> Optional[Dict[str, Any]]:
         """Describe a plugin's chunk for ``inspect`` through its owner's
         ``checkpoint_inspect_chunk``; PluginError when the owner cannot (then
         nothing after the chunk can be read: the stream has no chunk lengths)."""
@@ -107,7 +111,7 @@ class CheckpointHooks:
     def save_before_rounds(self, session: SaveSession) -> None:
         self.pm.hook.checkpoint_save_before_rounds(session=session)
 
-    def save_after_round(self, session: SaveSession, round) -> None:
+    def save_after_round(self, session: SaveSession, round: RoundStats) -> None:
         self.pm.hook.checkpoint_save_after_round(session=session, round=round)
 
     def save_pending(self, session: SaveSession) -> Pending:
@@ -128,7 +132,8 @@ class CheckpointHooks:
     def restore_setup(self, session: RestoreSession) -> None:
         self.pm.hook.checkpoint_restore_setup(session=session)
 
-    def restore_chunk(self, session: RestoreSession, marker: int, reader, offset: int) -> bool:
+    def restore_chunk(self, session: RestoreSession, marker: int, reader: StreamReader,
+                      offset: int) -> bool:
         """Hand the chunk to the plugin that owns ``marker``, and to no other."""
         impl = self._owner_impl("checkpoint_restore_chunk", marker)
         if impl is None:
@@ -140,26 +145,32 @@ class CheckpointHooks:
                               field="chunk id", value=marker)
         return True
 
-    def restore_done(self, session: RestoreSession, outcome: Outcome) -> List[Tuple[str, BaseException]]:
+    def restore_done(self, session: RestoreSession,
+                     outcome: Outcome) -> List[Tuple[str, BaseException]]:
         return self._call_each("checkpoint_restore_done", session=session, outcome=outcome)
 
     # -- migration ------------------------------------------------------------
-    def migrate_offer(self, hv, domid: int) -> Dict[str, Any]:
+    def migrate_offer(self, hv: Hypervisor, domid: int) -> Dict[str, Any]:
         offer: Dict[str, Any] = {}
         for part in self.pm.hook.checkpoint_migrate_offer(hv=hv, domid=domid):
             if part:
                 offer.update(part)
         return offer
 
-    def migrate_check(self, hv, offer: Mapping[str, Any]) -> List[str]:
+    def migrate_check(self, hv: Hypervisor, offer: Mapping[str, Any]) -> List[str]:
         """Reasons to refuse; a section for a plugin this host lacks is one."""
         reasons = [f"this host has no '{name}' checkpoint plugin enabled"
                    for name in offer if name not in self.enabled]
         reasons += [r for r in self.pm.hook.checkpoint_migrate_check(hv=hv, offer=offer) if r]
         return reasons
 
+    def migrate_restore_cost(self, hv: Hypervisor, offer: Mapping[str, Any]) -> float:
+        """The enabled plugins' expected restore-finishing work for ``offer``, in ms."""
+        return float(sum(c for c in self.pm.hook.checkpoint_migrate_restore_cost(
+            hv=hv, offer=offer) if c))
+
     # -- crash recovery -------------------------------------------------------
-    def recover(self, hv, domid: int,
+    def recover(self, hv: Hypervisor, domid: int,
                 notes: Mapping[str, Mapping[str, Any]]) -> List[Tuple[str, BaseException]]:
         """``checkpoint_recover`` of every plugin with its own notes; errors collected."""
         errors: List[Tuple[str, BaseException]] = []
@@ -168,7 +179,7 @@ class CheckpointHooks:
             kwargs = {"hv": hv, "domid": domid, "notes": dict(mine)}
             try:
                 impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-            except BaseException as exc:  # noqa: B902 - reported by the host
+            except BaseException as exc:  # noqa: BLE001 - reported by the host
                 errors.append((impl.plugin_name, exc))
         _reraise_interrupt(errors)
         return errors
@@ -183,12 +194,12 @@ class CheckpointHooks:
         for impl in reversed(self.pm.hook.checkpoint_report_lines.get_hookimpls()):
             name = impl.plugin_name
             try:
-                lines = impl.function(**{a: report for a in impl.argnames})
+                lines = impl.function(**dict.fromkeys(impl.argnames, report))
                 if lines is not None and (not isinstance(lines, list)
                                           or not all(isinstance(ln, str) for ln in lines)):
                     raise TypeError(f"returned {type(lines).__name__}, not a list of str")
                 out[name] = list(lines or [])
-            except Exception as exc:  # noqa: B902 - reported in the report itself
+            except Exception as exc:  # noqa: BLE001 - reported in the report itself
                 out[name] = [f"{name}: report not rendered ({type(exc).__name__}: {exc})"]
         order = {n: i for i, n in enumerate(self.enabled)}
         return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
@@ -200,7 +211,7 @@ class CheckpointHooks:
         for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
             try:
                 impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-            except BaseException as exc:  # noqa: B902 - collected, re-raised by the host
+            except BaseException as exc:  # noqa: BLE001 - collected, re-raised by the host
                 errors.append((impl.plugin_name, exc))
         _reraise_interrupt(errors)
         return errors
@@ -210,7 +221,7 @@ def _reraise_interrupt(errors: List[Tuple[str, BaseException]]) -> None:
     """Every cleanup has run; a Ctrl-C (or exit) caught among them is not the
     plugins' error to report but the user's request: raise it now, with the
     other failures noted on it."""
-    for name, exc in errors:
+    for _, exc in errors:
         if not isinstance(exc, Exception):
             others = [f"{n}: {e!r}" for n, e in errors if e is not exc]
             if others and hasattr(exc, "add_note"):
@@ -263,7 +274,8 @@ def get_plugin_manager(enabled: Iterable[str] = ("tmem",),
     except ConfigError:
         raise
     except Exception as exc:
-        raise PluginError(f"checkpoint plugin configuration failed: {type(exc).__name__}: {exc}") from exc
+        raise PluginError("checkpoint plugin configuration failed: "
+                          f"{type(exc).__name__}: {exc}") from exc
     return hooks
 
 

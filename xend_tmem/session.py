@@ -17,12 +17,16 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional
 
 from .binio import StreamReader, StreamWriter
 from .errors import Cancelled
 from .hypervisor.interface import Hypervisor
 from .tmem import policy
+from .xen import XEN_MAX_ITERS, XEN_MIN_ROUND_PAGES
+
+if TYPE_CHECKING:
+    from .integrity import PageCheck, PageLog
 
 ProgressFn = Callable[[str, int, Optional[int]], None]
 # (plugin name, facts) -> written to the job's journal entry before returning
@@ -60,14 +64,14 @@ class RoundStats:
     elapsed_s: float       # wall time of this round
     bandwidth_bps: float   # measured stream bandwidth so far (bytes/s)
     ram_pages: int         # p2m_size
-    max_rounds: int = 29   # the host's iteration limit (Xen's)
+    max_rounds: int = XEN_MAX_ITERS   # the host's iteration limit (Xen's)
     max_pages: int = 0     # the host stops once this many RAM pages were sent (3 x p2m)
     dirty_pages: int = 0   # pages the guest dirtied during the round (the next round)
 
     @property
     def converged(self) -> bool:
         """Xen's own test: fewer than 50 pages sent in this round."""
-        return self.pages_sent < 50
+        return self.pages_sent < XEN_MIN_ROUND_PAGES
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ class SaveSession:
     rates: Optional[policy.Rates] = None
     round_progress: Optional[policy.Progress] = None
     warnings: List[str] = field(default_factory=list)   # goes to the report's ``warnings``
-    page_log: Optional[Any] = None          # integrity.PageLog: page CRCs as pages are written
+    page_log: Optional[PageLog] = None      # page CRCs as pages are written
 
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -133,4 +137,4 @@ class RestoreSession:
     plugin_state: Dict[str, Any] = field(default_factory=dict)
     report: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     log: logging.Logger = log
-    page_check: Optional[Any] = None        # integrity.PageCheck: page CRCs checked as read
+    page_check: Optional[PageCheck] = None  # page CRCs checked as read

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -218,21 +218,23 @@ def test_proxy_cuts_and_drops_never_run_twice_nor_lose_the_domain(xends, tmp_pat
             return any(s[3][0] in "rb" and "p" not in s[3]
                        for n, s in x.domains().items() if n.endswith("still1"))
 
-        def watch() -> None:
+        def watch(src: Xend, dst: Xend, stop: threading.Event, both: List[Dict],
+                  fault: Tuple[str, Any]) -> None:
             # xm list on two hosts is not one snapshot: the destination counts as
             # running at the same time only if the source ran before and after it
             while not stop.is_set():
                 before = runs(src)
                 there = runs(dst)
                 if before and there and runs(src):
-                    both.append({"fault": (kind, arg), "a": src.domains(),
-                                 "b": dst.domains()})
+                    both.append({"fault": fault, "a": src.domains(), "b": dst.domains()})
 
-        watcher = threading.Thread(target=watch, daemon=True)
+        watcher = threading.Thread(target=watch, args=(src, dst, stop, both, (kind, arg)),
+                                   daemon=True)
         watcher.start()
         try:
             r = src.xm("migrate", "--live", "-p", str(proxy.port), "still1", "127.0.0.1")
-            wait_for(lambda: not journal(src) and not journal(dst), timeout=30)
+            wait_for(lambda: not journal(src) and not journal(dst),  # noqa: B023 - called here
+                     timeout=30)
         finally:
             stop.set()
             watcher.join(30)

@@ -149,7 +149,7 @@ def test_hypervisor_command(xends, tmp_path: Path) -> None:
     assert not (a.state_dir / "hypervisor.sock").exists()
     assert not (a.state_dir / "hypervisor.pid").exists()
     for g in guests:                                  # the guests went with their domains
-        wait_for(lambda: not Path(f"/proc/{g}").exists() or _zombie(g), timeout=10)
+        wait_for(lambda g=g: not Path(f"/proc/{g}").exists() or _zombie(g), timeout=10)
     log = a.hv_log_path.read_text()
     assert "hypervisor running: pid" in log and "hypervisor stopped" in log
 

@@ -65,7 +65,7 @@ def two(tmp_path):
 
 @pytest.mark.parametrize("fault,expected", CUTS + DROPS,
                          ids=[f"{f[0]}-{f[1]}" for f, _ in CUTS + DROPS])
-def test_cut_never_runs_twice_and_always_says_where(two, stream_bytes, fault,  # noqa: F811
+def test_cut_never_runs_twice_and_always_says_where(two, stream_bytes, fault,
                                                     expected) -> None:
     src, dst = two
     src.hv.create_domain(parse_domain_config(DOMAIN))

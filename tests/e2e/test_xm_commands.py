@@ -8,7 +8,6 @@ subprocesses against a daemon and its hypervisor process.
 """
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket

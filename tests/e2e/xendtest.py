@@ -188,7 +188,8 @@ class Xend:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"xend {self.name} ignored SIGTERM; log:\n{self.log_text()}")
+                raise AssertionError(f"xend {self.name} ignored SIGTERM; "
+                                     f"log:\n{self.log_text()}") from None
         return self.proc.returncode
 
 

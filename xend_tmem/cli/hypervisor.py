@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import time
-from typing import Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from ..config import ToolstackConfig, load_toolstack_config
+from ..detach import process_ended, terminate
 from ..errors import ConfigError, XendTmemError
+
+if TYPE_CHECKING:
+    from ..hypervisor.client import HypervisorClient
 
 STOP_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 30.0           # a hypervisor that does not answer is not waited for forever
@@ -52,15 +54,25 @@ def cmd_start(config: ToolstackConfig) -> int:
     return 0
 
 
-def cmd_stop(config: ToolstackConfig, force: bool) -> int:
+def _running(config: ToolstackConfig) -> Optional[Tuple[int, "HypervisorClient"]]:
+    """The running hypervisor's pid and a client of it; None (said so) if none runs."""
     from ..hypervisor.client import HypervisorClient
     from ..hypervisor.server import running_pid
     state_dir = _state_dir(config)
     pid = running_pid(state_dir)
     if pid is None:
         print("the hypervisor is not running")
+        return None
+    return pid, HypervisorClient(state_dir, timeout=CALL_TIMEOUT_S)
+
+
+def cmd_stop(config: ToolstackConfig, force: bool) -> int:
+    from ..hypervisor.server import running_pid
+    found = _running(config)
+    if found is None:
         return 0
-    client = HypervisorClient(state_dir, timeout=CALL_TIMEOUT_S)
+    pid, client = found
+    state_dir = client.state_dir
     try:
         guests = [d for d in client.list_domains() if d.domid != 0]
         if guests and not force:
@@ -78,40 +90,19 @@ def cmd_stop(config: ToolstackConfig, force: bool) -> int:
         # an unresponsive hypervisor: --force stops it anyway (its domains die with it)
     finally:
         client.close()
-    if pid > 0:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if running_pid(state_dir) is None and (pid <= 0 or _ended(pid)):
-            return 0
-        time.sleep(0.05)
+    if terminate(pid, lambda: running_pid(state_dir) is None and (pid <= 0 or process_ended(pid)),
+                 STOP_TIMEOUT_S):
+        return 0
     print(f"Error: the hypervisor (pid {pid}) did not stop within {STOP_TIMEOUT_S:.0f} s",
           file=sys.stderr)
     return 1
 
 
-def _ended(pid: int) -> bool:
-    """The process is gone or a zombie (exited; its parent reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2:].split()[0] == "Z"
-
-
 def cmd_status(config: ToolstackConfig) -> int:
-    from ..hypervisor.client import HypervisorClient
-    from ..hypervisor.server import running_pid
-    state_dir = _state_dir(config)
-    pid = running_pid(state_dir)
-    if pid is None:
-        print("the hypervisor is not running")
+    found = _running(config)
+    if found is None:
         return 3
-    client = HypervisorClient(state_dir, timeout=CALL_TIMEOUT_S)
+    pid, client = found
     try:
         identity = client.server_identity()
         n = len(client.list_domains()) - 1
@@ -153,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="xend-tmem hypervisor")
     add_arguments(p)
     return run(p.parse_args(argv))

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..binio import StreamReader, StreamWriter
 from ..codec import image, legacy, sxp
 from ..codec import tmemchunk as tc
+from .. import xen
 from ..codec.chunkdoc import ChunkCollector
 from ..errors import ConfigError, StreamError, XendTmemError
 
@@ -100,18 +101,20 @@ def _is_chunk_file(path: str) -> bool:
         except StreamError:
             return True                   # a damaged chunk either way: read it as one
         nxt = r.peek(4)
-        return len(nxt) < 4 or int.from_bytes(nxt, "little", signed=True) == tc.MARKER_TMEM_EXTRA
+        return len(nxt) < 4 or int.from_bytes(nxt, "little", signed=True) == xen.TMEM_EXTRA
 
 
 class _NullVisitor:
     """Reads a chunk for detection only: keeps nothing."""
 
-    def client(self, rec, offset) -> None: ...
-    def pool(self, rec, offset) -> None: ...
-    def pages(self, pool, records, count, offset) -> None: ...
-    def pool_end(self, pool, received, terminated) -> None: ...
-    def invalidations(self, entries, offset) -> None: ...
-    def end(self, marker, offset) -> None: ...
+    def client(self, rec: tc.ClientRecord, offset: int) -> None: ...
+    def pool(self, rec: tc.PoolRecord, offset: int) -> None: ...
+    def pages(self, pool: tc.PoolRecord, records: memoryview, count: int,
+              offset: int) -> None: ...
+    def pool_end(self, pool: tc.PoolRecord, received: int, terminated: bool) -> None: ...
+    def invalidations(self, entries: Sequence[Tuple[int, tc.OID, int]],
+                      offset: int) -> None: ...
+    def end(self, marker: int, offset: int) -> None: ...
 
 
 def detect_kind(path: str) -> str:
@@ -130,9 +133,9 @@ def detect_kind(path: str) -> str:
         raise NotAStream(f"it is text, starting {shown!r}")
     if len(head) >= 4:
         first = int.from_bytes(head[:4], "little", signed=True)
-        if first == tc.MARKER_TMEM_EXTRA:
+        if first == xen.TMEM_EXTRA:
             return "chunks"
-        if first == tc.MARKER_TMEM and _is_chunk_file(path):
+        if first == xen.TMEM and _is_chunk_file(path):
             return "chunks"
     return "stream"
 
@@ -159,7 +162,7 @@ class _Salvage:
             if os.path.lexists(p):
                 raise SalvageError(f"{p} exists: salvage into another directory (an earlier "
                                    "salvage is never overwritten)")
-        self._f = None
+        self._f: Optional[BinaryIO] = None
         self.w: Optional[StreamWriter] = None
         self.version = 1
         self.pools: Dict[str, Dict[str, int]] = {}
@@ -170,8 +173,11 @@ class _Salvage:
         self._in_extra = False
 
     def _open(self) -> StreamWriter:
+        """The salvage file's writer, created by the first record (the client
+        record: the reader refuses a pool, page or end before it)."""
         if self.w is None:
-            self._f = open(self.path, "xb")
+            # open across visitor calls; closed by close() or abandon()
+            self._f = open(self.path, "xb")  # noqa: SIM115
             self.w = StreamWriter(self._f)
         return self.w
 
@@ -183,34 +189,34 @@ class _Salvage:
         self._in_tmem = True
 
     def pool(self, rec: tc.PoolRecord) -> None:
-        tc.write_pool(self.w, rec)
+        tc.write_pool(self._open(), rec)
         self._pool = (rec, 0)
         self.pools[str(rec.pool_id)] = {"announced": rec.n_pages, "salvaged": 0}
 
     def pages(self, pool: tc.PoolRecord, records: memoryview, count: int) -> None:
-        self.w.write(records)
-        self._pool = (pool, self._pool[1] + count)
+        self._open().write(records)
+        self._pool = (pool, (self._pool[1] if self._pool is not None else 0) + count)
         self.pools[str(pool.pool_id)]["salvaged"] += count
         self.page_count += count
 
     def pool_end(self, pool: tc.PoolRecord, received: int, terminated: bool) -> None:
         if terminated:
-            tc.write_pages_end(self.w, self.version)
+            tc.write_pages_end(self._open(), self.version)
         self._pool = None
 
     def end(self, marker: int) -> None:
-        if marker == tc.MARKER_TMEM and self._in_tmem:
-            tc.write_pool_list_end(self.w)
+        if marker == xen.TMEM and self._in_tmem:
+            tc.write_pool_list_end(self._open())
             self._in_tmem = False
-        elif marker == tc.MARKER_TMEM_EXTRA and self._in_extra:
-            self.w.u32(tc.SEPARATOR)
+        elif marker == xen.TMEM_EXTRA and self._in_extra:
+            self._open().u32(xen.SEPARATOR)
             self._in_extra = False
 
-    def invalidation_entries(self, entries) -> None:
+    def invalidation_entries(self, entries: Sequence[Tuple[int, tc.OID, int]]) -> None:
         if self.w is None:
             return
         if not self._in_extra:
-            self.w.s32(tc.MARKER_TMEM_EXTRA)
+            self.w.s32(xen.TMEM_EXTRA)
             self._in_extra = True
         self.w.write(b"".join(tc.encode_invalidation(self.version, p, o, i)
                               for p, o, i in entries))
@@ -221,16 +227,17 @@ class _Salvage:
         if self._pool is not None:
             pool, received = self._pool
             if received < pool.n_pages:
-                tc.write_pages_end(self.w, self.version)
+                tc.write_pages_end(self._open(), self.version)
             self._pool = None
         if self._in_tmem:
-            tc.write_pool_list_end(self.w)
+            tc.write_pool_list_end(self._open())
             self._in_tmem = False
         if self._in_extra:
-            self.w.u32(tc.SEPARATOR)
+            self._open().u32(xen.SEPARATOR)
             self._in_extra = False
         if self.w is not None:
             self.w.flush()
+        if self._f is not None:
             self._f.close()
         complete = info.get("complete", True)
         # every -6 is in the body: a file that stops before the tail may lack
@@ -273,7 +280,7 @@ class _Visitor(ChunkCollector):
 
     def pool(self, rec: tc.PoolRecord, offset: int) -> None:
         super().pool(rec, offset)
-        self._pool["page_size"] = rec.page_size      # for the text form; not in the JSON
+        self._open_pool()["page_size"] = rec.page_size   # for the text form; not in the JSON
         self.open_pool = (rec, 0)
         self.pools_seen.append(rec.pool_id)
         if self.salvage:
@@ -281,7 +288,7 @@ class _Visitor(ChunkCollector):
 
     def pages(self, pool: tc.PoolRecord, records: memoryview, count: int, offset: int) -> None:
         super().pages(pool, records, count, offset)
-        self.open_pool = (pool, self.open_pool[1] + count)
+        self.open_pool = (pool, (self.open_pool[1] if self.open_pool is not None else 0) + count)
         if self.salvage:
             self.salvage.pages(pool, records, count)
 
@@ -291,7 +298,7 @@ class _Visitor(ChunkCollector):
         if self.salvage:
             self.salvage.pool_end(pool, received, terminated)
 
-    def invalidations(self, entries, offset: int) -> None:
+    def invalidations(self, entries: Sequence[Tuple[int, tc.OID, int]], offset: int) -> None:
         self.in_extra = True
         super().invalidations(entries, offset)
         if self.salvage:
@@ -299,7 +306,7 @@ class _Visitor(ChunkCollector):
 
     def end(self, marker: int, offset: int) -> None:
         super().end(marker, offset)
-        if marker == tc.MARKER_TMEM:
+        if marker == xen.TMEM:
             self.in_tmem = False
         else:
             self.in_extra = False
@@ -314,7 +321,7 @@ class _Visitor(ChunkCollector):
         """The chunks as expected.json has them (no helper keys)."""
         out = []
         for c in self.chunks:
-            if c["marker"] == tc.MARKER_TMEM:
+            if c["marker"] == xen.TMEM:
                 c = dict(c, pools=[{k: v for k, v in p.items() if k != "page_size"}
                                    for p in c["pools"]])
             out.append(c)
@@ -338,7 +345,7 @@ def _missing(info: Dict[str, Any], visitor: _Visitor, stage: str, guest: str) ->
             out.append(f"pool {pool.pool_id}: {pool.n_pages - got} of its {pool.n_pages} "
                        "announced tmem pages")
         if visitor.in_tmem:
-            mp = visitor.client_rec.max_pools if visitor.client_rec else tc.MAX_POOLS
+            mp = visitor.client_rec.max_pools if visitor.client_rec else xen.MAX_POOLS
             last = visitor.pools_seen[-1] if visitor.pools_seen else None
             out.append(("any pools after pool " + str(last) if last is not None else "its pools")
                        + f" (max_pools {mp}) and the end of the -5 TMEM chunk")
@@ -361,7 +368,7 @@ def _open_hooks(hooks: Optional["CheckpointHooks"]) -> legacy.MarkerRegistry:
     """The plugin manager's marker registry, or tmem's markers alone."""
     if hooks is not None:
         return hooks.registry
-    return legacy.MarkerRegistry(legacy.XEN_PLUGIN_MARKERS)
+    return legacy.MarkerRegistry(xen.XEN_PLUGIN_MARKERS)
 
 
 def describe_file(path: str, *, kind: Optional[str] = None, with_pages: bool = False,
@@ -411,14 +418,16 @@ def describe_file(path: str, *, kind: Optional[str] = None, with_pages: bool = F
 
                     def tmem_handler(rd: StreamReader, marker: int, offset: int) -> None:
                         order.see(marker, offset)
-                        if marker == tc.MARKER_TMEM:
+                        if marker == xen.TMEM:
                             order.client = tc.read_tmem(rd, visitor, marker_offset=offset)
                         else:
                             visitor.extra_started(offset)
                             tc.read_extra(rd, order.version, visitor,
-                                          max_pools=order.client.max_pools, marker_offset=offset)
+                                          max_pools=order.max_pools, marker_offset=offset)
 
                     def plugin_handler(rd: StreamReader, marker: int, offset: int) -> None:
+                        # registered only for markers a plugin manager's registry has
+                        assert hooks is not None
                         start = rd.offset
                         described = hooks.inspect_chunk(marker, rd, offset)
                         plugin_chunks.append({"marker": marker, "plugin": registry.owner(marker),
@@ -426,22 +435,23 @@ def describe_file(path: str, *, kind: Optional[str] = None, with_pages: bool = F
                                               "info": described})
 
                     handlers = {m: plugin_handler for m in registry.markers
-                                if registry.owner(m) != "tmem" or m not in tc.MARKERS}
-                    for m in tc.MARKERS:
+                                if registry.owner(m) != "tmem" or m not in xen.TMEM_MARKERS}
+                    for m in xen.TMEM_MARKERS:
                         if registry.owner(m) in (None, "tmem"):
                             handlers[m] = tmem_handler
 
-                    def on_pages(pfns, types, data, offset) -> None:
+                    def on_pages(pfns: Sequence[int], types: Sequence[int], data: memoryview,
+                                 offset: int) -> None:
                         counts["batches"] += 1
                         counts["pages"] += len(pfns)
                         if with_pages:
                             i = 0
                             for pfn, t in zip(pfns, types):
-                                if t in legacy.NO_DATA_TYPES:
+                                if t in xen.NO_DATA_TYPES:
                                     ram.append([pfn, None])
                                     continue
-                                ram.append([pfn, f"0x{zlib.crc32(data[i:i + 4096]):08x}"])
-                                i += 4096
+                                ram.append([pfn, f"0x{zlib.crc32(data[i:i + xen.PAGE_SIZE]):08x}"])
+                                i += xen.PAGE_SIZE
 
                     reader = legacy.LegacyReader(r, width=width, guest=guest, handlers=handlers,
                                                  on_pages=on_pages, p2m_hint=p2m_hint,
@@ -477,7 +487,7 @@ def describe_file(path: str, *, kind: Optional[str] = None, with_pages: bool = F
                                     if cid not in handlers]
         if with_pages:
             info["ram_pages_crc32"] = ram
-        if plugin_chunks or registry.markers - set(tc.MARKERS):
+        if plugin_chunks or registry.markers - set(xen.TMEM_MARKERS):
             info["plugin_chunks"] = plugin_chunks
     if error is not None:                       # absent when complete (the vectors' form)
         info["complete"] = False
@@ -517,7 +527,7 @@ def public(info: Dict[str, Any]) -> Dict[str, Any]:
 # text
 # ---------------------------------------------------------------------------
 
-def _oid(oid) -> str:
+def _oid(oid: Union[int, Sequence[int]]) -> str:
     return str(oid) if isinstance(oid, int) else ":".join(f"{x:#x}" for x in oid)
 
 
@@ -535,32 +545,33 @@ def format_text(info: Dict[str, Any]) -> str:
         lines.append(f"  domain {dom.get('name') or '(unnamed)'}: {mem}, {vc}, guest "
                      f"{info.get('guest', 'pv')}")
     if "p2m_size" in info:
-        lines.append(f"  layout {info['layout']} (tmem {'before' if info['layout'] == 'seed' else 'after'}"
-                     f" p2m_size), width {info['width']}"
-                     f"{' (inferred)' if info.get('width_inferred') else ''}, guest {info['guest']}, "
+        where = "before" if info["layout"] == "seed" else "after"
+        lines.append(f"  layout {info['layout']} (tmem {where} p2m_size), width {info['width']}"
+                     f"{' (inferred)' if info.get('width_inferred') else ''}, "
+                     f"guest {info['guest']}, "
                      f"p2m_size {info['p2m_size']}, {info['ram_pages']} RAM pages in "
                      f"{info['page_batches']} batch{'' if info['page_batches'] == 1 else 'es'}")
     if info.get("vcpus_in_stream") is not None:
         lines.append("  vcpus in the stream: " + ",".join(map(str, info["vcpus_in_stream"])))
     if info.get("other_chunks"):
         lines.append("  other chunks: " + ", ".join(
-            f"{c} {legacy.CHUNK_NAMES.get(c, '')}@{o}".replace(" @", "@")
+            f"{c} {xen.CHUNK_NAMES.get(c, '')}@{o}".replace(" @", "@")
             for c, o in info["other_chunks"]))
     chunks = info.get("_pool_pages", info["chunks"])
-    tmem = [c for c in chunks if c["marker"] == tc.MARKER_TMEM]
+    tmem = [c for c in chunks if c["marker"] == xen.TMEM]
     if tmem:
         pools = tmem[0]["pools"]
-        persistent = [p for p in pools if p["flags"] & tc.POOL_PERSIST]
+        persistent = [p for p in pools if p["flags"] & xen.POOL_PERSIST]
         n = sum(_pool_pages(p) for p in persistent)
         b = sum(_pool_pages(p) * _page_size(p) for p in persistent)
         lines.append(f"  tmem: {_plural(len(pools), 'pool')}, {n} persistent pages ({b} bytes)")
     elif not info.get("plugin_chunks"):
         lines.append("  no tmem")
     for chunk, off in zip(chunks, info["chunk_offsets"]):
-        if chunk["marker"] == tc.MARKER_TMEM:
+        if chunk["marker"] == xen.TMEM:
             c = chunk["client"]
-            cflags = [n for bit, n in ((tc.CLIENT_COMPRESS, "compress"), (tc.CLIENT_FROZEN, "frozen"))
-                      if c["flags"] & bit]
+            cflags = [n for bit, n in ((xen.CLIENT_COMPRESS, "compress"),
+                                       (xen.CLIENT_FROZEN, "frozen")) if c["flags"] & bit]
             lines.append(f"  chunk -5 TMEM (plugin 'tmem') at offset {off}: spec version "
                          f"{chunk['version']}, max_pools {chunk['max_pools']}, client flags "
                          f"{c['flags']:#x} ({','.join(cflags) or 'none'}), weight {c['weight']}, "
@@ -578,9 +589,11 @@ def format_text(info: Dict[str, Any]) -> str:
                 lines.append(f"    pool {p['id']}: {tc.describe_pool_flags(p['flags'])}, {count}; "
                              f"flags {p['flags']:#010x}, uuid {uuid}")
                 for g in p.get("pages", []):
-                    lines.append(f"      oid {_oid(g['oid'])} index {g['index']} crc32 {g['crc32']}")
+                    lines.append(f"      oid {_oid(g['oid'])} index {g['index']} "
+                                 f"crc32 {g['crc32']}")
         else:
-            n = len(chunk["invalidations"]) if "invalidations" in chunk else chunk["invalidation_count"]
+            n = (len(chunk["invalidations"]) if "invalidations" in chunk
+                 else chunk["invalidation_count"])
             lines.append(f"  chunk -6 TMEM_EXTRA (plugin 'tmem') at offset {off}: "
                          f"{_plural(n, 'invalidation')}")
             for e in chunk.get("invalidations", []):
@@ -622,7 +635,9 @@ def _pool_pages(p: Dict[str, Any]) -> int:
 
 
 def _page_size(p: Dict[str, Any]) -> int:
-    return p.get("page_size") or tc.PAGE_SIZE_BASE << ((p["flags"] >> tc.POOL_PAGEBITS_SHIFT) & 0xF)
+    size: int = p.get("page_size") or xen.PAGE_SIZE << ((p["flags"] >> xen.POOL_PAGEBITS_SHIFT)
+                                                        & 0xF)
+    return size
 
 
 def run(path: str, *, chunks_only: bool = False, as_json: bool = False, with_pages: bool = False,

@@ -9,13 +9,16 @@ import argparse
 import os
 import re
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 from ..demo import add_arguments as add_demo_arguments
 from ..errors import XendTmemError
 
+if TYPE_CHECKING:
+    from ..plugins import CheckpointHooks
 
-def _inspect_hooks(names: Optional[str]):
+
+def _inspect_hooks(names: Optional[str]) -> CheckpointHooks:
     """The plugin manager whose markers ``inspect`` reads: ``--plugins`` or every
     installed checkpoint plugin (an image may hold any of their chunks)."""
     from ..plugins import get_plugin_manager, installed_plugins
@@ -85,7 +88,8 @@ class _Paragraphs(argparse.HelpFormatter):
                             for para in text.split("\n\n"))
 
 
-def _described(sub, name: str, help_text: str, module_doc: Optional[str]) -> argparse.ArgumentParser:
+def _described(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+               help_text: str, module_doc: Optional[str]) -> argparse.ArgumentParser:
     """A subcommand whose ``--help`` shows its module's docstring, as plain text."""
     return sub.add_parser(name, help=help_text, description=plain_text(module_doc),
                           formatter_class=_Paragraphs)
@@ -141,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return args.func(args)
+        return func(args)
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         return 130

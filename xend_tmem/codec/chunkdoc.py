@@ -7,9 +7,10 @@ only counts, so a GiB of tmem costs a few integers.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import tmemchunk as tc
+from .. import xen
 
 
 class ChunkCollector:
@@ -23,28 +24,34 @@ class ChunkCollector:
         self._pool: Optional[Dict[str, Any]] = None
         self._extra: Optional[Dict[str, Any]] = None
 
-    def _oid(self, oid: Tuple[int, int, int]):
+    def _oid(self, oid: Tuple[int, int, int]) -> Union[int, List[int]]:
         return oid[0] if self.version == 0 else list(oid)
 
     def client(self, rec: tc.ClientRecord, offset: int) -> None:
         self.version = rec.version
-        self.chunks.append({"marker": tc.MARKER_TMEM, "version": rec.version,
+        self.chunks.append({"marker": xen.TMEM, "version": rec.version,
                             "max_pools": rec.max_pools,
                             "client": {"flags": rec.flags, "weight": rec.weight, "cap": rec.cap},
                             "pools": []})
         self.offsets.append(offset)
 
     def pool(self, rec: tc.PoolRecord, offset: int) -> None:
-        self._pool = {"id": rec.pool_id, "flags": rec.flags, "n_pages": rec.n_pages,
-                      "uuid": list(rec.uuid)}
+        pool: Dict[str, Any] = {"id": rec.pool_id, "flags": rec.flags, "n_pages": rec.n_pages,
+                                "uuid": list(rec.uuid)}
         if self.with_pages:
-            self._pool["pages"] = []
+            pool["pages"] = []
         else:
-            self._pool["page_count"] = 0
-        self.chunks[-1]["pools"].append(self._pool)
+            pool["page_count"] = 0
+        self.chunks[-1]["pools"].append(pool)
+        self._pool = pool
+
+    def _open_pool(self) -> Dict[str, Any]:
+        """The pool being read: the reader shows its record before its pages."""
+        assert self._pool is not None, "tmem pages before their pool record"
+        return self._pool
 
     def pages(self, pool: tc.PoolRecord, records: memoryview, count: int, offset: int) -> None:
-        p = self._pool
+        p = self._open_pool()
         if not self.with_pages:
             p["page_count"] += count
             return
@@ -54,9 +61,9 @@ class ChunkCollector:
                         "crc32": f"0x{zlib.crc32(data):08x}"})
 
     def pool_end(self, pool: tc.PoolRecord, received: int, terminated: bool) -> None:
-        self._pool["terminated"] = terminated
+        self._open_pool()["terminated"] = terminated
 
-    def invalidations(self, entries, offset: int) -> None:
+    def invalidations(self, entries: Sequence[Tuple[int, tc.OID, int]], offset: int) -> None:
         extra = self._open_extra(offset)
         if self.with_pages:
             extra["invalidations"].extend({"pool": p, "oid": self._oid(o), "index": i}
@@ -66,7 +73,7 @@ class ChunkCollector:
 
     def _open_extra(self, offset: int) -> Dict[str, Any]:
         if self._extra is None:
-            self._extra = {"marker": tc.MARKER_TMEM_EXTRA}
+            self._extra = {"marker": xen.TMEM_EXTRA}
             self._extra["invalidations" if self.with_pages else "invalidation_count"] = (
                 [] if self.with_pages else 0)
             self.chunks.append(self._extra)
@@ -74,7 +81,7 @@ class ChunkCollector:
         return self._extra
 
     def end(self, marker: int, offset: int) -> None:
-        if marker == tc.MARKER_TMEM_EXTRA:
+        if marker == xen.TMEM_EXTRA:
             if self._extra is None:
                 self._open_extra(offset)
             self.offsets[-1] = offset

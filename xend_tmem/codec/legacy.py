@@ -29,71 +29,20 @@ from typing import (BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional,
 from ..binio import CHUNK, StreamReader, StreamWriter, ensure_reader
 from ..errors import PluginError, SaveError, StreamError
 from .image import QEMU_SIGNATURE
-
-PAGE_SIZE = 4096
-MAX_BATCH = 1024                 # MAX_BATCH_SIZE in xc_domain_save
-PFN_MASK = 0x0FFFFFFF
-TYPE_SHIFT = 28
-TYPE_BROKEN, TYPE_XALLOC, TYPE_XTAB = 0xD, 0xE, 0xF
-NO_DATA_TYPES = (TYPE_BROKEN, TYPE_XALLOC, TYPE_XTAB)
+from ..xen import (PAGE_SIZE, MAX_BATCH, PFN_MASK, TYPE_SHIFT, TYPE_BROKEN, TYPE_XALLOC,
+                   TYPE_XTAB, NO_DATA_TYPES, MAX_UNMAPPED, MAX_VCPUS, VCPU_CTX_X64, VCPU_CTX_X32,
+                   VCPU_CTX_SIZES, EXTV_SIZE, MAX_XSAVE, END, ENABLE_VERIFY_MODE, VCPU_INFO, TMEM,
+                   TMEM_EXTRA, TSC_INFO, LAST_CHECKPOINT, COMPRESSED_DATA, ENABLE_COMPRESSION,
+                   TOOLSTACK, TMEM_MARKERS, HVM_PARAM_IDS, CHUNK_NAMES, XEN_PLUGIN_MARKERS)
 
 MAX_P2M_SIZE = 1 << 40           # 52-bit guest-physical space in 4 KiB frames
-MAX_UNMAPPED = 1 << 28           # Xen's own limit on the tail's pfn count
-MAX_VCPUS = 4096                 # XC_SR_MAX_VCPUS
-VCPU_CTX_X64 = 5168              # sizeof(vcpu_guest_context_x86_64_t)
-VCPU_CTX_X32 = 2800              # sizeof(vcpu_guest_context_x86_32_t)
-VCPU_CTX_SIZES = {VCPU_CTX_X64: 8, VCPU_CTX_X32: 4}
-EXTV_SIZE = 128                  # extended vcpu context per vcpu when "extv"
 MAX_EXT_INFO = 1 << 20           # extended-info block; Xen's is a few KiB
-MAX_XSAVE = 1 << 16              # per-vcpu xsave record announced by "xcnt"
 MAX_HVM_CONTEXT = 64 << 20
 MAX_COMPRESSED_CHUNK = 2 * MAX_BATCH * PAGE_SIZE
 MAX_CHUNK_RECORDS = 1 << 16      # BodyInfo.chunks keeps at most this many entries
 
-# chunk ids (XC_SAVE_ID_*)
-END = 0
-ENABLE_VERIFY_MODE = -1
-VCPU_INFO = -2
-HVM_IDENT_PT = -3
-HVM_VM86_TSS = -4
-TMEM = -5
-TMEM_EXTRA = -6
-TSC_INFO = -7
-HVM_CONSOLE_PFN = -8
-LAST_CHECKPOINT = -9
-HVM_ACPI_IOPORTS_LOCATION = -10
-HVM_VIRIDIAN = -11
-COMPRESSED_DATA = -12
-ENABLE_COMPRESSION = -13
-HVM_GENERATION_ID_ADDR = -14
-HVM_PAGING_RING_PFN = -15
-HVM_ACCESS_RING_PFN = -16
-HVM_SHARING_RING_PFN = -17
-TOOLSTACK = -18
-HVM_IOREQ_SERVER_PFN = -19
-HVM_NR_IOREQ_SERVER_PAGES = -20
-
-TMEM_MARKERS = (TMEM, TMEM_EXTRA)
-HVM_PARAM_IDS = frozenset({HVM_IDENT_PT, HVM_VM86_TSS, HVM_CONSOLE_PFN,
-                           HVM_ACPI_IOPORTS_LOCATION, HVM_VIRIDIAN, HVM_GENERATION_ID_ADDR,
-                           HVM_PAGING_RING_PFN, HVM_ACCESS_RING_PFN, HVM_SHARING_RING_PFN,
-                           HVM_IOREQ_SERVER_PFN, HVM_NR_IOREQ_SERVER_PAGES})
-CHUNK_NAMES: Dict[int, str] = {
-    END: "END", ENABLE_VERIFY_MODE: "ENABLE_VERIFY_MODE", VCPU_INFO: "VCPU_INFO",
-    HVM_IDENT_PT: "HVM_IDENT_PT", HVM_VM86_TSS: "HVM_VM86_TSS", TMEM: "TMEM",
-    TMEM_EXTRA: "TMEM_EXTRA", TSC_INFO: "TSC_INFO", HVM_CONSOLE_PFN: "HVM_CONSOLE_PFN",
-    LAST_CHECKPOINT: "LAST_CHECKPOINT", HVM_ACPI_IOPORTS_LOCATION: "HVM_ACPI_IOPORTS_LOCATION",
-    HVM_VIRIDIAN: "HVM_VIRIDIAN", COMPRESSED_DATA: "COMPRESSED_DATA",
-    ENABLE_COMPRESSION: "ENABLE_COMPRESSION", HVM_GENERATION_ID_ADDR: "HVM_GENERATION_ID_ADDR",
-    HVM_PAGING_RING_PFN: "HVM_PAGING_RING_PFN", HVM_ACCESS_RING_PFN: "HVM_ACCESS_RING_PFN",
-    HVM_SHARING_RING_PFN: "HVM_SHARING_RING_PFN", TOOLSTACK: "TOOLSTACK",
-    HVM_IOREQ_SERVER_PFN: "HVM_IOREQ_SERVER_PFN",
-    HVM_NR_IOREQ_SERVER_PAGES: "HVM_NR_IOREQ_SERVER_PAGES",
-}
 # The ids this codec parses itself (SPEC §2.2 less the tmem markers): reserved.
 HOST_CHUNK_IDS = frozenset(CHUNK_NAMES) - frozenset(TMEM_MARKERS)
-# Chunks Xen defined but left to a plugin: which plugin an unclaimed one needs.
-XEN_PLUGIN_MARKERS: Dict[int, str] = {TMEM: "tmem", TMEM_EXTRA: "tmem"}
 
 DM_RECORD_0002 = b"DeviceModelRecord0002"
 REMUS_DM_STATE = b"RemusDeviceModelState"

@@ -19,28 +19,17 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from ..binio import StreamReader, StreamWriter
 from ..errors import SaveError, StreamError
+from ..xen import (TMEM, TMEM_EXTRA, TMEM_MARKERS, SEPARATOR, MAX_POOLS, TMEM_SPEC_VERSIONS,
+                   PAGE_SIZE, OID_BYTES_V0, OID_BYTES_V1, POOL_PERSIST, POOL_SHARED,
+                   POOL_PRECOMPRESSED, POOL_PAGEBITS_SHIFT, POOL_VERSION_SHIFT, POOL_RESERVED,
+                   CLIENT_COMPRESS, CLIENT_FROZEN, CLIENT_RESERVED)
 
-MARKER_TMEM = -5
-MARKER_TMEM_EXTRA = -6
-MARKERS = (MARKER_TMEM, MARKER_TMEM_EXTRA)
-SEPARATOR = 0xFFFFFFFF
-MAX_POOLS = 16
-VERSIONS = (0, 1)
-PAGE_SIZE_BASE = 4096
-
-POOL_PERSIST = 1 << 0
-POOL_SHARED = 1 << 1
-POOL_PRECOMPRESSED = 1 << 2
-POOL_PAGEBITS_SHIFT = 4
-POOL_VERSION_SHIFT = 24
-CLIENT_COMPRESS = 1 << 0
-CLIENT_FROZEN = 1 << 1
-_POOL_RESERVED = (1 << 3) | 0x00FFFF00
-_CLIENT_RESERVED = ~0x3 & 0xFFFFFFFF
+if TYPE_CHECKING:
+    from ..hypervisor.interface import Buffer
 
 OID = Tuple[int, int, int]
 
@@ -50,7 +39,7 @@ _U32 = struct.Struct("<I")
 
 
 def oid_len(version: int) -> int:
-    return 8 if version == 0 else 24
+    return OID_BYTES_V0 if version == 0 else OID_BYTES_V1
 
 
 def terminator(version: int) -> bytes:
@@ -126,7 +115,7 @@ class PoolRecord:
 
     @property
     def page_size(self) -> int:
-        return PAGE_SIZE_BASE << self.pagebits
+        return PAGE_SIZE << self.pagebits
 
     @property
     def spec_version(self) -> int:
@@ -140,7 +129,7 @@ def describe_pool_flags(flags: int) -> str:
         words.append("shared")
     if flags & POOL_PRECOMPRESSED:
         words.append("precompressed")
-    words.append(f"page={PAGE_SIZE_BASE << ((flags >> POOL_PAGEBITS_SHIFT) & 0xF)}")
+    words.append(f"page={PAGE_SIZE << ((flags >> POOL_PAGEBITS_SHIFT) & 0xF)}")
     words.append(f"specver={(flags >> POOL_VERSION_SHIFT) & 0xFF}")
     return ",".join(words)
 
@@ -151,7 +140,7 @@ def describe_pool_flags(flags: int) -> str:
 
 def write_client(w: StreamWriter, client: ClientRecord) -> None:
     """The ``-5`` marker and client header."""
-    w.write(_HDR.pack(MARKER_TMEM, client.version, client.max_pools, SEPARATOR,
+    w.write(_HDR.pack(TMEM, client.version, client.max_pools, SEPARATOR,
                       client.flags, client.weight, client.cap, SEPARATOR))
 
 
@@ -161,7 +150,7 @@ def write_pool(w: StreamWriter, pool: PoolRecord) -> None:
     w.write(_POOL.pack(pool.pool_id, pool.flags, pool.n_pages, pool.uuid[0], pool.uuid[1]))
 
 
-def records_before_terminator(buf, pos: int, limit: int, rec: int, ones: bytes) -> int:
+def records_before_terminator(buf: Buffer, pos: int, limit: int, rec: int, ones: bytes) -> int:
     """How many of the ``limit`` whole records at ``pos`` precede one whose OID is
     the terminator. A strided slice takes each record's first byte in one C call,
     so only records starting with 0xff are compared in Python."""
@@ -177,7 +166,7 @@ def records_before_terminator(buf, pos: int, limit: int, rec: int, ones: bytes) 
     return limit
 
 
-def check_records(version: int, records, count: int, page_size: int, pool_id: int) -> None:
+def check_records(version: int, records: Buffer, count: int, page_size: int, pool_id: int) -> None:
     """Refuse a batch holding a real all-ones OID (T4): the format cannot carry it."""
     mv = memoryview(records).cast("B")
     rec = record_size(version, page_size)
@@ -191,7 +180,7 @@ def check_records(version: int, records, count: int, page_size: int, pool_id: in
                         "the tmem stream format reserves that OID as its terminator")
 
 
-def write_page_records(w: StreamWriter, version: int, records, count: int,
+def write_page_records(w: StreamWriter, version: int, records: Buffer, count: int,
                        page_size: int, pool_id: int) -> None:
     """Write ``count`` wire-layout page records (after the T4 check)."""
     if count:
@@ -224,7 +213,7 @@ def encode_invalidation(version: int, pool_id: int, oid: OID, index: int) -> byt
 def write_extra(w: StreamWriter, version: int,
                 entries: Iterable[Tuple[int, OID, int]]) -> int:
     """A whole ``-6`` chunk; returns how many invalidations it carried."""
-    w.s32(MARKER_TMEM_EXTRA)
+    w.s32(TMEM_EXTRA)
     n = 0
     parts: List[bytes] = []
     for pool_id, oid, index in entries:
@@ -259,20 +248,24 @@ class ChunkOrder:
 
     def __init__(self) -> None:
         self.client: Optional[ClientRecord] = None
-        self.pools: dict = {}
 
     def see(self, marker: int, offset: int) -> None:
-        if marker == MARKER_TMEM and self.client is not None:
+        if marker == TMEM and self.client is not None:
             raise StreamError("a second tmem chunk (-5): a stream carries at most one",
                               offset=offset, field="marker", value=marker)
-        if marker == MARKER_TMEM_EXTRA and self.client is None:
+        if marker == TMEM_EXTRA and self.client is None:
             raise StreamError("tmem invalidations (-6) before any tmem chunk (-5)",
                               offset=offset, field="marker", value=marker)
 
     @property
     def version(self) -> int:
-        assert self.client is not None
+        assert self.client is not None     # see() refuses a -6 before the -5
         return self.client.version
+
+    @property
+    def max_pools(self) -> int:
+        assert self.client is not None
+        return self.client.max_pools
 
 
 BATCH_BYTES = 1 << 20
@@ -282,8 +275,9 @@ def read_client(r: StreamReader) -> ClientRecord:
     """The client header after the ``-5`` marker (already consumed)."""
     off = r.offset
     version = r.u32("version")
-    if version not in VERSIONS:
-        raise StreamError("tmem spec version must be 0 or 1", offset=off, field="version", value=version)
+    if version not in TMEM_SPEC_VERSIONS:
+        raise StreamError("tmem spec version must be 0 or 1", offset=off, field="version",
+                          value=version)
     off = r.offset
     max_pools = r.u32("max_pools")
     if max_pools > MAX_POOLS:
@@ -292,7 +286,7 @@ def read_client(r: StreamReader) -> ClientRecord:
     _separator(r, "separator after max_pools")
     off = r.offset
     flags = r.u32("client flags")
-    if flags & _CLIENT_RESERVED:
+    if flags & CLIENT_RESERVED:
         raise StreamError("reserved client flag bits set (only COMPRESS and FROZEN exist)",
                           offset=off, field="client flags", value=flags)
     weight = r.u32("weight")
@@ -342,19 +336,20 @@ def read_tmem(r: StreamReader, visitor: ChunkVisitor, *, max_page_size: Optional
         visitor.pool(pool, off)
         received, terminated = _read_pages(r, visitor, pool, olen, ones)
         visitor.pool_end(pool, received, terminated)
-    visitor.end(MARKER_TMEM, start)
+    visitor.end(TMEM, start)
     return client
 
 
 def _check_pool(pool: PoolRecord, version: int, off: int, max_page_size: Optional[int]) -> None:
     flags = pool.flags
-    reserved = _POOL_RESERVED | (POOL_PRECOMPRESSED if version == 0 else 0)
+    reserved = POOL_RESERVED | (POOL_PRECOMPRESSED if version == 0 else 0)
     if flags & reserved:
         raise StreamError(f"reserved pool flag bits set in pool {pool.pool_id}",
                           offset=off, field="pool flags", value=flags)
     if pool.spec_version not in (0, version):
         raise StreamError(f"pool {pool.pool_id} flags carry spec version {pool.spec_version} "
-                          f"in a version {version} chunk", offset=off, field="pool flags", value=flags)
+                          f"in a version {version} chunk", offset=off, field="pool flags",
+                          value=flags)
     if max_page_size is not None and pool.page_size > max_page_size:
         raise StreamError(f"pool {pool.pool_id} has {pool.page_size}-byte pages (pagebits "
                           f"{pool.pagebits}); the target holds at most {max_page_size}-byte pages",
@@ -433,11 +428,12 @@ def read_extra(r: StreamReader, version: int, visitor: ChunkVisitor, *,
             batch_off = r.offset
     if batch:
         visitor.invalidations(batch, batch_off)
-    visitor.end(MARKER_TMEM_EXTRA, start)
+    visitor.end(TMEM_EXTRA, start)
     return n
 
 
-def iter_records(version: int, records, count: int, page_size: int):
+def iter_records(version: int, records: Buffer, count: int,
+                 page_size: int) -> Iterator[Tuple[OID, int, memoryview]]:
     """Yield ``(oid, index, data_memoryview)`` for each wire-layout record (slow path:
     inspect, traces, tests)."""
     olen = oid_len(version)
@@ -446,7 +442,8 @@ def iter_records(version: int, records, count: int, page_size: int):
     for i in range(count):
         base = i * rec
         raw = bytes(mv[base:base + olen])
-        yield decode_oid(version, raw), _U32.unpack_from(mv, base + olen)[0], mv[base + olen + 4:base + rec]
+        index: int = _U32.unpack_from(mv, base + olen)[0]
+        yield decode_oid(version, raw), index, mv[base + olen + 4:base + rec]
 
 
 def read_chunk_file(r: StreamReader, visitor: ChunkVisitor, *,
@@ -458,13 +455,13 @@ def read_chunk_file(r: StreamReader, visitor: ChunkVisitor, *,
     while not r.at_eof():
         off = r.offset
         marker = r.s32("marker")
-        if marker not in MARKERS:
+        if marker not in TMEM_MARKERS:
             raise StreamError("expected a tmem chunk marker (-5 or -6)", offset=off,
                               field="marker", value=marker)
         order.see(marker, off)
-        if marker == MARKER_TMEM:
+        if marker == TMEM:
             order.client = read_tmem(r, visitor, max_page_size=max_page_size, marker_offset=off)
         else:
-            read_extra(r, order.version, visitor, max_pools=order.client.max_pools,
+            read_extra(r, order.version, visitor, max_pools=order.max_pools,
                        marker_offset=off)
     return order

@@ -10,7 +10,8 @@ so a libxenctrl backend is one more entry point, not an edit of xend.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Dict
+from importlib import metadata
+from typing import TYPE_CHECKING, Callable, Dict, Iterable
 
 from ..errors import ConfigError
 
@@ -23,15 +24,14 @@ GROUP = "xend_tmem.hypervisor"
 Factory = Callable[["HypervisorSettings", str], "Hypervisor"]
 
 
-def _entry_points() -> Any:
+def _entry_points() -> Iterable[metadata.EntryPoint]:
     if sys.version_info >= (3, 10):
-        from importlib.metadata import entry_points
-        return entry_points(group=GROUP)
-    from importlib.metadata import entry_points as eps  # pragma: no cover
-    return eps().get(GROUP, [])                          # pragma: no cover
+        return metadata.entry_points(group=GROUP)
+    else:  # pragma: no cover - Python 3.9: a dict of groups
+        return metadata.entry_points().get(GROUP, [])
 
 
-def installed_backends() -> Dict[str, Any]:
+def installed_backends() -> Dict[str, metadata.EntryPoint]:
     """Entry-point name -> entry point, for every installed backend."""
     return {ep.name: ep for ep in _entry_points()}
 
@@ -45,7 +45,7 @@ def load_backend(settings: "HypervisorSettings", state_dir: str) -> "Hypervisor"
                           f"(installed: {', '.join(sorted(eps)) or 'none'})")
     try:
         factory: Factory = ep.load()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a backend's import may fail any way: one line
         raise ConfigError(f"hypervisor backend {settings.backend!r} ({ep.value}) cannot be "
                           f"loaded: {type(exc).__name__}: {exc}") from None
     return factory(settings, state_dir)

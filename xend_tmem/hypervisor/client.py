@@ -29,22 +29,24 @@ import errno
 import logging
 import mmap
 import os
-import select
 import socket
 import subprocess
-import sys
 import threading
 import time
-from typing import (TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple,
-                    Union)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence,
+                    Tuple, Union)
 
+from ..detach import READY, spawn_detached
 from ..errors import HypervisorError, NoSuchDomain, XendTmemError
 from . import wire
-from .interface import OID, PAGE_SIZE, Buffer, DomainInfo, HostInfo, crc_mismatch_index
+from ..xen import PAGE_SIZE
+from .interface import OID, Buffer, DomainInfo, HostInfo, crc_mismatch_index
 from .pfnruns import pfn_runs as _runs
 from .server import PROTOCOL, ServeOptions, paths, raise_error, running_pid
 
 if TYPE_CHECKING:
+    from array import array
+
     from ..config import HypervisorSettings
 
 log = logging.getLogger("xend_tmem.hypervisor")
@@ -544,6 +546,56 @@ class HypervisorClient:
             return total, memoryview(out)[:pos]  # type: ignore[return-value]
         return total, parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def save_get_pages_held(self, domid: int, pool_id: int, max_pages: int,
+                            crcs: Optional["array[int]"] = None
+                            ) -> Tuple[int, memoryview, Callable[[], None]]:
+        """One SAVE_GET_PAGES round trip whose records stay in the connection's
+        shared buffer: ``(count, view, release)``. The caller writes the image
+        straight from ``view`` (no copy into a fresh buffer: 1 GiB of tmem is
+        1 GiB of memcpy and page faults less) and must call ``release`` once
+        done; the connection serves no other call until then, so a save
+        fetching batch k+1 while it writes batch k uses two connections, two
+        buffers. ``count`` may be less than ``max_pages`` (what one buffer
+        holds), 0 at the end of the walk, as with the hypercall."""
+        op = "save_get_pages"
+        if isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages <= 0:
+            raise HypervisorError(op, f"max_pages {max_pages!r} is not a positive count")
+        crc_dst = None
+        if crcs is not None:
+            crc_dst = memoryview(crcs).cast("B")
+            if crc_dst.nbytes < 4 * max_pages:
+                crc_dst.release()
+                raise HypervisorError(op, f"a CRC buffer of {crc_dst.nbytes} bytes cannot "
+                                          f"hold {max_pages} CRCs")
+        conn = self._acquire(op)
+        try:
+            (count, nbytes, crc_off), _ = self._exchange(
+                conn, op, op, (domid, pool_id, max_pages, crc_dst is not None))
+            if not isinstance(count, int) or not 0 <= count <= max_pages \
+                    or not isinstance(nbytes, int) or not 0 <= nbytes <= len(conn.view):
+                raise HypervisorError(op, f"the hypervisor answered {count!r} records in "
+                                          f"{nbytes!r} bytes")
+            if count and crc_dst is not None:
+                if crc_off < 0 or crc_off + 4 * count > len(conn.view) or crc_off < nbytes:
+                    raise HypervisorError(op, f"the hypervisor put {count} CRCs at "
+                                              f"offset {crc_off} of the shared buffer")
+                crc_dst[:4 * count] = conn.view[crc_off:crc_off + 4 * count]
+            view = conn.view[:nbytes]
+        except BaseException:
+            self._release(conn)
+            raise
+        finally:
+            if crc_dst is not None:
+                crc_dst.release()
+        done = []
+
+        def release() -> None:
+            if not done:
+                done.append(True)
+                view.release()
+                self._release(conn)
+        return count, view, release
+
     def save_get_next_inv(self, domid: int) -> Optional[Tuple[int, OID, int]]:
         got = self._call("save_get_next_inv", domid)
         if got is None:
@@ -795,39 +847,20 @@ def spawn(opts: ServeOptions, timeout: float = START_TIMEOUT_S) -> "subprocess.P
     _children[:] = [c for c in _children if c.poll() is None]
     os.makedirs(opts.state_dir, exist_ok=True)
     log_path = paths(opts.state_dir)[2]
-    read_fd, write_fd = os.pipe()
-    try:
-        errlog = open(log_path, "ab")
-    except OSError as exc:
-        os.close(read_fd)
-        os.close(write_fd)
-        raise HypervisorStartError(f"cannot open {log_path}: {exc.strerror or exc}") from None
-    try:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "xend_tmem.hypervisor.server", *opts.argv(),
-             "--ready-fd", str(write_fd)],
-            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=errlog, start_new_session=True, close_fds=True, cwd="/")
-    finally:
-        os.close(write_fd)
-        errlog.close()
-    answer = b""
     deadline = time.monotonic() + timeout
-    with os.fdopen(read_fd, "rb") as ready:
-        while time.monotonic() < deadline:
-            readable, _, _ = select.select([ready], [], [], 0.2)
-            if readable:
-                chunk = os.read(ready.fileno(), 4096)
-                if not chunk:
-                    break
-                answer += chunk
-    text = answer.decode(errors="replace").strip()
-    if text != "ok" and time.monotonic() < deadline:
+    try:
+        child, text = spawn_detached("xend_tmem.hypervisor.server", opts.argv(), log_path,
+                                     timeout, cwd="/")
+    except OSError as exc:
+        raise HypervisorStartError(f"cannot start the hypervisor process: "
+                                   f"{exc.strerror or exc}"
+                                   + (f": {exc.filename}" if exc.filename else "")) from None
+    if text != READY and time.monotonic() < deadline:
         try:
             child.wait(timeout=5)        # it closed the pipe: it is exiting
         except subprocess.TimeoutExpired:
             pass
-    if text == "ok":
+    if text == READY:
         _children.append(child)
         return child
     if "already running" in text:

@@ -56,10 +56,11 @@ import sys
 import time
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
+from ..xen import PAGE_SIZE
+
 if TYPE_CHECKING:
     import subprocess
 
-PAGE_SIZE = 4096
 CONTROL_SIZE = 4096
 MAGIC = 0x3174736575674E58            # "XNguest1"
 

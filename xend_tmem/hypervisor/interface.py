@@ -25,7 +25,7 @@ hypervisor is a process of its own (``sim``); the same model runs in-process
 
 Errors: a refusal raises :class:`~xend_tmem.errors.HypervisorError` whose
 ``code`` is Xen's positive error number where Xen had one (``EFROZEN`` 1000,
-``EEMPTY`` 1001, ``errno.EINVAL`` ...); an unknown domain raises
+``EEMPTY`` 1001 in :mod:`xend_tmem.xen`, ``errno.EINVAL`` ...); an unknown domain raises
 :class:`~xend_tmem.errors.NoSuchDomain`. A backend that lost its hypervisor
 (the process died) raises :class:`~xend_tmem.errors.HypervisorError` with
 ``op`` naming the call and ``code`` ``errno.ECONNRESET``.
@@ -42,26 +42,6 @@ from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 OID = Tuple[int, int, int]
 Buffer = Union[bytes, bytearray, memoryview]
-
-EFROZEN = 1000
-EEMPTY = 1001
-MAX_POOLS = 16
-PAGE_SIZE = 4096
-EXT_VCPU_CONTEXT_SIZE = 128       # DOMCTL_set_ext_vcpucontext payload in a save stream
-
-# pool flag bits (SPEC §4)
-POOL_PERSIST = 1 << 0
-POOL_SHARED = 1 << 1
-POOL_PRECOMPRESSED = 1 << 2
-POOL_PAGEBITS_SHIFT = 4
-POOL_PAGEBITS_MASK = 0xF << POOL_PAGEBITS_SHIFT
-POOL_VERSION_SHIFT = 24
-POOL_VERSION_MASK = 0xFF << POOL_VERSION_SHIFT
-# client flag bits
-CLIENT_COMPRESS = 1 << 0
-CLIENT_FROZEN = 1 << 1
-# Xen's TMEM_CLI_ID_NULL: an admin op on every client
-ALL_CLIENTS = -1
 
 _CRC_MISMATCH = re.compile(r": record (\d+): page CRC32 ")
 
@@ -217,8 +197,8 @@ class TmemControl(Protocol):
         data); ``None`` at the end (Xen's 0)."""
     def save_get_pages(self, domid: int, pool_id: int, max_pages: int,
                        out: Optional[Union[bytearray, memoryview]] = None,
-                       crcs: Optional[Union[bytearray, memoryview, array]] = None
-                       ) -> Tuple[int, bytes]:
+                       crcs: Optional[Union[bytearray, memoryview, array[int]]] = None
+                       ) -> Tuple[int, Buffer]:
         """A loop of up to ``max_pages`` SAVE_GET_NEXT_PAGE calls: ``(count,
         records)``; each record is the wire layout OID (8 bytes in spec version
         0, 24 in 1) + u32 index + page data. ``count == 0`` at the end. With
@@ -245,9 +225,10 @@ class TmemControl(Protocol):
         """RESTORE_BEGIN: create the domain's tmem client; refused if it has one."""
     def restore_new_pool(self, domid: int, pool_id: int, flags: int, uuid: Tuple[int, int]) -> int:
         """RESTORE_NEW: create a pool in slot ``pool_id``; returns the slot."""
-    def restore_put_page(self, domid: int, pool_id: int, oid: OID, index: int, data: Buffer) -> None: ...
+    def restore_put_page(self, domid: int, pool_id: int, oid: OID, index: int,
+                         data: Buffer) -> None: ...
     def restore_put_pages(self, domid: int, pool_id: int, records: Buffer, count: int,
-                          crcs: Optional[Buffer] = None) -> None:
+                          crcs: Optional[Union[Buffer, array[int]]] = None) -> None:
         """A loop of ``count`` RESTORE_PUT_PAGE calls over records in the wire
         layout of :meth:`save_get_pages`; stops at the first refusal. With
         ``crcs`` (``count`` native u32, the sidecar's page checksums) each
@@ -306,7 +287,7 @@ class Inspection(Protocol):
     def ram_digest(self, domid: int) -> str:
         """sha256 of the domain's whole RAM."""
     def ram_page_crcs(self, domid: int, pfns: Sequence[int],
-                      out: Union[bytearray, memoryview, array]) -> None:
+                      out: Union[bytearray, memoryview, array[int]]) -> None:
         """The CRC32 of RAM page ``pfns[i]`` into ``out[i]`` (a writable buffer
         of at least ``len(pfns)`` native u32): the sidecar's RAM page checksums
         (issue 8 #4), computed off the toolstack's thread while it writes the

@@ -2,76 +2,260 @@
 
 Pages live as *records in the stream's wire layout* (OID of 8 or 24 bytes,
 u32 index, page data; SPEC §4) in fixed-size slots of anonymous-mmap segments,
-so there is no Python object per page holding data, memory is committed only
-as slots are written, and the save walk hands out contiguous runs of records
-with one slice each. A dict maps each record header (the key) to its slot;
-its insertion order *is* the put order the save walk must follow.
+so the save walk hands out contiguous runs of records with one slice each and
+a restore stores a batch with one copy per segment it touches.
+
+The index holds no Python object per page: each object (OID) maps to a table
+of slots by page index (an ``array`` where the indices are dense, a dict only
+for the sparse rest), and the put order is a log of slots in an ``array`` with,
+per slot, its position in that log (an entry is live while the two agree).
+Batches of records that are runs of one object's consecutive indices (what a
+save stream carries) are indexed a run at a time.
 """
 from __future__ import annotations
 
 import hashlib
 import mmap
-from array import array
 import random
 import struct
+import sys
+import threading
+import weakref
 import zlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from array import array
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..crc import crc32 as fast_crc32
 
 OID = Tuple[int, int, int]
+Buffer = Union[bytes, bytearray, memoryview]
+Run = Tuple[int, int, int]             # (segment, start byte, end byte)
 
-SEGMENT_BYTES = 16 << 20     # size of one segment
+SEGMENT_BYTES = 2 << 20     # size of one segment: 508 records of 4 KiB, two 1 MiB batches
+COMMIT_AHEAD = 2            # segments committed ahead of a batched writer
+_LINGER_S = 0.05            # the committing thread waits this long for more work
 
-# Private anonymous memory, committed when the segment is made: the kernel
-# fills 16 MiB in one call (huge pages where it can), several times faster than
-# faulting 4 KiB pages one by one as records are copied in.
+# Private anonymous memory with no advice: measured on this VM (benchmarks/
+# README.md, tmem_pipe), transparent huge pages are fast only while the kernel
+# has free huge pages and otherwise compact memory on the spot (up to 5 x
+# slower); MADV_POPULATE_WRITE was no faster than MAP_POPULATE. Memory is
+# committed with MAP_POPULATE, inside mmap(2), which runs without the GIL: a
+# helper thread commits the next segments while a batched writer (a restore)
+# copies into the current one.
 _SEGMENT_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-_MADV_POPULATE_WRITE = 23    # Linux 5.14+
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_LITTLE = sys.byteorder == "little"
 
 
-def _new_segment(size: int) -> mmap.mmap:
-    seg = mmap.mmap(-1, size, flags=_SEGMENT_FLAGS)
-    for advice in (getattr(mmap, "MADV_HUGEPAGE", None), _MADV_POPULATE_WRITE):
-        if advice is not None:
-            try:
-                seg.madvise(advice)
-            except OSError:      # older kernel: pages are committed as they are written
-                pass
-    return seg
+def _new_segment(size: int, commit: bool) -> mmap.mmap:
+    return mmap.mmap(-1, size, flags=_SEGMENT_FLAGS | (_MAP_POPULATE if commit else 0))
 
 
 class SegmentHeap:
-    """Committed segments kept for reuse: the simulated hypervisor's tmem heap.
+    """Segments for the stores of one hypervisor: the simulated tmem heap.
 
     Xen hands tmem pages out of a heap that is already resident; a process that
     maps fresh memory pays the kernel (and, in a VM, the host) to commit it on
-    first touch. ``reserve`` commits memory up front and ``give`` keeps freed
-    segments, up to the reserved amount, so that cost is paid once.
+    first touch. ``reserve`` commits memory up front (``tmem_prealloc_mib``) and
+    ``give`` keeps freed segments up to the reserved amount, so that cost is
+    paid once. A batched writer takes segments with ``ahead=True``: a helper
+    thread then keeps ``COMMIT_AHEAD`` committed segments ready, so committing
+    overlaps the stream instead of faulting page by page under the copy.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, segment_bytes: int = SEGMENT_BYTES, ahead: int = COMMIT_AHEAD) -> None:
+        self.segment_bytes = segment_bytes
+        self._ahead = ahead
         self._free: List[mmap.mmap] = []
         self._keep = 0
+        self._owed = 0                 # segments the helper thread is still to commit
+        self._running = False          # the helper thread is alive
+        self._cond = threading.Condition()
 
     def reserve(self, nbytes: int) -> None:
-        want = -(-nbytes // SEGMENT_BYTES)
-        self._keep = max(self._keep, want)
-        while len(self._free) < want:
-            self._free.append(_new_segment(SEGMENT_BYTES))
+        want = -(-nbytes // self.segment_bytes)
+        with self._cond:
+            self._keep = max(self._keep, want)
+            short = want - len(self._free) - self._owed
+        for _ in range(max(0, short)):
+            seg = _new_segment(self.segment_bytes, commit=True)
+            with self._cond:
+                self._free.append(seg)
 
-    def take(self) -> mmap.mmap:
-        return self._free.pop() if self._free else _new_segment(SEGMENT_BYTES)
+    def take(self, ahead: bool = False) -> mmap.mmap:
+        """A segment: a kept or committed-ahead one when there is one (waiting
+        for the helper if it is committing one), else a fresh lazy one."""
+        with self._cond:
+            if ahead:
+                self._commit_ahead(1 + self._ahead - len(self._free) - self._owed)
+            while not self._free and self._owed:
+                self._cond.wait()
+            if self._free:
+                return self._free.pop()
+        return _new_segment(self.segment_bytes, commit=False)
+
+    def _commit_ahead(self, n: int) -> None:
+        """Owe ``n`` more committed segments (caller holds the lock)."""
+        if n <= 0:
+            return
+        self._owed += n
+        self._cond.notify_all()
+        if not self._running:
+            self._running = True
+            threading.Thread(target=self._committer, name="tmem-commit", daemon=True).start()
+
+    def _committer(self) -> None:
+        """Commit what is owed; linger a little for more (a stream's next batch)
+        rather than start a thread per segment."""
+        while True:
+            try:
+                seg: Optional[mmap.mmap] = _new_segment(self.segment_bytes, commit=True)
+            except OSError:           # out of memory: the writer faults pages in itself
+                seg = None
+            with self._cond:
+                if seg is not None:
+                    self._free.append(seg)
+                    self._owed -= 1
+                else:
+                    self._owed = 0
+                self._cond.notify_all()
+                if not self._owed:
+                    self._cond.wait_for(lambda: self._owed > 0, timeout=_LINGER_S)
+                if not self._owed:
+                    # the stream stopped: what was committed ahead beyond the
+                    # reserved heap goes back to the kernel
+                    del self._free[self._keep:]
+                    self._running = False
+                    return
 
     def give(self, segments: Sequence[mmap.mmap]) -> None:
-        for seg in segments:
-            if len(self._free) >= self._keep:
-                break
-            self._free.append(seg)
+        with self._cond:
+            for seg in segments:
+                if len(self._free) >= self._keep:
+                    break
+                self._free.append(seg)
 
     @property
     def free_bytes(self) -> int:
-        return len(self._free) * SEGMENT_BYTES
+        with self._cond:
+            return len(self._free) * self.segment_bytes
+
+
+def _holes(n: int) -> "array[int]":
+    return array("i", [-1]) * n
+
+
+class _Object:
+    """One object's pages: page index -> slot. A dense table from ``base`` while
+    the indices stay within twice the page count (plus 64), a dict beyond."""
+
+    __slots__ = ("base", "table", "sparse", "count")
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.table = array("i")
+        self.sparse: Optional[Dict[int, int]] = None
+        self.count = 0
+
+    def get(self, index: int) -> int:
+        j = index - self.base
+        if 0 <= j < len(self.table):
+            slot = self.table[j]
+            if slot >= 0:
+                return slot
+        if self.sparse:
+            return self.sparse.get(index, -1)
+        return -1
+
+    def _dense_span(self, lo: int, hi: int) -> bool:
+        """Make the table cover indices ``lo..hi-1`` (about to be added) if it
+        then spans at most four times the page count plus 64; False when they
+        must go to the dict. Growth takes up to a quarter of the table more,
+        so ascending or descending puts cost amortized O(1)."""
+        table = self.table
+        n = len(table)
+        bound = 4 * (self.count + hi - lo) + 64
+        if not n:
+            self.base = lo
+            self.table = _holes(hi - lo)
+            return True
+        grow = max(n // 4, 16)          # growth beyond what is needed: amortized O(1)
+        span = max(hi, self.base + n) - min(lo, self.base)
+        if span > bound:
+            return False
+        if lo < self.base:
+            extra = min(lo, grow, bound - span)
+            grown = _holes(self.base - lo + extra)
+            grown.extend(table)
+            self.table = table = grown
+            self.base = lo - extra
+            span += extra
+        end = hi - self.base
+        if end > len(table):
+            table.extend(_holes(end - len(table) + min(grow, bound - span)))
+        return True
+
+    def add(self, index: int, slot: int) -> None:
+        """``index`` must be absent."""
+        self.count += 1
+        if self._dense_span(index, index + 1):
+            self.table[index - self.base] = slot
+            return
+        if self.sparse is None:
+            self.sparse = {}
+        self.sparse[index] = slot
+
+    def add_run(self, first: int, slots: "array[int]") -> None:
+        """Indices ``first..`` (all absent) get ``slots``."""
+        m = len(slots)
+        if self._dense_span(first, first + m):
+            j = first - self.base
+            self.table[j:j + m] = slots
+            self.count += m
+            return
+        for k, slot in enumerate(slots):
+            self.add(first + k, slot)
+
+    def absent_run(self, first: int, m: int) -> bool:
+        """Whether none of indices ``first..first+m-1`` is stored."""
+        lo = max(first - self.base, 0)
+        hi = min(first + m - self.base, len(self.table))
+        if lo < hi and self.table[lo:hi].count(-1) != hi - lo:
+            return False
+        if self.sparse:
+            return not any(i in self.sparse for i in range(first, first + m))
+        return True
+
+    def remove(self, index: int) -> None:
+        j = index - self.base
+        self.count -= 1
+        if 0 <= j < len(self.table) and self.table[j] >= 0:
+            self.table[j] = -1
+        else:
+            assert self.sparse is not None
+            del self.sparse[index]
+
+    def slots(self) -> List[int]:
+        out = [s for s in self.table if s >= 0]
+        if self.sparse:
+            out.extend(self.sparse.values())
+        return out
+
+
+class Snapshot:
+    """The put order at SAVE_BEGIN, as slots: Xen's per-pool page list that the
+    save walk's cursor follows. A page deleted since (whose slot may hold
+    another page by now) is remembered by key in ``gone``, so a walk skips it,
+    or finds it where it was put again."""
+
+    __slots__ = ("slots", "gone", "__weakref__")
+
+    def __init__(self, slots: "array[int]") -> None:
+        self.slots = slots
+        self.gone: Dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self.slots)
 
 
 _KEY_V0 = struct.Struct("<QI")
@@ -81,47 +265,61 @@ _KEY_V1 = struct.Struct("<QQQI")
 class PageStore:
     """Pages of one pool keyed by (OID, index), in put order.
 
-    ``version`` chooses the record layout (0: 8-byte OID, 1: 24-byte OID).
-    Callers validate keys and page sizes; the store only stores.
+    ``version`` chooses the record layout (0: 8-byte OID, 1: 24-byte OID); a
+    key is a record's header (:meth:`make_key`). Callers validate keys and page
+    sizes; the store only stores.
     """
 
     __slots__ = ("version", "page_size", "header_len", "record_size", "slots_per_segment",
-                 "_segments", "_index", "_free", "_next", "_key", "_heap")
+                 "_segments", "_objs", "_count", "_seq", "_order", "_free", "_next", "_heap",
+                 "_snaps")
 
     def __init__(self, version: int, page_size: int, segment_bytes: int = SEGMENT_BYTES,
                  heap: Optional[SegmentHeap] = None) -> None:
-        segment_bytes = min(segment_bytes, SEGMENT_BYTES)
         self._heap = heap if heap is not None else SegmentHeap()
+        segment_bytes = min(segment_bytes, self._heap.segment_bytes)
         self.version = version
-        self._key = _KEY_V0 if version == 0 else _KEY_V1
         self.page_size = page_size
-        self.header_len = self._key.size
+        self.header_len = (8 if version == 0 else 24) + 4
         self.record_size = self.header_len + page_size
         self.slots_per_segment = max(1, segment_bytes // self.record_size)
         self._segments: List[mmap.mmap] = []
-        self._index: Dict[bytes, int] = {}
-        self._free: List[int] = []
+        self._objs: Dict[bytes, _Object] = {}
+        self._count = 0
+        self._seq = array("i")          # slot -> its position in _order, -1 when free
+        self._order = array("i")        # slots in put order (stale entries included)
+        self._free = array("i")         # freed slots, reused last-freed first
         self._next = 0
+        self._snaps: "weakref.WeakSet[Snapshot]" = weakref.WeakSet()
 
     # -- keys -----------------------------------------------------------------
     def make_key(self, oid: Sequence[int], index: int) -> bytes:
         if self.version == 0:
-            return self._key.pack(oid[0], index)
-        return self._key.pack(oid[0], oid[1], oid[2], index)
+            return _KEY_V0.pack(oid[0], index)
+        return _KEY_V1.pack(oid[0], oid[1], oid[2], index)
 
     def parse_key(self, key: bytes) -> Tuple[OID, int]:
         if self.version == 0:
-            o, i = self._key.unpack(key)
+            o, i = _KEY_V0.unpack(key)
             return (o, 0, 0), i
-        a, b, c, i = self._key.unpack(key)
+        a, b, c, i = _KEY_V1.unpack(key)
         return (a, b, c), i
+
+    def _find(self, key: bytes) -> int:
+        obj = self._objs.get(key[:-4])
+        return obj.get(int.from_bytes(key[-4:], "little")) if obj is not None else -1
+
+    def _key_at(self, slot: int) -> bytes:
+        seg, rel = divmod(slot, self.slots_per_segment)
+        off = rel * self.record_size
+        return self._segments[seg][off:off + self.header_len]
 
     # -- size -----------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._index)
+        return self._count
 
     def __contains__(self, key: bytes) -> bool:
-        return key in self._index
+        return self._find(key) >= 0
 
     @property
     def allocated_bytes(self) -> int:
@@ -132,12 +330,13 @@ class PageStore:
     def segments(self) -> Tuple[mmap.mmap, ...]:
         return tuple(self._segments)
 
-    # -- slots ----------------------------------------------------------------
+    # -- slots and order --------------------------------------------------------
     def _alloc(self) -> int:
         if self._free:
             return self._free.pop()
         slot = self._next
         self._next += 1
+        self._seq.append(-1)
         if slot // self.slots_per_segment >= len(self._segments):
             self._segments.append(self._heap.take())
         return slot
@@ -146,69 +345,187 @@ class PageStore:
         seg, rel = divmod(slot, self.slots_per_segment)
         return self._segments[seg], rel * self.record_size
 
+    def _touch(self, slot: int) -> None:
+        """Move ``slot`` to the end of the put order."""
+        if len(self._order) >= 2 * self._count + 1024:
+            self._compact()
+        self._seq[slot] = len(self._order)
+        self._order.append(slot)
+
+    def _compact(self) -> None:
+        seq = self._seq
+        live = array("i", [s for p, s in enumerate(self._order) if seq[s] == p])
+        for p, s in enumerate(live):
+            seq[s] = p
+        self._order = live
+
+    def _live_order(self) -> "array[int]":
+        if len(self._order) != self._count:
+            self._compact()
+        return self._order
+
     # -- single pages ---------------------------------------------------------
-    def put(self, key: bytes, data) -> bool:
+    def put(self, key: bytes, data: Buffer) -> bool:
         """Store a page; an existing key is overwritten and moves to the end of
         the put order. Returns True when the key was new."""
-        slot = self._index.pop(key, None)
-        new = slot is None
+        oid, index = key[:-4], int.from_bytes(key[-4:], "little")
+        obj = self._objs.get(oid)
+        slot = obj.get(index) if obj is not None else -1
+        new = slot < 0
         if new:
             slot = self._alloc()
+            if obj is None:
+                obj = self._objs[oid] = _Object()
+            obj.add(index, slot)
+            self._count += 1
+        self._touch(slot)
         seg, off = self._where(slot)
         hl = self.header_len
         seg[off:off + hl] = key
         seg[off + hl:off + self.record_size] = data
-        self._index[key] = slot
         return new
 
     def get(self, key: bytes) -> Optional[bytes]:
-        slot = self._index.get(key)
-        if slot is None:
+        slot = self._find(key)
+        if slot < 0:
             return None
         seg, off = self._where(slot)
         return seg[off + self.header_len:off + self.record_size]
 
     def delete(self, key: bytes) -> bool:
-        slot = self._index.pop(key, None)
-        if slot is None:
+        oid, index = key[:-4], int.from_bytes(key[-4:], "little")
+        obj = self._objs.get(oid)
+        slot = obj.get(index) if obj is not None else -1
+        if slot < 0:
             return False
-        if self._index:
-            self._free.append(slot)
-        else:
+        assert obj is not None
+        for snap in self._snaps:
+            snap.gone.setdefault(slot, key)
+        if self._count == 1:
             self.clear()        # last page gone: give the segments back
+            return True
+        obj.remove(index)
+        if not obj.count:
+            del self._objs[oid]
+        self._seq[slot] = -1
+        self._free.append(slot)
+        self._count -= 1
         return True
 
     def clear(self) -> int:
-        n = len(self._index)
-        self._index.clear()
-        self._free.clear()
+        n = self._count
+        if self._snaps and n:
+            for slot in self._live_order():
+                key = self._key_at(slot)
+                for snap in self._snaps:
+                    snap.gone.setdefault(slot, key)
+        self._objs.clear()
+        self._count = 0
+        self._seq = array("i")
+        self._order = array("i")
+        self._free = array("i")
         self._heap.give(self._segments)
         self._segments.clear()
         self._next = 0
         return n
 
     # -- batches ----------------------------------------------------------------
-    def record_keys(self, records, count: int) -> List[bytes]:
-        """The keys (record headers) of ``count`` wire-layout records."""
-        mv = memoryview(records)
+    def _runs_of(self, src: memoryview, count: int) -> Optional[List[Tuple[bytes, int, int, int]]]:
+        """The batch as runs ``(oid, first index, first record, records)`` of one
+        object's consecutive indices, or None when the header words cannot be
+        read in place (a big-endian host). The header fields are read as
+        strided columns of u32 words (a record is a whole number of words)."""
         rs, hl = self.record_size, self.header_len
-        return [bytes(mv[i * rs:i * rs + hl]) for i in range(count)]
+        if not _LITTLE or rs % 4:
+            return None
+        step, w = rs // 4, hl // 4
+        with src[:count * rs] as body, body.cast("I") as words:
+            cols = [words[j::step].tolist() for j in range(w)]
+        idx = cols.pop()
+        if all(c.count(c[0]) == count for c in cols) \
+                and idx == list(range(idx[0], idx[0] + count)):
+            return [(bytes(src[:hl - 4]), idx[0], 0, count)]
+        oids = list(zip(*cols))
+        runs = []
+        start = 0
+        for i in range(1, count):
+            if oids[i] != oids[i - 1] or idx[i] != idx[i - 1] + 1:
+                runs.append((bytes(src[start * rs:start * rs + hl - 4]), idx[start], start,
+                             i - start))
+                start = i
+        runs.append((bytes(src[start * rs:start * rs + hl - 4]), idx[start], start,
+                     count - start))
+        return runs
 
-    def count_new(self, keys: Sequence[bytes]) -> int:
-        uniq = dict.fromkeys(keys)
-        return len(uniq) - sum(map(self._index.__contains__, uniq))
+    def _all_new(self, runs: List[Tuple[bytes, int, int, int]]) -> bool:
+        if len({r[0] for r in runs}) != len(runs):
+            return False            # one object in two runs: let the general path order them
+        objs = self._objs
+        for oid, first, _, m in runs:
+            obj = objs.get(oid)
+            if obj is not None and not obj.absent_run(first, m):
+                return False
+        return True
 
-    def put_records(self, records, keys: Sequence[bytes]) -> int:
-        """Store wire-layout records whose headers are ``keys`` (see
-        :meth:`record_keys`), copying runs that land in consecutive slots with one
-        slice each. Returns how many keys were new."""
-        src = memoryview(records)
-        rs = self.record_size
-        per = self.slots_per_segment
-        index = self._index
-        if not self._free and len(dict.fromkeys(keys)) == len(keys) \
-                and not any(map(index.__contains__, keys)):
-            return self._append_records(src, keys)
+    def put_records(self, records: Buffer, count: int,
+                    room: Optional[Callable[[int], None]] = None,
+                    commit_ahead: bool = False) -> int:
+        """Store ``count`` wire-layout records in order, as that many puts:
+        an existing key is overwritten and moves to the end of the put order.
+        ``room(new)`` is called with the number of new keys before anything is
+        stored (it raises to refuse the batch). Returns that number.
+        ``commit_ahead`` (a restore stream) has the heap commit the next
+        segments while this batch is copied."""
+        if not count:
+            if room is not None:
+                room(0)
+            return 0
+        with memoryview(records) as raw, raw.cast("B") as src:
+            runs = self._runs_of(src, count) if not self._free else None
+            if runs is not None and self._all_new(runs):
+                if room is not None:
+                    room(count)
+                self._append_runs(src, runs, count, commit_ahead)
+                return count
+            return self._put_each(src, count, room)
+
+    def _append_runs(self, src: memoryview, runs: List[Tuple[bytes, int, int, int]],
+                     count: int, commit_ahead: bool) -> None:
+        """All-new keys, no free slots: consecutive fresh slots, indexed a run at
+        a time, copied with one slice per segment touched."""
+        rs, per = self.record_size, self.slots_per_segment
+        start = self._next
+        end = start + count
+        while (end - 1) // per >= len(self._segments):
+            self._segments.append(self._heap.take(ahead=commit_ahead))
+        objs = self._objs
+        for oid, first, at, m in runs:
+            obj = objs.get(oid)
+            if obj is None:
+                obj = objs[oid] = _Object()
+            obj.add_run(first, array("i", range(start + at, start + at + m)))
+        if len(self._order) >= 2 * self._count + 1024:
+            self._compact()
+        base = len(self._order)
+        self._seq.extend(range(base, base + count))
+        self._order.extend(range(start, end))
+        self._next = end
+        self._count += count
+        done, slot = 0, start
+        while done < count:
+            seg, rel = divmod(slot, per)
+            n = min(count - done, per - rel)
+            self._segments[seg][rel * rs:(rel + n) * rs] = src[done * rs:(done + n) * rs]
+            done += n
+            slot += n
+
+    def _put_each(self, src: memoryview, count: int,
+                  room: Optional[Callable[[int], None]]) -> int:
+        rs, hl, per = self.record_size, self.header_len, self.slots_per_segment
+        keys = [bytes(src[o:o + hl]) for o in range(0, count * rs, rs)]
+        if room is not None:
+            uniq = dict.fromkeys(keys)
+            room(sum(1 for k in uniq if self._find(k) < 0))
         new = 0
         run_slot = run_src = run_len = 0
 
@@ -216,12 +533,19 @@ class PageStore:
             seg, off = self._where(run_slot)
             seg[off:off + run_len * rs] = src[run_src * rs:(run_src + run_len) * rs]
 
+        objs = self._objs
         for i, key in enumerate(keys):
-            slot = index.pop(key, None)
-            if slot is None:
+            oid, index = key[:-4], int.from_bytes(key[-4:], "little")
+            obj = objs.get(oid)
+            slot = obj.get(index) if obj is not None else -1
+            if slot < 0:
                 slot = self._alloc()
+                if obj is None:
+                    obj = objs[oid] = _Object()
+                obj.add(index, slot)
+                self._count += 1
                 new += 1
-            index[key] = slot
+            self._touch(slot)
             if run_len and slot == run_slot + run_len and slot % per:
                 run_len += 1
                 continue
@@ -232,54 +556,58 @@ class PageStore:
             flush()
         return new
 
-    def _append_records(self, src: memoryview, keys: Sequence[bytes]) -> int:
-        """Fast path of put_records for all-new keys: consecutive fresh slots, the
-        index updated in one C call, one copy per segment touched."""
-        rs, per = self.record_size, self.slots_per_segment
-        count = len(keys)
-        start = self._next
-        end = start + count
-        while (end - 1) // per >= len(self._segments):
-            self._segments.append(self._heap.take())
-        self._index.update(zip(keys, range(start, end)))
-        self._next = end
-        done, slot = 0, start
-        while done < count:
-            seg, rel = divmod(slot, per)
-            n = min(count - done, per - rel)
-            self._segments[seg][rel * rs:(rel + n) * rs] = src[done * rs:(done + n) * rs]
-            done += n
-            slot += n
-        return count
+    # -- the save walk ------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """The put order now, for a save walk that skips later deletions."""
+        snap = Snapshot(array("i", self._live_order()))
+        self._snaps.add(snap)
+        return snap
 
-    def snapshot(self) -> List[bytes]:
-        """The keys in put order, for a save walk that skips later deletions."""
-        return list(self._index)
+    def _live(self, snap: Snapshot, slot: int) -> int:
+        """Where the page the snapshot saw in ``slot`` is now (-1: deleted)."""
+        key = snap.gone.get(slot)
+        return slot if key is None else self._find(key)
 
-    def collect(self, keys: Sequence[bytes], pos: int, max_pages: int) -> Tuple[int, int, bytes]:
-        """Walk ``keys`` from ``pos`` skipping deleted ones; return
-        ``(new_pos, count, records)`` for up to ``max_pages`` pages."""
-        index = self._index
+    def walk_left(self, snap: Snapshot, pos: int) -> int:
+        """Pages the walk would still return from ``pos``."""
+        if not snap.gone:
+            return max(0, len(snap.slots) - pos)
+        return sum(1 for s in snap.slots[pos:] if self._live(snap, s) >= 0)
+
+    def walk_after(self, snap: Snapshot, key: bytes) -> int:
+        """The position after ``key`` in ``snap`` (its end when the key is gone)."""
+        slot = self._find(key)
+        if slot < 0:
+            return len(snap.slots)
+        try:
+            return snap.slots.index(slot) + 1
+        except ValueError:
+            return len(snap.slots)
+
+    def _walk_runs(self, snap: Snapshot, pos: int, max_pages: int) -> Tuple[int, int, List[Run]]:
+        """Walk ``snap`` from ``pos`` skipping deleted pages: ``(new_pos, count,
+        runs)`` for up to ``max_pages`` pages, runs of consecutive slots merged."""
         rs, per = self.record_size, self.slots_per_segment
-        window = keys[pos:pos + max_pages]
-        slots = list(map(index.get, window))
-        if slots and None not in slots:
-            # fast path: nothing deleted and the slots are one consecutive run
-            first = slots[0]
+        slots, gone = snap.slots, snap.gone
+        window = slots[pos:pos + max_pages]
+        k = len(window)
+        if k and not (gone and any(map(gone.__contains__, window))):
+            first = window[0]
             seg, rel = divmod(first, per)
-            if rel + len(slots) <= per and slots == list(range(first, first + len(slots))):
-                return (pos + len(slots), len(slots),
-                        self._segments[seg][rel * rs:(rel + len(slots)) * rs])
-        parts: List[bytes] = []
+            if rel + k <= per and window == array("i", range(first, first + k)):
+                return pos + k, k, [(seg, rel * rs, (rel + k) * rs)]
+        runs: List[Run] = []
         count = 0
-        n = len(keys)
+        n = len(slots)
         run_seg = -1
         run_start = run_end = 0
         while pos < n and count < max_pages:
-            slot = index.get(keys[pos])
+            slot = slots[pos]
             pos += 1
-            if slot is None:
-                continue
+            if gone and slot in gone:
+                slot = self._find(gone[slot])
+                if slot < 0:
+                    continue
             count += 1
             seg, rel = divmod(slot, per)
             off = rel * rs
@@ -287,97 +615,62 @@ class PageStore:
                 run_end += rs
                 continue
             if run_seg >= 0:
-                parts.append(self._segments[run_seg][run_start:run_end])
+                runs.append((run_seg, run_start, run_end))
             run_seg, run_start, run_end = seg, off, off + rs
         if run_seg >= 0:
-            parts.append(self._segments[run_seg][run_start:run_end])
+            runs.append((run_seg, run_start, run_end))
+        return pos, count, runs
+
+    def collect(self, snap: Snapshot, pos: int, max_pages: int) -> Tuple[int, int, bytes]:
+        """``(new_pos, count, records)``: up to ``max_pages`` records of the walk."""
+        pos, count, runs = self._walk_runs(snap, pos, max_pages)
+        parts = [self._segments[s][a:b] for s, a, b in runs]
         return pos, count, parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def collect_into(self, keys: Sequence[bytes], pos: int, max_pages: int,
+    def collect_into(self, snap: Snapshot, pos: int, max_pages: int,
                      out: memoryview) -> Tuple[int, int]:
         """:meth:`collect` copying the records straight into ``out`` (the caller's
-        buffer, e.g. a connection's shared memory): one copy per run of
-        consecutive slots and no intermediate bytes. ``out`` must hold
-        ``max_pages`` records. Returns ``(new_pos, count)``."""
-        index = self._index
-        rs, per = self.record_size, self.slots_per_segment
-        segments = self._segments
-        window = keys[pos:pos + max_pages]
-        slots = list(map(index.get, window))
-        if slots and None not in slots:
-            # fast path: nothing deleted and the slots are one consecutive run
-            first = slots[0]
-            seg, rel = divmod(first, per)
-            k = len(slots)
-            if rel + k <= per and slots == list(range(first, first + k)):
-                with memoryview(segments[seg]) as sv:
-                    out[:k * rs] = sv[rel * rs:(rel + k) * rs]
-                return pos + k, k
-        count = 0
-        n = len(keys)
-        run_seg = -1
-        run_start = run_end = 0
+        buffer, e.g. a connection's shared memory), one copy per run; ``out``
+        must hold ``max_pages`` records. Returns ``(new_pos, count)``."""
+        pos, count, runs = self._walk_runs(snap, pos, max_pages)
         at = 0
-
-        def flush() -> int:
-            size = run_end - run_start
-            with memoryview(segments[run_seg]) as sv:
-                out[at:at + size] = sv[run_start:run_end]
-            return at + size
-
-        while pos < n and count < max_pages:
-            slot = index.get(keys[pos])
-            pos += 1
-            if slot is None:
-                continue
-            count += 1
-            seg, rel = divmod(slot, per)
-            off = rel * rs
-            if seg == run_seg and off == run_end:
-                run_end += rs
-                continue
-            if run_seg >= 0:
-                at = flush()
-            run_seg, run_start, run_end = seg, off, off + rs
-        if run_seg >= 0:
-            flush()
+        for s, a, b in runs:
+            with memoryview(self._segments[s]) as sv:
+                out[at:at + b - a] = sv[a:b]
+            at += b - a
         return pos, count
 
+    # -- inspection and workloads ------------------------------------------------
     def oldest(self, n: int) -> List[bytes]:
         """Up to ``n`` keys from the start of the put order."""
-        out: List[bytes] = []
-        for key in self._index:
-            if len(out) >= n:
-                break
-            out.append(key)
-        return out
+        return [self._key_at(s) for s in self._live_order()[:max(0, n)]]
 
     def keys_with_oid(self, oid: Sequence[int]) -> List[bytes]:
-        """Keys of one object's pages, in put order (a scan: objects are not indexed)."""
-        prefix = self.make_key(oid, 0)[:-4]
-        return [k for k in self._index if k.startswith(prefix)]
+        """Keys of one object's pages, in put order."""
+        obj = self._objs.get(self.make_key(oid, 0)[:-4])
+        if obj is None:
+            return []
+        seq = self._seq
+        return [self._key_at(s) for s in sorted(obj.slots(), key=seq.__getitem__)]
 
     def random_key(self, rng: random.Random, tries: int = 8) -> Optional[bytes]:
         """A uniformly chosen stored key, found by probing slots (O(1), no list)."""
-        if not self._index:
+        if not self._count:
             return None
         for _ in range(tries):
             slot = rng.randrange(self._next)
-            seg, off = self._where(slot)
-            key = seg[off:off + self.header_len]
-            if self._index.get(key) == slot:
-                return key
+            if self._seq[slot] >= 0:
+                return self._key_at(slot)
         return None
 
-    # -- inspection -------------------------------------------------------------
     def items(self) -> Iterator[Tuple[bytes, bytes]]:
         """(key, data) in put order; data is copied page by page."""
-        for key in list(self._index):
-            slot = self._index.get(key)
-            if slot is None:
+        hl, rs = self.header_len, self.record_size
+        for slot in array("i", self._live_order()):
+            if self._seq[slot] < 0:
                 continue
             seg, off = self._where(slot)
-            yield key, seg[off + self.header_len:off + self.record_size]
+            yield seg[off:off + hl], seg[off + hl:off + rs]
 
     def crc_map(self) -> Dict[Tuple[OID, int], int]:
         return {self.parse_key(k): zlib.crc32(d) for k, d in self.items()}
@@ -388,12 +681,13 @@ class PageStore:
         pages agree. Sorting the raw keys is already canonical: a v0 key is the
         v1 key without its two zero words, which does not change the order."""
         h = hashlib.sha256()
-        order = sorted(self._index)
+        order = sorted((self._key_at(s), s) for s in self._live_order())
         pad = bytes(16) if self.version == 0 else b""
-        for key in order:
+        hl, rs = self.header_len, self.record_size
+        for key, slot in order:
             h.update(key[:8] + pad + key[8:] if pad else key)
-            seg, off = self._where(self._index[key])
-            h.update(seg[off + self.header_len:off + self.record_size])
+            seg, off = self._where(slot)
+            h.update(seg[off + hl:off + rs])
         return len(order), h.hexdigest()
 
 

@@ -36,8 +36,10 @@ import time
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from .. import errors as errors_mod
+from ..detach import remove_stale_socket, report_ready
 from ..pidlock import PidLock, lock_holder
 from ..errors import HypervisorError, XendTmemError
+from ..xen import OID_BYTES_V1, PAGE_SIZE
 from . import wire
 from .interface import Hypervisor
 
@@ -50,7 +52,7 @@ PROTOCOL = 1
 MIN_BUFFER = 1 << 20
 MAX_BUFFER = 256 << 20
 LOG_FORMAT = "[%(asctime)s %(process)d] %(levelname)s (%(name)s) %(message)s"
-MAX_RECORD = 4096 + 24 + 4           # a 4 KiB page's record with a three-word OID
+MAX_RECORD = PAGE_SIZE + OID_BYTES_V1 + 4   # a 4 KiB page's record with a three-word OID
 
 # Every interface call a client may make, plus the RAM hand-over.
 CALLS = frozenset(name for name in dir(Hypervisor)
@@ -404,18 +406,9 @@ class HypervisorServer:
 
 
 def _clear_stale_socket(path: str) -> None:
-    if not os.path.exists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        with wire.ShortPath(path) as address:
-            probe.connect(address)
-    except OSError:
-        os.unlink(path)               # nobody listens: a dead hypervisor's leftover
-        return
-    finally:
-        probe.close()
+    with wire.ShortPath(path) as address:
+        if remove_stale_socket(path, address):
+            return                    # nobody listened: a dead hypervisor's leftover
     raise AlreadyRunning(None, path)
 
 
@@ -529,16 +522,7 @@ def _finish(server: Optional[HypervisorServer], hv: Any, lock: PidLock,
 
 def _report_to(fd: Optional[int]) -> Callable[[Optional[str]], None]:
     def report(error: Optional[str]) -> None:
-        if error is not None:
-            print(f"Error: {error}", file=sys.stderr)
-        if fd is None:
-            return
-        try:
-            os.write(fd, (f"Error: {error}" if error else "ok").encode() + b"\n")
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        report_ready(fd, f"Error: {error}" if error is not None else None)
     return report
 
 

@@ -57,7 +57,8 @@ import time
 import zlib
 from array import array
 from collections import deque
-from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple,
+                    Union)
 
 from ..domconfig import (DomainConfig, TmemSpec, WorkloadSpec, parse_domain_config,
                          workload_from_image)
@@ -65,10 +66,12 @@ from ..crc import crc32 as fast_crc32
 from ..errors import ConfigError, HypervisorError, NoSuchDomain
 from .guest import (ACK_TIMEOUT_S, CMD_RUN, CMD_STOP, SLOT_RAM_WRITES, GuestError, GuestLog,
                     GuestProcess, read_heartbeat)
-from .interface import (CLIENT_COMPRESS, CLIENT_FROZEN, EFROZEN, MAX_POOLS, OID,
-                        POOL_PAGEBITS_MASK, POOL_PAGEBITS_SHIFT, POOL_PERSIST,
-                        POOL_PRECOMPRESSED, POOL_SHARED, POOL_VERSION_MASK,
-                        POOL_VERSION_SHIFT, EXT_VCPU_CONTEXT_SIZE, DomainInfo)
+from ..xen import (ALL_CLIENTS, CLIENT_COMPRESS, CLIENT_FROZEN, EFROZEN, EXTV_SIZE, MAX_POOLS,
+                   MAX_XSAVE, PAGE_SIZE, PAGES_PER_MIB, POOL_PAGEBITS_MASK, POOL_PAGEBITS_SHIFT,
+                   POOL_PERSIST, POOL_PRECOMPRESSED, POOL_RESERVED, POOL_SHARED,
+                   POOL_VERSION_MASK, POOL_VERSION_SHIFT, SHARED_INFO_SIZE, SHUTDOWN_REASONS,
+                   VCPU_CTX_SIZES, VCPU_CTX_X32, VCPU_CTX_X64)
+from .interface import OID, DomainInfo
 from .pagestore import PageStore, SegmentHeap, first_crc_mismatch, record_crcs
 
 log = logging.getLogger("xend_tmem.hypervisor.sim")
@@ -76,28 +79,18 @@ from .pfnruns import pfn_runs
 from .profiles import make_profile
 from .interface import HostInfo, crc_mismatch_message
 
-PAGE_SIZE = 4096
-PAGES_PER_MIB = 256
-VCPU_CONTEXT_SIZE = 5168          # x86-64 PV vcpu_guest_context
-VCPU_CONTEXT_SIZES = (5168, 2800)  # x86-64 and x86-32 PV guests
-SHARED_INFO_SIZE = 4096
-MAX_XSAVE_SIZE = 1 << 16          # per-vcpu xsave record (the codec's xcnt bound)
 MAX_P2M = 1 << 28                 # 1 TiB of guest pages
 MAX_SHELL_VCPUS = 512
 DOM0_MEMORY_MIB = 1024
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
-ALL_CLIENTS = -1                  # Xen's TMEM_CLI_ID_NULL: admin ops on every client
 MAX_TICK_OPS = 10_000             # per kind and tick: a late tick cannot stall the host
 WORKLOAD_OID_BASE = 1 << 48       # workload objects, clear of config and bulk OIDs
 WORKLOAD_OBJECT_PAGES = 64
-POOL_RESERVED = 0xFFFFFFFF & ~(POOL_PERSIST | POOL_SHARED | POOL_PRECOMPRESSED
-                               | POOL_PAGEBITS_MASK | POOL_VERSION_MASK)
 
 _STAMP = struct.Struct("<QQ")
 CONSOLE_LINES = 200               # per guest console log (xenconsoled keeps a file; bounded here)
 CONRING_LINES = 1000              # the hypervisor's console ring (Xen's conring: 16 KiB)
-SHUTDOWN_REASONS = ("poweroff", "reboot", "halt")
 # A configured domain's RAM is stamped in full at creation: prefault it in one
 # go where the platform can (several times cheaper than a fault per page). A
 # restore shell stays lazy: its size comes from a stream, and memory should be
@@ -200,7 +193,7 @@ class _Domain:
         self.guest: Optional[GuestProcess] = None
         self.vcpu_ctx: List[bytes] = []
         # DOMCTL_{get,set}_ext_vcpucontext and setvcpuextstate, per vcpu
-        self.ext_ctx: List[bytes] = [bytes(EXT_VCPU_CONTEXT_SIZE)] * vcpus
+        self.ext_ctx: List[bytes] = [bytes(EXTV_SIZE)] * vcpus
         self.xsave: List[bytes] = [b""] * vcpus
         self.shared_info = bytes(SHARED_INFO_SIZE)
         self.config = config
@@ -266,6 +259,7 @@ class SimHypervisor:
         self._guest_processes = bool(guest_processes)
         self.guest_ack_timeout = ACK_TIMEOUT_S   # a guest slower than this to stop is hung
         self._io_thread: Optional[threading.Thread] = None
+        self._freeing: List[threading.Thread] = []     # RAM of destroyed domains being freed
         self._io_wake: Optional[Tuple[int, int]] = None     # pipe: guest set changed
         self._closed = False
         self._t0 = time.monotonic()
@@ -521,7 +515,7 @@ class SimHypervisor:
                     words[0::step] = array("Q", range(p2m))
                     words[1::step] = array("Q", [tag]) * p2m
                 d.vcpu_ctx = [hashlib.shake_256(f"{config.name}:vcpu{i}".encode())
-                              .digest(VCPU_CONTEXT_SIZE) for i in range(config.vcpus)]
+                              .digest(VCPU_CTX_X64) for i in range(config.vcpus)]
                 d.shared_info = hashlib.shake_256(f"{config.name}:shared_info".encode()) \
                     .digest(SHARED_INFO_SIZE)
                 self._set_workload(d, config.workload)
@@ -553,8 +547,7 @@ class SimHypervisor:
                     self._used += pool.units
             if ps.bulk is not None:
                 for count, records in ps.bulk.records(ps.id, c.version, store.page_size):
-                    keys = store.record_keys(records, count)
-                    self._used += store.put_records(records, keys) * pool.units
+                    self._used += store.put_records(records, count) * pool.units
         c.frozen = spec.client.frozen            # pages first, freeze last (T2)
 
     def _set_workload(self, d: _Domain, spec: Optional[WorkloadSpec]) -> None:
@@ -886,7 +879,7 @@ class SimHypervisor:
             d.arrived = True
             self._printk(f"domain {d.domid} ({name}) built for a restore: {memory} MiB, "
                          f"{vcpus} vcpus")
-            d.vcpu_ctx = [bytes(VCPU_CONTEXT_SIZE)] * vcpus
+            d.vcpu_ctx = [bytes(VCPU_CTX_X64)] * vcpus
             self._set_workload(d, workload)
             try:
                 self._sync_guest(d, op)          # its guest process, stopped
@@ -904,8 +897,20 @@ class SimHypervisor:
             self._stop_guest(d)
             self._drop_client(d)
             del self._domains[domid]
-            self._release_ram(d)
+            self._release_ram_later(d)
             self._printk(f"domain {domid} ({d.name}) destroyed")
+
+    def _release_ram_later(self, d: _Domain) -> None:
+        """Free a destroyed domain's RAM on a helper thread: the kernel's freeing of
+        a GiB-scale memfd takes ~0.15 s per 512 MiB, and Xen too returns from a
+        domain's destruction before its memory is relinquished (``domain_kill``
+        goes on as a continuation while the domain is a zombie). The domain is
+        gone at once (no id, name or mapping is left); :meth:`close` waits for it."""
+        self._freeing = [t for t in self._freeing if t.is_alive()]
+        t = threading.Thread(target=self._release_ram, args=(d,), name="sim-free-ram",
+                             daemon=True)
+        t.start()
+        self._freeing.append(t)
 
     def close(self) -> None:
         """Stop every guest process (reaped by pid) and this hypervisor's
@@ -921,6 +926,8 @@ class SimHypervisor:
         self._wake_guest_io()
         if self._io_thread is not None:
             self._io_thread.join(timeout=5)
+        for t in self._freeing:
+            t.join()
         with self._lock:
             for domid in [i for i, d in self._domains.items() if not d.is_dom0]:
                 d = self._domains.pop(domid)
@@ -1056,50 +1063,48 @@ class SimHypervisor:
             raise HypervisorError(op, f"domain {d.domid} has no vcpu {vcpu!r}")
         return vcpu
 
-    def get_vcpu_context(self, domid: int, vcpu: int) -> bytes:
+    def _get_vcpu_state(self, domid: int, vcpu: int, op: str, attr: str) -> bytes:
+        """One vcpu's ``attr`` list entry (context, extended context, xsave)."""
         with self._lock:
-            d = self._guest_dom(domid, "get_vcpu_context")
-            return d.vcpu_ctx[self._vcpu(d, vcpu, "get_vcpu_context")]
+            d = self._guest_dom(domid, op)
+            state: List[bytes] = getattr(d, attr)
+            return state[self._vcpu(d, vcpu, op)]
+
+    def _set_vcpu_state(self, domid: int, vcpu: int, op: str, attr: str, data: bytes,
+                        fits: bool, size_rule: str) -> None:
+        """Set one vcpu's ``attr`` entry; ``fits`` False refuses ``data``, saying
+        ``size_rule`` (checked after the domain and the vcpu, as Xen's domctl)."""
+        with self._lock:
+            d = self._guest_dom(domid, op)
+            i = self._vcpu(d, vcpu, op)
+            if not fits:
+                raise HypervisorError(op, f"{size_rule}, got {len(data)}")
+            state: List[bytes] = getattr(d, attr)
+            state[i] = bytes(data)
+
+    def get_vcpu_context(self, domid: int, vcpu: int) -> bytes:
+        return self._get_vcpu_state(domid, vcpu, "get_vcpu_context", "vcpu_ctx")
 
     def set_vcpu_context(self, domid: int, vcpu: int, data: bytes) -> None:
-        op = "set_vcpu_context"
-        with self._lock:
-            d = self._guest_dom(domid, op)
-            i = self._vcpu(d, vcpu, op)
-            if len(data) not in VCPU_CONTEXT_SIZES:
-                raise HypervisorError(op, f"a vcpu context is {VCPU_CONTEXT_SIZES[0]} or "
-                                          f"{VCPU_CONTEXT_SIZES[1]} bytes, got {len(data)}")
-            d.vcpu_ctx[i] = bytes(data)
+        self._set_vcpu_state(domid, vcpu, "set_vcpu_context", "vcpu_ctx", data,
+                             len(data) in VCPU_CTX_SIZES,
+                             f"a vcpu context is {VCPU_CTX_X64} or {VCPU_CTX_X32} bytes")
 
     def get_ext_vcpu_context(self, domid: int, vcpu: int) -> bytes:
-        with self._lock:
-            d = self._guest_dom(domid, "get_ext_vcpu_context")
-            return d.ext_ctx[self._vcpu(d, vcpu, "get_ext_vcpu_context")]
+        return self._get_vcpu_state(domid, vcpu, "get_ext_vcpu_context", "ext_ctx")
 
     def set_ext_vcpu_context(self, domid: int, vcpu: int, data: bytes) -> None:
-        op = "set_ext_vcpu_context"
-        with self._lock:
-            d = self._guest_dom(domid, op)
-            i = self._vcpu(d, vcpu, op)
-            if len(data) != EXT_VCPU_CONTEXT_SIZE:
-                raise HypervisorError(op, f"an extended vcpu context is "
-                                          f"{EXT_VCPU_CONTEXT_SIZE} bytes, got {len(data)}")
-            d.ext_ctx[i] = bytes(data)
+        self._set_vcpu_state(domid, vcpu, "set_ext_vcpu_context", "ext_ctx", data,
+                             len(data) == EXTV_SIZE,
+                             f"an extended vcpu context is {EXTV_SIZE} bytes")
 
     def get_vcpu_xsave(self, domid: int, vcpu: int) -> bytes:
-        with self._lock:
-            d = self._guest_dom(domid, "get_vcpu_xsave")
-            return d.xsave[self._vcpu(d, vcpu, "get_vcpu_xsave")]
+        return self._get_vcpu_state(domid, vcpu, "get_vcpu_xsave", "xsave")
 
     def set_vcpu_xsave(self, domid: int, vcpu: int, data: bytes) -> None:
-        op = "set_vcpu_xsave"
-        with self._lock:
-            d = self._guest_dom(domid, op)
-            i = self._vcpu(d, vcpu, op)
-            if len(data) > MAX_XSAVE_SIZE:
-                raise HypervisorError(op, f"an xsave record is at most {MAX_XSAVE_SIZE} "
-                                          f"bytes, got {len(data)}")
-            d.xsave[i] = bytes(data)
+        self._set_vcpu_state(domid, vcpu, "set_vcpu_xsave", "xsave", data,
+                             len(data) <= MAX_XSAVE,
+                             f"an xsave record is at most {MAX_XSAVE} bytes")
 
     def get_shared_info(self, domid: int) -> bytes:
         with self._lock:
@@ -1138,17 +1143,14 @@ class SimHypervisor:
                 self._t(f"{op} cli={domid} arg1={int(c.live)} rc=1")
             return True
 
-    # A walk is ``[keys in put order, position, last key returned, fresh]``:
+    # A walk is ``[put-order snapshot, position, last key returned, fresh]``:
     # Xen's per-pool ``cur_pgp`` with the put order taken at SAVE_BEGIN.
     def _new_walk(self, pool: _Pool, old: Optional[List]) -> List:
         keys = pool.store.snapshot()
         if self.profile.has("H3") and old is not None and old[2] is not None:
             # H3: the cursor survived SAVE_END; Xen continues after the page it
             # returned last (a page gone since leaves nothing to continue from)
-            try:
-                return [keys, keys.index(old[2]) + 1, old[2], False]
-            except ValueError:
-                return [keys, len(keys), old[2], False]
+            return [keys, pool.store.walk_after(keys, old[2]), old[2], False]
         return [keys, 0, None, True]
 
     def _walk_collect(self, pool: _Pool, walk: List, max_pages: int,
@@ -1193,28 +1195,25 @@ class SimHypervisor:
                 self._t(f"SAVE_GET_MAXPOOLS cli={domid} rc={MAX_POOLS}")
             return MAX_POOLS
 
-    def save_get_client_weight(self, domid: int) -> int:
+    def _client_answer(self, domid: int, op: str, answer: Callable[[_Client], int]) -> int:
+        """A SAVE_GET_* answer about the client, traced as Xen's tmem trace is."""
         with self._lock:
-            rc = self._client(domid, "SAVE_GET_CLIENT_WEIGHT").weight
+            rc = answer(self._client(domid, op))
             if self._trace is not None:
-                self._t(f"SAVE_GET_CLIENT_WEIGHT cli={domid} rc={rc}")
+                self._t(f"{op} cli={domid} rc={rc}")
             return rc
+
+    def save_get_client_weight(self, domid: int) -> int:
+        return self._client_answer(domid, "SAVE_GET_CLIENT_WEIGHT", lambda c: c.weight)
 
     def save_get_client_cap(self, domid: int) -> int:
-        with self._lock:
-            rc = self._client(domid, "SAVE_GET_CLIENT_CAP").cap
-            if self._trace is not None:
-                self._t(f"SAVE_GET_CLIENT_CAP cli={domid} rc={rc}")
-            return rc
+        return self._client_answer(domid, "SAVE_GET_CLIENT_CAP", lambda c: c.cap)
 
     def save_get_client_flags(self, domid: int) -> int:
-        with self._lock:
-            c = self._client(domid, "SAVE_GET_CLIENT_FLAGS")
+        def flags(c: _Client) -> int:
             frozen = c.pre_frozen if c.saving else c.frozen
-            rc = (CLIENT_COMPRESS if c.compress else 0) | (CLIENT_FROZEN if frozen else 0)
-            if self._trace is not None:
-                self._t(f"SAVE_GET_CLIENT_FLAGS cli={domid} rc={rc}")
-            return rc
+            return (CLIENT_COMPRESS if c.compress else 0) | (CLIENT_FROZEN if frozen else 0)
+        return self._client_answer(domid, "SAVE_GET_CLIENT_FLAGS", flags)
 
     def save_get_pool_flags(self, domid: int, pool_id: int) -> Optional[int]:
         op = "SAVE_GET_POOL_FLAGS"
@@ -1314,8 +1313,7 @@ class SimHypervisor:
 
     def _walk_has_more(self, pool: _Pool, walk: List) -> bool:
         """Whether the walk would hand out a page now (H2's skip included)."""
-        store = pool.store
-        left = sum(1 for k in walk[0][walk[1]:] if k in store)
+        left = pool.store.walk_left(walk[0], walk[1])
         return left > (1 if walk[3] and self.profile.has("H2") else 0)
 
     def _trace_records(self, op: str, pool: _Pool, pool_id: int, domid: int, records,
@@ -1453,14 +1451,8 @@ class SimHypervisor:
         pagebits = (flags & POOL_PAGEBITS_MASK) >> POOL_PAGEBITS_SHIFT
         if pagebits:
             raise HypervisorError(op, f"pool page size {PAGE_SIZE << pagebits} bytes (pagebits "
-                                      f"{pagebits}): x86 holds 4096-byte pages only")
-        try:
-            u0, u1 = uuid
-            ok = all(isinstance(u, int) and 0 <= u <= U64_MAX for u in (u0, u1))
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise HypervisorError(op, f"uuid {uuid!r} is not two u64")
+                                      f"{pagebits}): x86 holds {PAGE_SIZE}-byte pages only")
+        u0, u1 = self._uuid(op, uuid)
         self._attach_pool(c, pool_id, bool(flags & POOL_PERSIST), bool(flags & POOL_SHARED), 0,
                           (u0, u1), bool(flags & POOL_PRECOMPRESSED), op)
         return pool_id
@@ -1473,6 +1465,14 @@ class SimHypervisor:
             raise self._frozen_refusal(domid, op)
         return self._pool(c, pool_id, op)
 
+    def _page_op_line(self, op: str, domid: int, pool_id: int, oid: OID, index: int) -> str:
+        """A one-page restore op's trace line ("" when not tracing), once the
+        domain is known to exist."""
+        self._dom(domid)
+        if self._trace is None:
+            return ""
+        return f"{op} pool={pool_id} cli={domid} oid={self._oid_text(domid, oid)} index={index}"
+
     @staticmethod
     def _frozen_refusal(domid: int, op: str) -> HypervisorError:
         return HypervisorError(op, f"domain {domid}'s tmem client is frozen", code=EFROZEN)
@@ -1480,11 +1480,9 @@ class SimHypervisor:
     def restore_put_page(self, domid: int, pool_id: int, oid: OID, index: int, data: bytes) -> None:
         op = "RESTORE_PUT_PAGE"
         with self._lock:
-            self._dom(domid)
-            line = ""
-            if self._trace is not None:
-                line = (f"{op} pool={pool_id} cli={domid} oid={self._oid_text(domid, oid)} "
-                        f"index={index} len={len(data)} crc32=0x{zlib.crc32(data):08x}")
+            line = self._page_op_line(op, domid, pool_id, oid, index)
+            if line:
+                line += f" len={len(data)} crc32=0x{zlib.crc32(data):08x}"
             try:
                 pool = self._restore_pool(domid, pool_id, op)
                 key = self._key(pool, oid, index, op)
@@ -1528,9 +1526,9 @@ class SimHypervisor:
                         if bad is not None:     # store the good ones before it, then refuse
                             count, need = bad[0], bad[0] * store.record_size
                     with flat[:need] as body:
-                        keys = store.record_keys(body, count)
-                        self._room(store.count_new(keys) * pool.units, op)
-                        self._used += store.put_records(body, keys) * pool.units
+                        self._used += store.put_records(
+                            body, count, room=lambda new: self._room(new * pool.units, op),
+                            commit_ahead=True) * pool.units
                         if self._trace is not None:
                             self._trace_records(op, pool, pool_id, domid, body, count)
                     if bad is not None:
@@ -1542,11 +1540,7 @@ class SimHypervisor:
     def restore_flush_page(self, domid: int, pool_id: int, oid: OID, index: int) -> None:
         op = "RESTORE_FLUSH_PAGE"
         with self._lock:
-            self._dom(domid)
-            line = ""
-            if self._trace is not None:
-                line = (f"{op} pool={pool_id} cli={domid} oid={self._oid_text(domid, oid)} "
-                        f"index={index}")
+            line = self._page_op_line(op, domid, pool_id, oid, index)
             try:
                 c = self._client(domid, op)
                 pool = self._pool(c, pool_id, op)
@@ -1565,12 +1559,26 @@ class SimHypervisor:
     # =====================================================================
     # TmemControl: client settings and admin ops (domid -1 = every client)
     # =====================================================================
-    def _set(self, op: str, domid: int, value: int, attr: str) -> None:
+    def _set(self, op: str, domid: int, value: int, attr: str, traced_arg: bool = True) -> None:
+        """Set ``attr`` of the client(s); ``traced_arg``: the op takes ``value`` as arg1."""
         with self._lock:
             for c in self._clients(domid, op):
                 setattr(c, attr, value)
             if self._trace is not None:
-                self._t(f"{op} cli={domid} arg1={int(value)} rc=0")
+                arg = f" arg1={int(value)}" if traced_arg else ""
+                self._t(f"{op} cli={domid}{arg} rc=0")
+
+    @staticmethod
+    def _uuid(op: str, uuid: Any) -> Tuple[int, int]:
+        """A pool uuid from a caller: two u64, or refused."""
+        try:
+            u0, u1 = uuid
+            ok = all(isinstance(u, int) and 0 <= u <= U64_MAX for u in (u0, u1))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise HypervisorError(op, f"uuid {uuid!r} is not two u64")
+        return u0, u1
 
     @staticmethod
     def _u32(op: str, value: int) -> int:
@@ -1588,18 +1596,10 @@ class SimHypervisor:
         self._set("SET_COMPRESS", domid, bool(compress), "compress")
 
     def freeze(self, domid: int) -> None:
-        with self._lock:
-            for c in self._clients(domid, "FREEZE"):
-                c.frozen = True
-            if self._trace is not None:
-                self._t(f"FREEZE cli={domid} rc=0")
+        self._set("FREEZE", domid, True, "frozen", traced_arg=False)
 
     def thaw(self, domid: int) -> None:
-        with self._lock:
-            for c in self._clients(domid, "THAW"):
-                c.frozen = False
-            if self._trace is not None:
-                self._t(f"THAW cli={domid} rc=0")
+        self._set("THAW", domid, False, "frozen", traced_arg=False)
 
     def destroy(self, domid: int) -> None:
         """Drop the client(s) and their pools; a domain without a client is fine."""
@@ -1734,13 +1734,7 @@ class SimHypervisor:
                 raise HypervisorError(op, f"a save of domain {domid} is running: no new pools")
             if isinstance(pagebits, bool) or not isinstance(pagebits, int) or not 0 <= pagebits <= 15:
                 raise HypervisorError(op, f"pagebits {pagebits!r} is not 0..15")
-            try:
-                u0, u1 = uuid
-                ok = all(isinstance(u, int) and 0 <= u <= U64_MAX for u in (u0, u1))
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise HypervisorError(op, f"uuid {uuid!r} is not two u64")
+            u0, u1 = self._uuid(op, uuid)
             pools = c.pools if c is not None else [None]
             slot = next((i for i, p in enumerate(pools) if p is None), None)
             if slot is None:

@@ -8,7 +8,7 @@ the plan by.
 """
 from __future__ import annotations
 
-from typing import Any, List, Mapping
+from typing import Any, FrozenSet, List, Mapping
 
 from ..xend.progress import human_bytes, plural
 
@@ -36,7 +36,7 @@ def _amount(section: Mapping[str, Any]) -> List[str]:
     return [plural(pages, "tmem page")] if pages is not None else []
 
 
-def _others(section: Mapping[str, Any], known: frozenset) -> List[str]:
+def _others(section: Mapping[str, Any], known: FrozenSet[str]) -> List[str]:
     """Keys this version does not describe in words (a newer writer's): as ``key=value``."""
     out = []
     for key in sorted(section):
@@ -73,7 +73,7 @@ def report_lines(name: str, op: Any, section: Mapping[str, Any]) -> List[str]:
     if frozen is not None:
         est = _num(section.get("est_freeze_ms"))
         facts.append(f"guest tmem frozen {frozen:.1f} ms"
-                     + (f" (expected {est:.1f} ms)" if est or frozen and est is not None
+                     + (f" (expected {est:.1f} ms)" if est or (frozen and est is not None)
                         else ""))
     pools = _num(section.get("pools"))
     if pools is not None:

@@ -12,21 +12,25 @@ from __future__ import annotations
 
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 from ..binio import StreamReader
 from ..codec import tmemchunk as tc
+from .. import xen
 from ..errors import HypervisorError, StreamError
-from ..hypervisor.interface import crc_mismatch_index
+from ..hypervisor.interface import Buffer, Hypervisor, crc_mismatch_index
 
-MAX_PAGE_SIZE = 4096        # x86 Xen creates pools with pagebits 0 only
+if TYPE_CHECKING:
+    from ..integrity import PageCheck
+
+MAX_PAGE_SIZE = xen.PAGE_SIZE   # x86 Xen creates pools with pagebits 0 only
 
 
 class TmemRestorer:
     """A :class:`~xend_tmem.codec.tmemchunk.ChunkVisitor` that applies what it reads."""
 
-    def __init__(self, hv, domid: int, max_page_size: int = MAX_PAGE_SIZE,
-                 page_check=None) -> None:
+    def __init__(self, hv: Hypervisor, domid: int, max_page_size: int = MAX_PAGE_SIZE,
+                 page_check: Optional["PageCheck"] = None) -> None:
         self.hv = hv
         self.page_check = page_check     # integrity.PageCheck: pages checked as they arrive
         self.domid = domid
@@ -43,15 +47,19 @@ class TmemRestorer:
         # while the stream's batch k+1 is read
         self._putter: Optional[ThreadPoolExecutor] = None
         self._pending: Optional["Future[None]"] = None
+        self._reader: Optional[StreamReader] = None
+        self._lent: Optional[Tuple[bytearray, memoryview]] = None   # the batch in flight
 
     # -- chunk entry points ------------------------------------------------------
     def read_chunk(self, reader: StreamReader, marker: int, offset: int) -> None:
         start = reader.offset
+        self._reader = reader
         self.order.see(marker, offset)
-        if marker == tc.MARKER_TMEM:
+        if marker == xen.TMEM:
             self.order.client = tc.read_tmem(reader, self, max_page_size=self.max_page_size,
                                              marker_offset=offset)
         else:
+            assert self.order.client is not None      # ChunkOrder.see: -6 follows a -5
             tc.read_extra(reader, self.order.version, self,
                           max_pools=self.order.client.max_pools, marker_offset=offset)
         self.bytes += reader.offset - start + 4
@@ -81,8 +89,8 @@ class TmemRestorer:
     def pool(self, rec: tc.PoolRecord, offset: int) -> None:
         self.drain()
         flags = rec.flags
-        if not flags >> tc.POOL_VERSION_SHIFT and self.version:
-            flags |= self.version << tc.POOL_VERSION_SHIFT     # H4 streams carry 0 here
+        if not flags >> xen.POOL_VERSION_SHIFT and self.version:
+            flags |= self.version << xen.POOL_VERSION_SHIFT     # H4 streams carry 0 here
         try:
             self.hv.restore_new_pool(self.domid, rec.pool_id, flags, rec.uuid)
         except HypervisorError as exc:
@@ -96,7 +104,9 @@ class TmemRestorer:
         them (``restore_put_pages(crcs=)``). When the pool announced more than
         one batch, the call runs on a helper thread while this one reads the
         next batch: one call in flight at a time, so the hypervisor sees the
-        same calls in the same order; every other call waits for it first."""
+        same calls in the same order; every other call waits for it first.
+        The batch stays where the stream reader put it: the reader lends that
+        buffer and goes on in another (no copy of the batch)."""
         version = self.saved.version if self.saved else 1
         crcs = None
         first = 0
@@ -111,11 +121,21 @@ class TmemRestorer:
             return
         if self._putter is None:
             self._putter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tmem-put")
-        data = bytes(records)                 # the reader reuses its buffer
+        reader = self._reader
+        assert reader is not None
+        data: Any
+        if records.obj is reader.buf and records.nbytes <= reader.available:
+            # tmemchunk hands out the reader's buffer from ``pos``
+            at = reader.pos
+            buf = reader.lend(records.nbytes)
+            data = memoryview(buf)[at:at + records.nbytes]
+            self._lent = (buf, data)
+        else:                                 # not the reader's bytes: a copy to keep
+            data = bytes(records)
         self._pending = self._putter.submit(self._put, pool.pool_id, data, count, crcs,
                                             (first, version, pool.page_size, offset))
 
-    def _put(self, pool_id: int, records, count: int, crcs: Optional[array],
+    def _put(self, pool_id: int, records: Buffer, count: int, crcs: "Optional[array[int]]",
              where: Tuple[int, int, int, int]) -> None:
         try:
             if crcs is None:
@@ -134,8 +154,15 @@ class TmemRestorer:
     def drain(self) -> None:
         """Wait for the batch in flight; its failure is raised here."""
         pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is None:
+            return
+        try:
             pending.result()
+        finally:
+            lent, self._lent = self._lent, None
+            if lent is not None and self._reader is not None:
+                lent[1].release()
+                self._reader.give_back(lent[0])
 
     def _stop_putter(self) -> None:
         putter, self._putter = self._putter, None

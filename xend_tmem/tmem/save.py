@@ -32,12 +32,14 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ..binio import StreamWriter
 from ..codec import tmemchunk as tc
+from .. import xen
 from ..errors import SaveError
 from ..session import Pending, RoundStats, SaveSession
 from . import policy
 from .settings import TmemSettings
 
 INV_BATCH = 4096
+HELD_BATCH_BYTES = 4 << 20     # tmem records per round trip through a client's shared buffer
 
 
 class TmemSizes:
@@ -49,14 +51,14 @@ class TmemSizes:
         self.pools = 0
         self.persistent_pages = 0
         self.persistent_bytes = 0
-        for pool_id in range(min(self.max_pools, tc.MAX_POOLS)):
+        for pool_id in range(min(self.max_pools, xen.MAX_POOLS)):
             flags = hv.save_get_pool_flags(domid, pool_id)
             if flags is None:
                 continue
             self.pools += 1
-            if flags & tc.POOL_PERSIST:
+            if flags & xen.POOL_PERSIST:
                 n = hv.save_get_pool_npages(domid, pool_id)
-                size = tc.PAGE_SIZE_BASE << ((flags >> tc.POOL_PAGEBITS_SHIFT) & 0xF)
+                size = xen.PAGE_SIZE << ((flags >> xen.POOL_PAGEBITS_SHIFT) & 0xF)
                 self.persistent_pages += n
                 self.persistent_bytes += n * tc.record_size(self.version, size)
 
@@ -93,7 +95,7 @@ class TmemWriter:
         self.live = live
         self.defects = tuple(defects)
         self.version: Optional[int] = None
-        self.max_pools = tc.MAX_POOLS
+        self.max_pools = xen.MAX_POOLS
         self.attempted = False    # SAVE_BEGIN was issued (the tmem phase ran)
         self.begun = False        # SAVE_BEGIN returned 1: SAVE_END owed
         self.started = False      # SAVE_BEGIN said there is something to save
@@ -123,7 +125,7 @@ class TmemWriter:
         SAVE_BEGIN remembered, so nothing is lost), then begin again."""
         hv, domid = self.hv, self.domid
         uuids: Dict[int, Tuple[int, int]] = {}
-        for pool_id in range(min(hv.save_get_maxpools(domid), tc.MAX_POOLS)):
+        for pool_id in range(min(hv.save_get_maxpools(domid), xen.MAX_POOLS)):
             if hv.save_get_pool_flags(domid, pool_id) is not None:
                 uuids[pool_id] = tuple(hv.save_get_pool_uuid(domid, pool_id))
         # SAVE_END stays owed whatever this answers: after either SAVE_BEGIN it
@@ -144,7 +146,7 @@ class TmemWriter:
         hv, domid = self.hv, self.domid
         start = w.offset
         version = hv.save_get_version(domid)
-        if version not in tc.VERSIONS:
+        if version not in xen.TMEM_SPEC_VERSIONS:
             raise ValueError(f"hypervisor reports tmem spec version {version}")
         self.version = version
         max_pools = hv.save_get_maxpools(domid)
@@ -152,13 +154,13 @@ class TmemWriter:
         client = tc.ClientRecord(version, max_pools, hv.save_get_client_flags(domid),
                                  hv.save_get_client_weight(domid), hv.save_get_client_cap(domid))
         tc.write_client(w, client)
-        for pool_id in range(min(max_pools, tc.MAX_POOLS)):
+        for pool_id in range(min(max_pools, xen.MAX_POOLS)):
             flags = hv.save_get_pool_flags(domid, pool_id)
             if flags is None:
                 continue
-            if version == 1 and not flags >> tc.POOL_VERSION_SHIFT:
-                flags |= 1 << tc.POOL_VERSION_SHIFT       # H4: report the version bits
-            persistent = bool(flags & tc.POOL_PERSIST)
+            if version == 1 and not flags >> xen.POOL_VERSION_SHIFT:
+                flags |= 1 << xen.POOL_VERSION_SHIFT       # H4: report the version bits
+            persistent = bool(flags & xen.POOL_PERSIST)
             n_pages = hv.save_get_pool_npages(domid, pool_id) if persistent else 0
             pool = tc.PoolRecord(pool_id, flags, n_pages, self._uuid(pool_id))
             tc.write_pool(w, pool)
@@ -180,8 +182,14 @@ class TmemWriter:
         already asked for batch k+1 (Xen's toolstack may do the same); SAVE_END
         follows either way."""
         version = self.version
-        per_batch = max(1, tc.BATCH_BYTES // tc.record_size(version, pool.page_size))
         hv, domid, pool_id, n_pages = self.hv, self.domid, pool.pool_id, pool.n_pages
+        # a hypervisor process's client leaves each batch in a connection's shared
+        # buffer until it is written (two connections, two batches in flight): no
+        # copy, and batches of HELD_BATCH_BYTES (a quarter of the buffer), a quarter
+        # of the round trips
+        get_held = getattr(hv, "save_get_pages_held", None)
+        per_batch = max(1, (tc.BATCH_BYTES if get_held is None else HELD_BATCH_BYTES)
+                        // tc.record_size(version, pool.page_size))
         # one batch has nothing to overlap: no helper thread then
         fetcher = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="tmem-walk")
                    if n_pages > per_batch else None)
@@ -189,8 +197,16 @@ class TmemWriter:
         # with page checksums the hypervisor computes each page's CRC32 as it
         # copies the batch (on its own core): one array per batch in flight
         crc_batches: Dict[int, array] = {}
+        held: Dict[int, Callable[[], None]] = {}
 
         def get(n: int) -> Tuple[int, Any]:
+            if get_held is not None:
+                hcrcs = array("I", bytes(4 * n)) if self.page_log is not None else None
+                count, view, release = get_held(domid, pool_id, n, crcs=hcrcs)
+                held[id(view)] = release
+                if hcrcs is not None:
+                    crc_batches[id(view)] = hcrcs
+                return count, view
             if self.page_log is None:
                 return hv.save_get_pages(domid, pool_id, n)
             crcs = array("I", bytes(4 * n))
@@ -212,22 +228,31 @@ class TmemWriter:
             while pending is not None:
                 count, records = pending.result()
                 pending = None
+                release = held.pop(id(records), None)
                 if not count:
+                    if release is not None:
+                        release()
                     break
-                if n_pages - sent - count > 0:
-                    pending = ask(min(per_batch, n_pages - sent - count))
-                if self.page_log is not None:
-                    tc.check_records(version, records, count, pool.page_size, pool_id)
-                    crcs = crc_batches.pop(id(records))
-                    self.page_log.tmem(pool_id, version, records, count, pool.page_size,
-                                       w.offset, crcs=crcs[:count])
-                tc.write_page_records(w, version, records, count, pool.page_size, pool_id)
+                try:
+                    if n_pages - sent - count > 0:
+                        pending = ask(min(per_batch, n_pages - sent - count))
+                    if self.page_log is not None:
+                        tc.check_records(version, records, count, pool.page_size, pool_id)
+                        crcs = crc_batches.pop(id(records))
+                        self.page_log.tmem(pool_id, version, records, count, pool.page_size,
+                                           w.offset, crcs=crcs[:count])
+                    tc.write_page_records(w, version, records, count, pool.page_size, pool_id)
+                finally:
+                    if release is not None:
+                        release()
                 sent += count
                 if self.progress is not None:
                     self.progress(w.offset)
         finally:
             if fetcher is not None:
                 fetcher.shutdown(wait=True)  # a request in flight ends before SAVE_END
+            for left in held.values():      # a batch fetched but not written (a failure)
+                left()
         if sent < pool.n_pages:
             self._check_short_walk(pool, sent)
             tc.write_pages_end(w, version)       # T3: end the list, keep the stream in step
@@ -238,7 +263,7 @@ class TmemWriter:
         live save logs (and ``-6`` carries). More missing means the hypervisor
         skipped pages (H2, H3): fail rather than write a stream that lacks them.
         A shared pool is not checked: another sharer's deletions go unlogged."""
-        if pool.flags & tc.POOL_SHARED:
+        if pool.flags & xen.POOL_SHARED:
             return
         deleted = 0
         start = 0

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
+from ..codec.legacy import LAYOUTS
 from ..errors import ConfigError
 
-LAYOUTS = ("released", "seed")
 PLANS = ("auto", "precopy", "late-freeze", "after-suspend")
 
 DEFAULTS = {
@@ -30,7 +30,6 @@ DEFAULTS = {
 class TmemSettings:
     layout: str = "released"          # where -5 goes: after the header, or before p2m_size
     plan: str = "auto"                # live-migration plan, or auto (policy.py)
-    downtime_limit_s: float = 0.3
     bandwidth_bps: Optional[float] = None   # None: measure during the rounds
 
 
@@ -53,10 +52,10 @@ def parse_settings(section: Optional[Mapping[str, Any]], where: str = "tmem") ->
     if layout == "seed" and plan not in ("auto", "precopy"):
         raise ConfigError(f"{where}.plan: the seed layout sends tmem first, so the plan "
                           f"must be precopy (or auto), got {plan!r}")
-    downtime = _number(values["downtime-limit-ms"], f"{where}.downtime-limit-ms", minimum=1)
+    # the old key is still checked (the toolstack reads it as the host's limit)
+    _number(values["downtime-limit-ms"], f"{where}.downtime-limit-ms", minimum=1)
     bandwidth = _number(values["bandwidth-mbps"], f"{where}.bandwidth-mbps", minimum=0)
     return TmemSettings(layout=layout, plan="precopy" if layout == "seed" else plan,
-                        downtime_limit_s=downtime / 1000.0,
                         bandwidth_bps=(bandwidth * 1e6 / 8) if bandwidth else None)
 
 

@@ -26,18 +26,16 @@ import errno
 import http.client
 import logging
 import os
-import select
 import signal
-import socket
 import ssl
-import subprocess
 import sys
 import threading
-import time
 import xmlrpc.client
 from typing import TYPE_CHECKING, Any, List, NoReturn, Optional, Sequence, Tuple
 
 from ..config import ToolstackConfig, load_toolstack_config
+from ..detach import (READY, process_ended, remove_stale_socket, report_ready, spawn_detached,
+                      terminate)
 from ..pidlock import PidLock, lock_holder, read_pid
 from ..errors import ConfigError, PluginError, XendTmemError
 from ..hypervisor.backends import load_backend
@@ -102,14 +100,6 @@ def _started_at(pid: int) -> Optional[float]:
     return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def foreign_owner(path: str) -> Optional[int]:
     """The pid in an unlocked pid file if that process runs and is not us: a
     daemon that does not lock its pid file (xend) owns it. A process started
@@ -123,7 +113,7 @@ def foreign_owner(path: str) -> Optional[int]:
         return None
     except PermissionError:
         pass
-    if _zombie(pid):
+    if process_ended(pid):
         return None                 # killed, not yet reaped: gone
     started = _started_at(pid)
     try:
@@ -213,17 +203,8 @@ def _clear_stale_socket(path: str, config_path: str = "") -> None:
     """Remove a socket nobody listens on; refuse one somebody answers on,
     saying whether it is another xend-tmem or something else (a stock xend,
     whose default socket is ours too), which is left alone."""
-    if not os.path.exists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)            # nobody listens: a stopped daemon's leftover
-        return
-    finally:
-        probe.close()
+    if remove_stale_socket(path):
+        return                     # nobody listened: a stopped daemon's leftover
     where = f" (config {config_path})" if config_path else ""
     try:
         who = getattr(rpc.connect(path, timeout=PROBE_TIMEOUT_S), IDENTIFY_METHOD)()
@@ -243,10 +224,10 @@ def _ssl_context(config: ToolstackConfig) -> ssl.SSLContext:
     try:
         return relocation.server_context(config.relocation_tls())
     except (OSError, ssl.SSLError) as exc:
+        ca = f", {config.relocation_ssl_ca_file}" if config.relocation_ssl_ca_file else ""
         raise StartError(f"cannot load the relocation TLS key, certificate or CA file "
                          f"({config.relocation_ssl_cert_file}, {config.relocation_ssl_key_file}"
-                         f"{', ' + config.relocation_ssl_ca_file if config.relocation_ssl_ca_file else ''}"
-                         f"): {exc}") from None
+                         f"{ca}): {exc}") from None
 
 
 def raise_nofile_limit() -> int:
@@ -266,7 +247,7 @@ def raise_nofile_limit() -> int:
 
 def _relocation_servers(config: ToolstackConfig, service: XendService
                         ) -> List[relocation.RelocationServer]:
-    wanted = []
+    wanted: List[Tuple[int, Optional[ssl.SSLContext]]] = []
     if config.relocation_server:
         wanted.append((config.relocation_port, None))
     if config.relocation_ssl_server:
@@ -280,6 +261,7 @@ def _relocation_servers(config: ToolstackConfig, service: XendService
                     address, port, hosts_allow=config.hosts_allow_patterns(),
                     restore=service.incoming_restore, check_offer=service.check_offer,
                     discard=service.discard_domain, ssl_context=ctx,
+                    restore_cost=service.restore_cost_ms,
                     peer_fingerprint=config.relocation_ssl_peer_fingerprint if ctx else None)
             except OSError as exc:
                 key = "xend-relocation-ssl-port" if ctx is not None else "xend-relocation-port"
@@ -392,31 +374,24 @@ def foreground(config: ToolstackConfig, ready_fd: Optional[int] = None) -> int:
     try:
         daemon.start()
     except XendTmemError as exc:
-        _report_start(ready_fd, f"Error: {exc}")
+        report_ready(ready_fd, f"Error: {exc}")
         return 1
     except OSError as exc:
-        _report_start(ready_fd, f"Error: {exc.strerror or exc}"
+        report_ready(ready_fd, f"Error: {exc.strerror or exc}"
                       + (f": {exc.filename}" if exc.filename else ""))
         return 1
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
     signal.signal(signal.SIGHUP, daemon.request_reload)
-    _report_start(ready_fd, None)
+    report_ready(ready_fd, None)
     daemon.run()
+    if daemon.service is not None and daemon.service.jobs.running():
+        # the job pool's threads are joined when the interpreter exits: a job that
+        # ignored its cancellation (logged by stop) must not keep a stopped xend alive
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
-
-
-def _report_start(ready_fd: Optional[int], error: Optional[str]) -> None:
-    if error is not None:
-        print(error, file=sys.stderr)
-    if ready_fd is None:
-        return
-    try:
-        os.write(ready_fd, (error or "ok").encode() + b"\n")
-    except OSError:
-        pass
-    finally:
-        os.close(ready_fd)
 
 
 # -- the control commands --------------------------------------------------------
@@ -426,42 +401,17 @@ def cmd_start(config: ToolstackConfig) -> int:
     if pid is not None:
         print(f"xend is already running (pid {pid})")
         return 0
-    read_fd, write_fd = os.pipe()
     env = dict(os.environ)
     if config.path:
         env["XEND_CONFIG"] = config.path
-    log_dir = os.path.dirname(config.logfile)
     try:
-        if log_dir:
-            os.makedirs(log_dir, exist_ok=True)
-        errlog = open(config.logfile, "ab")
+        child, text = spawn_detached("xend_tmem.xend.daemon", ["foreground"], config.logfile,
+                                     START_TIMEOUT_S, env=env)
     except OSError as exc:
-        os.close(read_fd)
-        os.close(write_fd)
-        print(f"Error: cannot open log file {config.logfile}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(f"Error: cannot start xend: {exc.strerror or exc}"
+              + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 1
-    try:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "xend_tmem.xend.daemon", "foreground",
-             "--ready-fd", str(write_fd)],
-            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=errlog, env=env, start_new_session=True, close_fds=True)
-    finally:
-        os.close(write_fd)
-        errlog.close()
-    answer = b""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    with os.fdopen(read_fd, "rb") as ready:
-        while time.monotonic() < deadline:
-            readable, _, _ = select.select([ready], [], [], 0.2)
-            if readable:
-                chunk = os.read(ready.fileno(), 4096)
-                if not chunk:
-                    break
-                answer += chunk
-    text = answer.decode(errors="replace").strip()
-    if text == "ok":
+    if text == READY:
         return 0
     if text:
         print(text, file=sys.stderr)
@@ -479,16 +429,8 @@ def cmd_stop(config: ToolstackConfig) -> int:
     if pid is None:
         print("xend is not running")
         return 0
-    if pid > 0:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if running_pid(config.pid_file) is None:
-            return 0
-        time.sleep(0.1)
+    if terminate(pid, lambda: running_pid(config.pid_file) is None, STOP_TIMEOUT_S, poll=0.1):
+        return 0
     print(f"Error: xend (pid {pid}) did not stop within {STOP_TIMEOUT_S:.0f} s", file=sys.stderr)
     return 1
 
@@ -513,15 +455,17 @@ def cmd_reload(config: ToolstackConfig) -> int:
         os.kill(pid, signal.SIGHUP)
         print(f"sent SIGHUP to xend (pid {pid}); {config.logfile} says what changed")
         return 0
-    import xmlrpc.client
-    from . import rpc
     try:
-        lines = rpc.connect(config.unix_socket, timeout=60.0).xend.reload()
+        lines: Any = rpc.connect(config.unix_socket, timeout=60.0).xend.reload()
     except xmlrpc.client.Fault as fault:
         print(f"Error: {fault.faultString}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"Error: cannot reach xend at {config.unix_socket}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    if not isinstance(lines, list):
+        print(f"Error: xend answered reload with {lines!r}, not a list of changes",
               file=sys.stderr)
         return 1
     for line in lines or ["nothing changed"]:
@@ -532,7 +476,7 @@ def cmd_reload(config: ToolstackConfig) -> int:
 class _ArgumentParser(argparse.ArgumentParser):
     """Usage errors as ``Error: ...`` and exit 1, like every other xend/xm error."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> "NoReturn":
         self.print_usage(sys.stderr)
         print(f"Error: {message}", file=sys.stderr)
         sys.exit(1)
@@ -561,7 +505,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = load_toolstack_config(args.config)
     except ConfigError as exc:
-        _report_start(args.ready_fd, f"Error: {exc}")
+        report_ready(args.ready_fd, f"Error: {exc}")
         return 1
     if command == "foreground":
         return foreground(config, args.ready_fd)

@@ -5,6 +5,11 @@ returned. Here the call starts a job and returns its id; ``xend.job.status(id)``
 reports phase, bytes and (at the end) the result or the fault, and
 ``xend.job.cancel(id)`` asks the job to stop (Ctrl-C in ``xm``). The blocking
 xend methods are a job plus a wait, so both styles share one code path.
+
+Each job is a :class:`concurrent.futures.Future` of the daemon's job pool. The
+pool's threads cannot be interrupted, so a running job stops by noticing its
+``cancel`` event (the checkpoint path polls it); a job still queued for a free
+worker is cancelled outright.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import itertools
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional
 
 from ..errors import Cancelled, XendTmemError
@@ -21,6 +27,9 @@ log = logging.getLogger("xend_tmem.xend.jobs")
 
 KEEP_FINISHED_S = 600.0       # a finished job's result stays readable this long
 MAX_FINISHED = 256
+MAX_RUNNING = 64              # jobs running at once; more wait ("queued") for a worker
+
+Work = Callable[["Job"], Dict[str, Any]]
 
 
 class NoSuchJob(XendTmemError):
@@ -29,7 +38,7 @@ class NoSuchJob(XendTmemError):
 
 
 class Job:
-    """One running operation; progress fields are written by its worker thread."""
+    """One operation; progress fields are written by its worker thread."""
 
     def __init__(self, job_id: int, op: str, target: str) -> None:
         self.id = job_id
@@ -45,10 +54,10 @@ class Job:
         self.result: Optional[Dict[str, Any]] = None
         self.fault_code: Optional[int] = None
         self.error: Optional[str] = None
-        self.cancel = threading.Event()
-        self.finished_event = threading.Event()
+        self.cancel = threading.Event()        # the operation polls it: the way to stop it
+        self.finished_event = threading.Event()   # set once the outcome and cleanup are done
         self.reported = threading.Event()      # a client has read the final status
-        self.thread: Optional[threading.Thread] = None
+        self.future: Optional[Future[Optional[Dict[str, Any]]]] = None   # its value: ``result``
 
     def progress(self, phase: str, done: int, total: Optional[int]) -> None:
         """The checkpoint path's progress callback."""
@@ -59,6 +68,12 @@ class Job:
         self.phase = phase
         self.done = int(done)
         self.total = int(total) if total is not None else None
+
+    def request_cancel(self) -> None:
+        """Ask the job to stop: a queued one never starts, a running one sees ``cancel``."""
+        self.cancel.set()
+        if self.future is not None:
+            self.future.cancel()      # only succeeds while it waits for a worker
 
     def status(self) -> Dict[str, Any]:
         end = self.finished if self.finished is not None else time.monotonic()
@@ -77,52 +92,69 @@ class Job:
             self.reported.set()
         return out
 
+    def _end(self, result: Optional[Dict[str, Any]], exc: Optional[BaseException]) -> None:
+        """Record the outcome: the result, or the exception as the job's fault."""
+        if exc is None:
+            self.result = result
+            self.state = "done"
+            log.info("job %d (%s %s) done", self.id, self.op, self.target)
+            return
+        fault = fault_for(exc)
+        self.fault_code, self.error = fault.faultCode, fault.faultString
+        self.state = "cancelled" if isinstance(exc, Cancelled) else "failed"
+        if isinstance(exc, Cancelled):
+            self.fault_code = FAULT_GENERIC
+        if isinstance(exc, XendTmemError):
+            log.warning("job %d (%s %s) %s: %s", self.id, self.op, self.target, self.state, exc)
+        else:
+            log.error("job %d (%s %s) failed", self.id, self.op, self.target, exc_info=exc)
+
 
 class JobTable:
-    """All jobs of a daemon; each runs ``work(job) -> result dict`` in a thread."""
+    """All jobs of a daemon; each runs ``work(job) -> result dict`` on the job pool."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_running: int = MAX_RUNNING) -> None:
         self._jobs: Dict[int, Job] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="xend-job")
 
-    def start(self, op: str, target: str, work: Callable[[Job], Dict[str, Any]],
+    def start(self, op: str, target: str, work: Work,
               cleanup: Optional[Callable[[], None]] = None) -> Job:
-        """Run ``work`` in a new thread; ``cleanup`` runs after it on every path
-        (it releases what the synchronous part of the request acquired)."""
+        """Run ``work`` on the pool; ``cleanup`` runs after it on every path, a job
+        cancelled before it started included (it releases what the synchronous
+        part of the request acquired)."""
         with self._lock:
             self._prune()
             job = Job(next(self._ids), op, target)
             self._jobs[job.id] = job
-        job.thread = threading.Thread(target=self._run, args=(job, work, cleanup), daemon=True,
-                                      name=f"job-{job.id}-{op}")
         try:
-            job.thread.start()
+            job.future = self._pool.submit(self._run, job, work, cleanup)
         except BaseException:
             with self._lock:
                 del self._jobs[job.id]
             if cleanup is not None:
                 cleanup()
             raise
+        job.future.add_done_callback(lambda f: self._never_ran(job, f, cleanup))
         return job
 
-    def _run(self, job: Job, work: Callable[[Job], Dict[str, Any]],
-             cleanup: Optional[Callable[[], None]]) -> None:
+    @staticmethod
+    def _run(job: Job, work: Work,
+             cleanup: Optional[Callable[[], None]]) -> Optional[Dict[str, Any]]:
+        """A worker: the operation, its outcome and its cleanup, then ``finished``."""
+        me = threading.current_thread()
+        pool_name, me.name = me.name, f"job-{job.id}-{job.op}"     # the log says which job
+        result: Optional[Dict[str, Any]] = None
+        error: Optional[BaseException] = None
         try:
+            if job.cancel.is_set():
+                raise Cancelled(f"{job.op} of {job.target} cancelled before it started")
             result = work(job)
-            job.result = result
-            job.state = "done"
-            log.info("job %d (%s %s) done", job.id, job.op, job.target)
-        except Exception as exc:   # every failure becomes the job's fault
-            fault = fault_for(exc)
-            job.fault_code, job.error = fault.faultCode, fault.faultString
-            job.state = "cancelled" if isinstance(exc, Cancelled) else "failed"
-            if isinstance(exc, Cancelled):
-                job.fault_code = FAULT_GENERIC
-            if isinstance(exc, XendTmemError):
-                log.warning("job %d (%s %s) %s: %s", job.id, job.op, job.target, job.state, exc)
-            else:
-                log.exception("job %d (%s %s) failed", job.id, job.op, job.target)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the job's fault
+            error = exc
+        try:
+            job._end(result, error)
         finally:
             try:
                 if cleanup is not None:
@@ -130,6 +162,24 @@ class JobTable:
             finally:
                 job.finished = time.monotonic()
                 job.finished_event.set()
+                me.name = pool_name
+        if error is not None:
+            raise error
+        return result
+
+    @staticmethod
+    def _never_ran(job: Job, future: Future[Optional[Dict[str, Any]]],
+                   cleanup: Optional[Callable[[], None]]) -> None:
+        """A job cancelled while it waited for a worker: :meth:`_run` never ran."""
+        if not future.cancelled():
+            return
+        try:
+            job._end(None, Cancelled(f"{job.op} of {job.target} cancelled before it started"))
+            if cleanup is not None:
+                cleanup()
+        finally:
+            job.finished = time.monotonic()
+            job.finished_event.set()
 
     def get(self, job_id: Any) -> Job:
         try:
@@ -148,7 +198,7 @@ class JobTable:
 
     def cancel_all(self) -> None:
         for job in self.running():
-            job.cancel.set()
+            job.request_cancel()
 
     def wait_all(self, timeout: float, reported_within: float = 0.0) -> bool:
         """Wait for every running job; ``False`` if some are still running.

@@ -225,19 +225,19 @@ class _CountingFile:
         self._done = 0
 
     def write(self, data: Any) -> int:
-        n = self._f.write(data)
+        n: int = self._f.write(data)
         self._done += memoryview(data).nbytes
         killpoint_after_bytes(self._point, self._done)
         return n
 
     def readinto(self, buf: Any) -> int:
-        n = self._f.readinto(buf) or 0
+        n: int = self._f.readinto(buf) or 0
         self._done += n
         killpoint_after_bytes(self._point, self._done)
         return n
 
     def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
+        data: bytes = self._f.read(n)
         self._done += len(data)
         killpoint_after_bytes(self._point, self._done)
         return data

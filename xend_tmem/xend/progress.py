@@ -64,7 +64,7 @@ def human_bytes(n: float) -> str:
 
 def human_duration(seconds: float) -> str:
     """``75`` -> ``1:15``: elapsed times and ETAs."""
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
@@ -180,7 +180,7 @@ class ProgressDisplay:
         ph = self._phase
         changed = (ph is None or phase != ph.name
                    or (phase_start is not None and phase_start != ph.reported_start))
-        if changed:
+        if ph is None or changed:         # (changed is True when ph is None; for mypy)
             start = done if phase_start is None else int(phase_start)
             if ph is not None:
                 boundary = start if phase_start is not None else done

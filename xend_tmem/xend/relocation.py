@@ -104,6 +104,7 @@ mid-way is ended cleanly by the next ``xend start``.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -113,6 +114,7 @@ import select
 import socket
 import ssl as ssl_mod
 import struct
+import termios
 import threading
 import time
 import uuid
@@ -135,6 +137,10 @@ PREFLIGHT_OP = "xend-tmem-preflight"
 INTEGRITY_FRAMES = "crc32-frames"   # a CRC32 after each image frame (pre-flight option)
 QUERY_OP = "xend-tmem-query"
 MAX_LINE = 1 << 20            # longest reply line a sender accepts (a report)
+RECV_BUFFER = 1 << 20         # the receiver's socket queue (SO_RCVBUF): one 1 MiB frame
+                              # in flight while it processes the last (bounded: see drain)
+SETTLE_MAX_S = 0.05           # longest wait for the receiver's own queue before a suspend
+DRAIN_MAX_S = 2.0             # longest wait for the receiver to catch up before a suspend
 MAX_OP_LINE = 4 << 10         # longest control line before the pre-flight
 MAX_OFFER_LINE = 64 << 10     # longest pre-flight line
 MAX_JSON_DEPTH = 16           # deepest nesting of a pre-flight offer
@@ -407,7 +413,7 @@ class _FramedReader:
                     raise integrity.IntegrityError(
                         f"page checksum frame {self._frames} from {self.peer} failed its "
                         "CRC32: the stream was corrupted in transit")
-                self.page_check.add_expected(integrity.decode(body))
+                self.page_check.add_expected(body)
                 continue
             if zlib.crc32(body) != want:
                 self.page_check.frame_bad(
@@ -456,6 +462,10 @@ class RelocationServer:
     :param discard: removes a restored domain that must not run here.
     :param unpause: starts a restored domain once ``go`` arrived.
     :param journal: where incoming migrations are journaled (None: not at all).
+    :param restore_cost: this host's expected restore-finishing work for an
+        accepted offer, in ms (end of image -> restored: plugins' checks such as
+        tmem-digest's hashing); the pre-flight answer carries it as
+        ``(restore-ms N)`` so the sender's downtime estimate includes it.
     """
 
     def __init__(self, address: str, port: int, *, hosts_allow: Sequence[Pattern[str]],
@@ -466,8 +476,10 @@ class RelocationServer:
                  tls: Optional[TlsSettings] = None, peer_fingerprint: Optional[str] = None,
                  max_connections: Optional[int] = None,
                  control_deadline: Optional[float] = None,
-                 hv: Optional[Hypervisor] = None) -> None:
+                 hv: Optional[Hypervisor] = None,
+                 restore_cost: Optional[Callable[[Dict[str, Any]], float]] = None) -> None:
         self.hv = hv
+        self.restore_cost = restore_cost
         if tls is not None and ssl_context is None:
             ssl_context = server_context(tls)
         self.peer_fingerprint = peer_fingerprint or (tls.peer_fingerprint if tls else None)
@@ -487,6 +499,10 @@ class RelocationServer:
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # a bounded receive queue (inherited by accepted connections): what the
+            # sender wrote and this host has not read yet is downtime if the source
+            # suspends then, and the sender can neither see nor drain this queue
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
             self._sock.bind((address, port))
             self._sock.listen(min(socket.SOMAXCONN, 1024))   # a burst of peers is not dropped
         except OSError:
@@ -993,7 +1009,22 @@ class _Receiver:
         answer: List[Any] = ["ok", ["protocol", str(PROTOCOL)]]
         if self.integrity:
             answer.append(["integrity", *self.integrity])
+        cost = self._restore_cost(offer)
+        if cost is not None:
+            answer.append(["restore-ms", f"{cost:.1f}"])
         self._send(_line(answer))
+
+    def _restore_cost(self, offer: Dict[str, Any]) -> Optional[float]:
+        """This host's expected end of image -> restored time for the offer
+        (None: not known); a failing estimate never fails the pre-flight."""
+        if self.server.restore_cost is None:
+            return None
+        try:
+            cost = float(self.server.restore_cost(offer))
+        except (XendTmemError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            log.warning("relocation: no restore estimate for %s: %s", self.name, exc)
+            return None
+        return cost if cost >= 0 and cost == cost and cost < 1e9 else None
 
     def _query(self, form: Any) -> None:
         mid = sxp.child_value(form, "migration")
@@ -1267,10 +1298,10 @@ class _PeerWriter:
         """Page checksum records not sent yet, ahead of the pages they cover."""
         if self.page_log is None:
             return
-        recs = self.page_log.take_unsent()
-        per = self.SLICE // integrity.RECORD_SIZE
-        for i in range(0, len(recs), per):
-            self._frame(memoryview(integrity.encode(recs[i:i + per])), _RECORDS_FLAG)
+        recs = memoryview(self.page_log.take_unsent_bytes())
+        per = self.SLICE // integrity.RECORD_SIZE * integrity.RECORD_SIZE
+        for i in range(0, recs.nbytes, per):
+            self._frame(recs[i:i + per], _RECORDS_FLAG)
 
     def write(self, data: Any) -> int:
         mv = memoryview(data).cast("B")
@@ -1331,6 +1362,39 @@ class _PeerWriter:
     def flush(self) -> None:
         return None
 
+    def in_flight(self) -> int:
+        """Bytes written to the socket the receiver has not acknowledged yet
+        (the send queue, ``SIOCOUTQ``; 0 where the platform cannot tell). What
+        the receiver acknowledged and has not read is at most its bounded
+        queue (:data:`RECV_BUFFER`), a few ms at the rates it keeps up with."""
+        try:
+            raw = fcntl.ioctl(self.ch.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except (OSError, ValueError, AttributeError):
+            return 0
+        return max(0, int(struct.unpack("i", raw)[0]))
+
+    def drain(self, timeout: float = DRAIN_MAX_S, settle: bool = False) -> float:
+        """Wait (at most ``timeout`` s) until the receiver has taken what was
+        written, so it is not left to read while the guest is stopped: the host
+        calls this after every round, before it weighs a suspend. ``settle``
+        (just before the suspend): a receiver that was behind also has its own
+        queue full (up to :data:`RECV_BUFFER`, which this host cannot see); wait
+        the time it needs for that at the rate it just took this host's queue
+        (at most :data:`SETTLE_MAX_S`). Returns the seconds waited."""
+        t0 = time.monotonic()
+        deadline = t0 + max(0.0, timeout)
+        queued = self.in_flight()
+        while self.in_flight() > 0 and time.monotonic() < deadline:
+            if self.cancel is not None and self.cancel.is_set():
+                raise Cancelled("cancelled")
+            time.sleep(0.0005)
+        waited = time.monotonic() - t0
+        if settle and queued > 0 and waited > 0.001 and self.in_flight() == 0:
+            time.sleep(min(RECV_BUFFER * waited / queued, SETTLE_MAX_S))
+        waited = time.monotonic() - t0
+        self.ch.drained_s += waited
+        return waited
+
 
 class _Channel:
     """The sender's connection: control lines and (through :class:`_PeerWriter`)
@@ -1346,6 +1410,7 @@ class _Channel:
         self.first_at: Optional[float] = None    # first and last byte handed to the socket
         self.last_at: Optional[float] = None
         self.image_end: Optional[Tuple[int, float]] = None   # (wire bytes, time) at the end frame
+        self.drained_s = 0.0       # waits for the receiver to catch up (drain): no sending
 
     def note_sent(self, n: int) -> None:
         if n > 0:
@@ -1598,6 +1663,9 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
                 raise PeerError(f"{host} speaks relocation protocol "
                                 f"{sxp.child_value(reply, 'protocol')}, this host {PROTOCOL}: "
                                 "upgrade both hosts")
+            # the destination's own restore-finishing estimate: part of the downtime
+            state["est_restore_ms"] = _restore_ms(reply)
+            overhead_ms += state["est_restore_ms"]
         elif reply[0] == "refused":
             reasons = [str(c[1]) for c in sxp.children(reply, "reason") if len(c) > 1]
             raise PeerError(f"migration refused: {'; '.join(reasons) or 'no reason given'} "
@@ -1679,8 +1747,9 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
                              settings=settings, overhead_ms=overhead_ms)
         _wire_figures(report, ch, rate_cap_bps)
         report["extended"] = extended
+        report["est_restore_ms"] = state.get("est_restore_ms")
         if page_log is not None:
-            report["integrity"] = f"{len(page_log.records)} page checksums and a CRC32 per frame"
+            report["integrity"] = f"{page_log.count} page checksums and a CRC32 per frame"
         report["migration"] = mid
         if not extended:
             return report
@@ -1718,15 +1787,27 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
         ch.close()
 
 
+def _restore_ms(reply: List[Any]) -> float:
+    """``(restore-ms N)`` of a pre-flight answer (0 when absent or malformed:
+    an older receiver)."""
+    value = sxp.child_value(reply, "restore-ms")
+    try:
+        ms = float(value) if value is not None else 0.0
+    except (TypeError, ValueError):
+        return 0.0
+    return ms if 0.0 <= ms < 1e9 else 0.0
+
+
 def _wire_figures(report: Dict[str, Any], ch: "_Channel",
                   rate_cap_bps: Optional[float]) -> None:
     """What went over the wire: every byte written (frames, CRCs, lines) and the
     rate from the first to the last, against the cap."""
     report["wire_bytes"] = ch.wire_bytes
     # the rate while the image streamed: first byte to the end frame (the
-    # handshake's waits are not sending time)
+    # handshake's waits, and the waits for the receiver to drain before a
+    # suspend is weighed, are not sending time)
     sent, end = ch.image_end or (ch.wire_bytes, ch.last_at)
-    span = (end - ch.first_at) if ch.first_at is not None and end else 0.0
+    span = (end - ch.first_at - ch.drained_s) if ch.first_at is not None and end else 0.0
     report["send_mbit"] = round(sent * 8 / span / 1e6, 3) if span > 0 else None
     report["rate_cap_mbit"] = round(rate_cap_bps * 8 / 1e6, 3) if rate_cap_bps else None
 

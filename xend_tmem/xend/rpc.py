@@ -37,9 +37,12 @@ FAULT_NO_SUCH_DOMAIN = 3
 class _Marshaller(xmlrpc.client.Marshaller):
     """xmlrpc's marshaller, but ints outside 32 bits go out as ``<i8>``."""
 
-    dispatch = dict(xmlrpc.client.Marshaller.dispatch)
+    # xmlrpc's class-level table, copied so the override stays in this class
+    dispatch = dict(xmlrpc.client.Marshaller.dispatch)  # noqa: RUF012
 
-    def _dump_int(self, value: int, write: Callable[[str], Any]) -> None:
+    # self typed as the base class: dispatch entries are called with any Marshaller
+    def _dump_int(self: xmlrpc.client.Marshaller, value: int,
+                  write: Callable[[str], Any]) -> None:
         tag = "int" if -2 ** 31 <= value < 2 ** 31 else "i8"
         write(f"<value><{tag}>{int(value)}</{tag}></value>\n")
 
@@ -108,11 +111,14 @@ class UnixXMLRPCServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServe
             self.server_close()
             raise
 
-    def _marshaled_dispatch(self, data: bytes, dispatch_method: Optional[Callable] = None,
-                            path: Optional[str] = None) -> bytes:
+    # typeshed declares str, but CPython's SimpleXMLRPCDispatcher returns (and
+    # SimpleXMLRPCRequestHandler writes) bytes, as this does
+    def _marshaled_dispatch(  # type: ignore[override]
+            self, data: bytes, dispatch_method: Optional[Callable[..., Any]] = None,
+            path: Optional[str] = None) -> bytes:
         try:
             params, method = xmlrpc.client.loads(data, use_builtin_types=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any unreadable request gets a fault
             response = _dumps_response(xmlrpc.client.Fault(FAULT_INTERNAL, f"bad request: {exc}"))
             return response.encode("utf-8", "xmlcharrefreplace")
         if method not in self.funcs:

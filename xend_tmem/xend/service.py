@@ -42,6 +42,7 @@ from ..domconfig import WORKLOAD_KEYS, load_domain_config, parse_domain_config, 
 from ..errors import ConfigError, HypervisorError, NoSuchDomain, XendTmemError
 from ..hypervisor.interface import DomainInfo, Hypervisor
 from ..plugins import CheckpointHooks, get_plugin_manager
+from ..xen import ALL_CLIENTS, DOM0, PAGE_SIZE, SHUTDOWN_REASONS
 from . import journal as jrn
 from . import relocation
 from .jobs import Job, JobTable
@@ -50,14 +51,22 @@ from .rpc import UnixXMLRPCServer
 
 log = logging.getLogger("xend_tmem.xend")
 
-DOM0 = 0
-ALL_CLIENTS = -1
 MIGRATING_PREFIX = "migrating-"
 STATES = ("running", "blocked", "paused", "shutdown", "crashed", "dying")
 BLOCKING_WAIT_S = 24 * 3600.0
 REPORT_GRACE_S = 1.0         # at stop: time for xm to read how its job ended
 RECOVERY_QUERY_WINDOW_S = 10.0   # xend start: how long to try a destination that is down
 IN_DOUBT_RETRY_S = relocation._seconds("XEND_TMEM_TEST_IN_DOUBT_RETRY_S", 30.0)
+OVERHEAD_SAMPLES = 5          # migrations whose fixed handover cost the next estimate uses
+
+
+def _median(values: Optional[List[float]]) -> float:
+    """The middle of ``values`` (0.0 for none): a robust fixed-cost figure."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 class XendError(XendTmemError):
@@ -104,9 +113,11 @@ class XendService:
         self.query_window = relocation.QUERY_WINDOW_S   # a job asking its destination
         self.ack_timeout = relocation.ACK_TIMEOUT_S
         self._outgoing: Dict[int, Tuple[int, str]] = {}  # migrate job id -> (domid, name)
-        # destination -> the last migration's suspend -> running cost beyond the
-        # image (handshake, restore end): the next estimate's fixed overhead
-        self._overhead_ms: Dict[Tuple[str, int], float] = {}
+        # destination -> the last migrations' suspend -> running cost beyond the
+        # image and the destination's restore (the last bytes' transit, the
+        # handshake): the next estimate's fixed overhead is their median (one
+        # descheduled handshake is no fixed cost)
+        self._overhead_ms: Dict[Tuple[str, int], List[float]] = {}
 
     @property
     def relocation_servers(self) -> List[relocation.RelocationServer]:
@@ -257,35 +268,37 @@ class XendService:
         """Build a simulated domain from a domain YAML file (``xm create``)."""
         if not isinstance(path, str) or not os.path.isabs(path):
             raise XendError(f"domain config path must be absolute, got {path!r}")
-        cfg = load_domain_config(path)
+        return self._create(load_domain_config(path), _config_mapping(path), path)
+
+    def _create(self, cfg: Any, mapping: Dict[str, Any], source: str) -> Dict[str, Any]:
+        """Create the domain ``cfg`` (parsed from ``mapping``) unless its name is taken."""
         with self._lock:
             other = self._name_in_use(cfg.name)
             if other is not None:
                 raise XendError(f"Domain '{cfg.name}' already exists with ID '{other}'")
-            domid = self.hv.create_domain(_config_mapping(path))
-        log.info("created domain %s (%d) from %s", cfg.name, domid, path)
+            domid = self.hv.create_domain(mapping)
+        log.info("created domain %s (%d) from %s", cfg.name, domid, source)
         return {"domid": domid, "name": cfg.name}
 
-    def domain_destroy(self, dom: Any) -> bool:
+    def _changeable(self, dom: Any, what: str) -> int:
+        """``dom``'s id, refused if it is dom0 or in a save, restore or migration."""
         domid = self.domid(dom)
-        self._refuse_privileged(domid, "destroy")
-        self._refuse_busy(domid, "destroy")
+        self._refuse_privileged(domid, what)
+        self._refuse_busy(domid, what)
+        return domid
+
+    def domain_destroy(self, dom: Any) -> bool:
+        domid = self._changeable(dom, "destroy")
         self.hv.destroy_domain(domid)
         log.info("destroyed domain %s", dom)
         return True
 
     def domain_pause(self, dom: Any) -> bool:
-        domid = self.domid(dom)
-        self._refuse_privileged(domid, "pause")
-        self._refuse_busy(domid, "pause")
-        self.hv.pause(domid)
+        self.hv.pause(self._changeable(dom, "pause"))
         return True
 
     def domain_unpause(self, dom: Any) -> bool:
-        domid = self.domid(dom)
-        self._refuse_privileged(domid, "unpause")
-        self._refuse_busy(domid, "unpause")
-        self.hv.unpause(domid)
+        self.hv.unpause(self._changeable(dom, "unpause"))
         return True
 
     def _describe(self, info, detail: bool) -> Dict[str, Any]:
@@ -566,7 +579,7 @@ class XendService:
                                             else None,
                                             limits=limits, rate_cap_bps=rate_cap_bps,
                                             settings=settings,
-                                            overhead_ms=self._overhead_ms.get((dst, port), 0.0))
+                                            overhead_ms=_median(self._overhead_ms.get((dst, port))))
             except relocation.MigrationInDoubt:
                 entry.update(phase="in-doubt", notes={})
                 self._watch_in_doubt()
@@ -577,9 +590,15 @@ class XendService:
                 entry.remove()
                 raise
             entry.update(phase="done", notes={})
-            if isinstance(report.get("image_ms"), (int, float)) and report.get("handshake_ms"):
-                self._overhead_ms[(dst, port)] = max(0.0, float(report["downtime_ms"])
-                                                     - float(report["image_ms"]))
+            if all(isinstance(report.get(k), (int, float))
+                   for k in ("downtime_ms", "image_ms", "restore_ms")):
+                # the fixed part after the image (the last bytes' transit, the
+                # handshake): the destination's restore work is its own pre-flight
+                # figure, and the source drains the receiver before it suspends
+                seen = self._overhead_ms.setdefault((dst, port), [])
+                seen[:] = seen[-(OVERHEAD_SAMPLES - 1):] + [
+                    max(0.0, float(report["downtime_ms"]) - float(report["image_ms"])
+                        - float(report["restore_ms"]))]
             jrn.killpoint("migrate-done")
             self._destroy_source(domid, name)
             entry.remove()
@@ -760,6 +779,15 @@ class XendService:
                  " (paused until the source says go)" if paused else "")
         return domid, report
 
+    def restore_cost_ms(self, offer: Dict[str, Any]) -> float:
+        """The pre-flight's ``restore-ms``: this host's plugins' expected work
+        between the end of the image and the domain restored (in the downtime)."""
+        plugins = offer.get("plugins")
+        if not isinstance(plugins, dict):
+            return 0.0
+        return self.hooks.migrate_restore_cost(
+            self.hv, {k: v for k, v in plugins.items() if k in set(self.hooks.enabled)})
+
     def check_offer(self, offer: Dict[str, Any]) -> List[str]:
         """The pre-flight answer: reasons this host cannot take the domain."""
         reasons: List[str] = []
@@ -824,7 +852,7 @@ class XendService:
              f"no: this host cannot move tmem (Xen {host.xen_release}: the hypervisor copies "
              "tmem pages only on its compression path, H8)"),
             ("tmem_capacity_mb", self.config.hypervisor.tmem_capacity_mb),
-            ("tmem_free_mb", hv.tmem_free_pages() * 4096 // (1 << 20)),
+            ("tmem_free_mb", hv.tmem_free_pages() * PAGE_SIZE // (1 << 20)),
             ("tmem_freeable_mb", hv.query_freeable_mb()),
             ("checkpoint_plugins", " ".join(self.hooks.enabled) or "(none)"),
         ]
@@ -1124,14 +1152,8 @@ class XendService:
         (as xm did): the domain config mapping it made, validated here again."""
         if not isinstance(config, dict):
             raise XendError(f"a domain config is a mapping, got {type(config).__name__}")
-        cfg = parse_domain_config(dict(config), source=str(source))
-        with self._lock:
-            other = self._name_in_use(cfg.name)
-            if other is not None:
-                raise XendError(f"Domain '{cfg.name}' already exists with ID '{other}'")
-            domid = self.hv.create_domain(dict(config))
-        log.info("created domain %s (%d) from %s", cfg.name, domid, source)
-        return {"domid": domid, "name": cfg.name}
+        return self._create(parse_domain_config(dict(config), source=str(source)), dict(config),
+                            str(source))
 
     def domain_shutdown(self, dom: Any, reason: str = "poweroff") -> Dict[str, Any]:
         """``xm shutdown``/``xm reboot``: ask the guest; once it has acknowledged,
@@ -1142,9 +1164,7 @@ class XendService:
             raise XendError(f"shutdown reason must be one of {', '.join(SHUTDOWN_REASONS)}, "
                             f"got {reason!r}")
         what = "reboot" if reason == "reboot" else "shut down"
-        domid = self.domid(dom)
-        self._refuse_privileged(domid, what)
-        self._refuse_busy(domid, what)
+        domid = self._changeable(dom, what)
         self._refuse_when_stopping()
         name = self.hv.domain_info(domid).name
         self.hv.shutdown_domain(domid, reason)
@@ -1332,7 +1352,6 @@ class XendService:
         return lines
 
 
-SHUTDOWN_REASONS = ("poweroff", "reboot", "halt")
 SHUTDOWN_POLL_S = 0.1
 SHUTDOWN_RETRY_S = 5.0
 LOG_TAIL_BYTES = 1 << 20

@@ -27,12 +27,9 @@ import xmlrpc.client
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, TextIO
 
 from .. import __version__
-from ..config import ENV_VAR as ENV_CONFIG, load_toolstack_config
 from ..errors import ConfigError
 from ..tmem.settings import PLANS
-from ..xmconfig import load_domain_file
 from . import rpc
-from .progress import ProgressDisplay, shown_lines, summary_line
 
 POLL_S = 0.1
 # without a progress display only the end matters: one long poll a second (the
@@ -57,7 +54,7 @@ class XmUsageError(XmError):
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse, but usage errors read ``Error: ...`` and exit 1 as xm's did."""
 
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         print(f"Error: {message}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
@@ -71,6 +68,9 @@ def server_socket() -> str:
     reached with its config alone), else xend's default."""
     if os.environ.get(rpc.ENV_SERVER):
         return rpc.server_path(None)
+    # imported here: xm starts for every command, and a save or restore is timed
+    # around the whole command (the config, SXP and progress modules are ~0.07 s)
+    from ..config import ENV_VAR as ENV_CONFIG, load_toolstack_config
     if os.environ.get(ENV_CONFIG):
         try:
             return load_toolstack_config(None).unix_socket
@@ -84,12 +84,47 @@ def server() -> xmlrpc.client.ServerProxy:
     return rpc.connect(server_socket(), timeout=None)
 
 
-def _job(proxy: Any, start: Callable[[], int], label: str, show_progress: bool,
-         stream: TextIO, total_hint: Optional[int] = None) -> Dict[str, Any]:
+# The daemon's replies are XML-RPC values of any type; each is checked against the
+# shape its call returns before use, so a mismatched xend is an error, not a traceback.
+
+def _unexpected(call: str, reply: object, wanted: str) -> XmError:
+    return XmError(f"xend answered {call} with {type(reply).__name__}, not {wanted} "
+                   "(an older or newer xend?)")
+
+
+def _struct(reply: object, call: str) -> Dict[str, Any]:
+    if not isinstance(reply, dict):
+        raise _unexpected(call, reply, "a struct")
+    return reply
+
+
+def _structs(reply: object, call: str) -> List[Dict[str, Any]]:
+    if not isinstance(reply, list) or not all(isinstance(d, dict) for d in reply):
+        raise _unexpected(call, reply, "an array of structs")
+    return reply
+
+
+def _int(reply: object, call: str) -> int:
+    if not isinstance(reply, int) or isinstance(reply, bool):
+        raise _unexpected(call, reply, "an int")
+    return reply
+
+
+def _text(reply: object, call: str) -> str:
+    if not isinstance(reply, str):
+        raise _unexpected(call, reply, "a string")
+    return reply
+
+
+def _job(proxy: xmlrpc.client.ServerProxy, start: Callable[[], object], label: str,
+         show_progress: bool, stream: TextIO, total_hint: Optional[int] = None
+         ) -> Dict[str, Any]:
     """Start a job, poll it to the end (drawing progress), return its result.
+    ``start`` makes the call that starts it (its reply is the job id).
     ``total_hint``: the bytes to expect when the daemon does not say (a restore
     reads the whole image file), for a percentage and an ETA."""
-    job_id = start()
+    from .progress import ProgressDisplay, summary_line
+    job_id = _int(start(), f"xend.job.{label}")
     display = ProgressDisplay(stream, label) if show_progress else None
     status: Dict[str, Any] = {}
     cancelled = False
@@ -99,8 +134,8 @@ def _job(proxy: Any, start: Callable[[], int], label: str, show_progress: bool,
             asked = time.monotonic()
             # the daemon answers as soon as the job ends (or after the wait)
             wait = POLL_S if display is not None else max(POLL_S, QUIET_POLL_S)
-            status = (proxy.xend.job.status(job_id, wait) if POLL_S > 0
-                      else proxy.xend.job.status(job_id))
+            status = _struct(proxy.xend.job.status(job_id, wait) if POLL_S > 0
+                             else proxy.xend.job.status(job_id), "xend.job.status")
             if display is not None:
                 total = status.get("total")
                 display.update(status["phase"], status["done"],
@@ -122,7 +157,7 @@ def _job(proxy: Any, start: Callable[[], int], label: str, show_progress: bool,
             proxy = server()          # the interrupted call may have left the old one mid-request
             proxy.xend.job.cancel(job_id)
     if status["state"] == "done":
-        result = status["result"]
+        result = _struct(status["result"], "xend.job.status")
         if display is not None:
             display.finish(summary_line(result))
         return result
@@ -149,6 +184,7 @@ def _print_result(args: argparse.Namespace, result: Dict[str, Any]) -> None:
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
+        from .progress import shown_lines
         for line in shown_lines(result):
             print(line)
 
@@ -164,15 +200,17 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise XmError(f"xm create: Unable to read file {path}")
     print(f'Using config file "{args.config}".')
     try:
+        from ..xmconfig import load_domain_file
         domain_file = load_domain_file(path)
     except ConfigError as exc:
         raise XmError(str(exc)) from None
     for note in domain_file.notes:
         print(f"Note: {note}")
     if domain_file.format == "yaml":
-        out = server().xend.domain.create(path)
+        out = _struct(server().xend.domain.create(path), "xend.domain.create")
     else:
-        out = server().xend.domain.create_config(domain_file.config, path)
+        out = _struct(server().xend.domain.create_config(domain_file.config, path),
+                      "xend.domain.create_config")
     print(f"Started domain {out['name']} (id={out['domid']})")
     return EXIT_OK
 
@@ -188,11 +226,12 @@ def format_list_row(d: Dict[str, Any]) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     proxy = server()
     if args.domains:
-        doms = [proxy.xend.domain(d) for d in args.domains]
+        doms = [_struct(proxy.xend.domain(d), "xend.domain") for d in args.domains]
         if args.state:
             doms = [d for d in doms if _has_state(d, args.state)]
     else:
-        doms = proxy.xend.domains_with_state(bool(args.long), args.state or "all", False)
+        doms = _structs(proxy.xend.domains_with_state(bool(args.long), args.state or "all",
+                                                      False), "xend.domains_with_state")
     if args.long:
         for d in doms:
             print(d["sxp"])
@@ -206,8 +245,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _has_state(d: Dict[str, Any], state: str) -> bool:
     if state == "all":
         return True
-    flags = dict(zip(("running", "blocked", "paused", "shutdown", "crashed", "dying"),
-                     d["state"]))
+    names = ("running", "blocked", "paused", "shutdown", "crashed", "dying")
+    flags: Dict[str, str] = dict(zip(names, d["state"]))
     if state not in flags:
         raise XmError(f"Invalid state {state!r}")
     return flags[state] != "-"
@@ -311,10 +350,10 @@ def cmd_migrate_cancel(args: argparse.Namespace) -> int:
     """Cancel a migration started elsewhere, as Ctrl-C on its ``xm migrate``
     would, and wait (up to :data:`CANCEL_WAIT_S`) until it has ended."""
     proxy = server()
-    job_id = proxy.xend.job.migrate_cancel(args.dom)
+    job_id = _int(proxy.xend.job.migrate_cancel(args.dom), "xend.job.migrate_cancel")
     deadline = time.monotonic() + CANCEL_WAIT_S
     while True:
-        status = proxy.xend.job.status(job_id, POLL_S)
+        status = _struct(proxy.xend.job.status(job_id, POLL_S), "xend.job.status")
         if status["state"] != "running":
             break
         if time.monotonic() > deadline:
@@ -337,7 +376,8 @@ def _tmem_target(args: argparse.Namespace) -> Any:
 
 
 def cmd_tmem_list(args: argparse.Namespace) -> int:
-    text = server().xend.node.tmem_list(_tmem_target(args), bool(args.long))
+    text = _text(server().xend.node.tmem_list(_tmem_target(args), bool(args.long)),
+                 "xend.node.tmem_list")
     if text:
         print(text.rstrip("\n"))
     return EXIT_OK
@@ -384,12 +424,15 @@ def cmd_tmem_set(args: argparse.Namespace) -> int:
 
 
 def cmd_tmem_freeable(args: argparse.Namespace) -> int:
-    print(server().xend.node.tmem_query_freeable_mb())
+    print(_int(server().xend.node.tmem_query_freeable_mb(), "xend.node.tmem_query_freeable_mb"))
     return EXIT_OK
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    for key, value in server().xend.node.info():
+    pairs = server().xend.node.info()
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise _unexpected("xend.node.info", pairs, "an array of (key, value) pairs")
+    for key, value in pairs:
         print(f"{key:<23}: {value}")
     return EXIT_OK
 
@@ -403,6 +446,14 @@ def _report_options(p: argparse.ArgumentParser) -> None:
                    help="show progress also when stderr is not a terminal: a line per "
                         "phase and every few seconds, for logs")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
+
+
+def _one_domain(sub: Any, name: str, func: Callable[..., int], text: str,
+                metavar: Optional[str] = None, arg_help: Optional[str] = None) -> None:
+    """A command whose one argument is a domain."""
+    p = sub.add_parser(name, help=text)
+    p.add_argument("dom", metavar=metavar, help=arg_help)
+    p.set_defaults(func=func)
 
 
 def _tmem_dom(p: argparse.ArgumentParser) -> None:
@@ -431,9 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, text in (("destroy", cmd_destroy, "terminate a domain immediately"),
                            ("pause", cmd_pause, "pause a domain"),
                            ("unpause", cmd_unpause, "unpause a paused domain")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("dom")
-        p.set_defaults(func=fn)
+        _one_domain(sub, name, fn, text)
 
     p = sub.add_parser("save", help="save a domain's state to a file")
     p.add_argument("-c", "--checkpoint", action="store_true",
@@ -475,10 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     _report_options(p)
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("migrate-cancel", help="cancel a migration in progress (from any "
-                                              "shell; the domain keeps running here)")
-    p.add_argument("dom", metavar="DOM", help="the migrating domain's name or id")
-    p.set_defaults(func=cmd_migrate_cancel)
+    _one_domain(sub, "migrate-cancel", cmd_migrate_cancel, "cancel a migration in progress "
+                "(from any shell; the domain keeps running here)", "DOM",
+                "the migrating domain's name or id")
 
     p = sub.add_parser("tmem-list", help="list tmem pools")
     p.add_argument("-l", "--long", action="store_true")
@@ -513,8 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- the everyday commands (issue 8 #9) ------------------------------------------------
 
-def _all_guests(proxy: Any) -> List[Dict[str, Any]]:
-    return [d for d in proxy.xend.domains_with_state(False, "all", False) if d["domid"] != 0]
+def _all_guests(proxy: xmlrpc.client.ServerProxy) -> List[Dict[str, Any]]:
+    return [d for d in _structs(proxy.xend.domains_with_state(False, "all", False),
+                                "xend.domains_with_state") if d["domid"] != 0]
 
 
 def _shutdown(reason: str) -> Callable[[argparse.Namespace], int]:
@@ -529,7 +578,7 @@ def _shutdown(reason: str) -> Callable[[argparse.Namespace], int]:
         targets = [d["name"] for d in _all_guests(proxy)] if args.all else [args.dom]
         asked: Dict[int, str] = {}
         for dom in targets:
-            out = proxy.xend.domain.shutdown(dom, reason)
+            out = _struct(proxy.xend.domain.shutdown(dom, reason), "xend.domain.shutdown")
             asked[out["domid"]] = out["name"]
             if not out["acknowledged"]:
                 print(f"Domain {out['name']} is not running (paused or suspended): its guest "
@@ -540,11 +589,12 @@ def _shutdown(reason: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _wait_for(proxy: Any, asked: Dict[int, str], reboot: bool) -> None:
+def _wait_for(proxy: xmlrpc.client.ServerProxy, asked: Dict[int, str], reboot: bool) -> None:
     """Poll until every asked domain id is gone (and, for a reboot, its name is back)."""
     waiting = dict(asked)
     while waiting:
-        domains = proxy.xend.domains_with_state(False, "all", False)
+        domains = _structs(proxy.xend.domains_with_state(False, "all", False),
+                           "xend.domains_with_state")
         ids = {d["domid"] for d in domains}
         names = {d["name"]: d["domid"] for d in domains}
         for domid, name in list(waiting.items()):
@@ -571,7 +621,7 @@ def cmd_vcpu_list(args: argparse.Namespace) -> int:
     proxy = server()
     rows: List[Dict[str, Any]] = []
     for dom in args.domains or [None]:
-        rows += proxy.xend.domain.getVCPUInfo(dom)
+        rows += _structs(proxy.xend.domain.getVCPUInfo(dom), "xend.domain.getVCPUInfo")
     print(VCPU_HEADER)
     for r in rows:
         print("%-32s %5d %5d %5s %5s %9.1f %s" % (r["name"], r["domid"], r["vcpu"],
@@ -594,7 +644,7 @@ def cmd_uptime(args: argparse.Namespace) -> int:
     proxy = server()
     rows: List[Dict[str, Any]] = []
     for dom in args.domains or [None]:
-        rows += proxy.xend.domain.uptime(dom)
+        rows += _structs(proxy.xend.domain.uptime(dom), "xend.domain.uptime")
     print("%-32s %5s %s" % ("Name", "ID", "Uptime"))
     for r in rows:
         print("%-32s %5d %s" % (r["name"], r["domid"], format_uptime(r["uptime"])))
@@ -603,27 +653,27 @@ def cmd_uptime(args: argparse.Namespace) -> int:
 
 def cmd_dmesg(args: argparse.Namespace) -> int:
     dmesg = server().xend.node.dmesg
-    sys.stdout.write(dmesg.clear() if args.clear else dmesg.info())
+    sys.stdout.write(_text(dmesg.clear() if args.clear else dmesg.info(), "xend.node.dmesg"))
     return EXIT_OK
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    sys.stdout.write(server().xend.node.log())
+    sys.stdout.write(_text(server().xend.node.log(), "xend.node.log"))
     return EXIT_OK
 
 
 def cmd_domid(args: argparse.Namespace) -> int:
-    print(server().xend.domain(args.dom)["domid"])
+    print(_struct(server().xend.domain(args.dom), "xend.domain")["domid"])
     return EXIT_OK
 
 
 def cmd_domname(args: argparse.Namespace) -> int:
-    print(server().xend.domain(args.dom)["name"])
+    print(_struct(server().xend.domain(args.dom), "xend.domain")["name"])
     return EXIT_OK
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    sys.stdout.write(server().xend.domain.console(args.dom))
+    sys.stdout.write(_text(server().xend.domain.console(args.dom), "xend.domain.console"))
     return EXIT_OK
 
 
@@ -659,18 +709,10 @@ def _add_everyday_commands(sub: Any) -> None:
     p = sub.add_parser("log", help="xend's log")
     p.set_defaults(func=cmd_log)
 
-    p = sub.add_parser("domid", help="a domain's id from its name")
-    p.add_argument("dom", metavar="NAME")
-    p.set_defaults(func=cmd_domid)
-
-    p = sub.add_parser("domname", help="a domain's name from its id")
-    p.add_argument("dom", metavar="ID")
-    p.set_defaults(func=cmd_domname)
-
-    p = sub.add_parser("console", help="print a domain's console log (the simulated guest "
-                                       "takes no input, so xm does not attach)")
-    p.add_argument("dom", metavar="DOM", help="domain name or id")
-    p.set_defaults(func=cmd_console)
+    _one_domain(sub, "domid", cmd_domid, "a domain's id from its name", "NAME")
+    _one_domain(sub, "domname", cmd_domname, "a domain's name from its id", "ID")
+    _one_domain(sub, "console", cmd_console, "print a domain's console log (the simulated "
+                "guest takes no input, so xm does not attach)", "DOM", "domain name or id")
 
     p = sub.add_parser("help", help="list the commands, or show one command's usage")
     p.add_argument("topic", nargs="?", metavar="COMMAND")
@@ -717,8 +759,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("Error: a command is required (xm -h lists them)", file=sys.stderr)
         return EXIT_ERROR
     _fix_tmem_set(args)
+    func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return args.func(args)
+        return func(args)
     except XmUsageError as exc:
         _subparsers(parser)[args.command].print_usage(sys.stderr)
         print(f"Error: {exc}", file=sys.stderr)

@@ -1,0 +1,167 @@
+"""The page store against a plain model (a dict in put order): the compact
+index (per-object slot tables, the put-order log, batched runs) must give the
+same answers as the dict it replaced, through puts, overwrites, deletions,
+batches and save walks."""
+from __future__ import annotations
+
+import random
+import struct
+import time
+from typing import Dict, List
+
+import pytest
+
+from xend_tmem.hypervisor import pagestore
+from xend_tmem.hypervisor.pagestore import PageStore, SegmentHeap
+
+PAGE = 64
+KEY = struct.Struct("<QQQI")
+RS = KEY.size + PAGE
+
+
+def _key(oid: int, index: int) -> bytes:
+    return KEY.pack(oid, 0, 0, index)
+
+
+def _records(keys: List[bytes], fill: int) -> bytearray:
+    out = bytearray()
+    for k in keys:
+        out += k + bytes([fill % 256]) * PAGE
+    return out
+
+
+def _check(store: PageStore, model: Dict[bytes, bytes]) -> None:
+    assert len(store) == len(model)
+    assert [k for k, _ in store.items()] == list(model)
+    assert store.oldest(5) == list(model)[:5]
+    for k, v in model.items():
+        assert k in store and store.get(k) == v
+    for oid in {k[:24] for k in model}:
+        o = KEY.unpack(oid + bytes(4))[:3]
+        assert store.keys_with_oid(o) == [k for k in model if k[:24] == oid]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_store_behaves_as_an_ordered_dict(seed: int) -> None:
+    rng = random.Random(seed)
+    store = PageStore(1, PAGE, segment_bytes=5 * RS)
+    model: Dict[bytes, bytes] = {}
+    for step in range(400):
+        op = rng.random()
+        oid = rng.randrange(4)
+        if op < 0.35:                          # single put (sparse and dense indices)
+            idx = rng.choice([rng.randrange(40), rng.randrange(1 << 32)])
+            k, v = _key(oid, idx), bytes([step % 256]) * PAGE
+            assert store.put(k, v) == (k not in model)
+            model.pop(k, None)
+            model[k] = v
+        elif op < 0.55 and model:              # delete
+            k = rng.choice(list(model))
+            assert store.delete(k)
+            del model[k]
+            assert not store.delete(k)
+        else:                                  # a batch: runs, overlaps, duplicates
+            first = rng.randrange(60)
+            keys = [_key(oid, first + i) for i in range(rng.randrange(1, 12))]
+            if rng.random() < 0.3:
+                keys += [_key(oid + 1, i) for i in range(3)] + keys[:2]
+            recs = _records(keys, step)
+            want_new = len({k for k in keys if k not in model})
+            seen: List[int] = []
+            assert store.put_records(recs, len(keys), room=seen.append) == want_new
+            assert seen == [want_new]
+            for k in keys:
+                model.pop(k, None)
+                model[k] = bytes([step % 256]) * PAGE
+        if step % 40 == 0:
+            _check(store, model)
+    _check(store, model)
+
+
+def test_a_refused_batch_stores_nothing() -> None:
+    store = PageStore(1, PAGE)
+    store.put(_key(1, 0), bytes(PAGE))
+
+    def refuse(n: int) -> None:
+        raise MemoryError(n)
+
+    with pytest.raises(MemoryError):
+        store.put_records(_records([_key(1, i) for i in range(1, 9)], 7), 8, room=refuse)
+    assert len(store) == 1 and [k for k, _ in store.items()] == [_key(1, 0)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_walk_skips_deleted_pages_and_finds_pages_put_again(seed: int) -> None:
+    rng = random.Random(seed)
+    store = PageStore(1, PAGE, segment_bytes=7 * RS)
+    keys = [_key(i // 16, i % 16) for i in range(90)]
+    store.put_records(_records(keys, 1), len(keys))
+    snap = store.snapshot()
+    gone = set(rng.sample(keys, 20))
+    for k in gone:
+        store.delete(k)
+    back = set(rng.sample(sorted(gone), 5))
+    for k in back:                             # deleted, then put again (another slot)
+        store.put(k, bytes([2]) * PAGE)
+    store.put(_key(99, 0), bytes(PAGE))        # new since the snapshot: not walked
+    want = [k for k in keys if k not in gone or k in back]
+    assert store.walk_left(snap, 0) == len(want)
+    got: List[bytes] = []
+    pos = 0
+    while True:
+        pos, count, recs = store.collect(snap, pos, rng.randrange(1, 9))
+        if not count:
+            break
+        got += [bytes(recs[i * RS:i * RS + 28]) for i in range(count)]
+    assert got == want
+    assert store.walk_after(snap, want[3]) == keys.index(want[3]) + 1
+    assert store.walk_after(snap, _key(77, 1)) == len(snap)
+
+
+def test_emptied_store_keeps_a_walk_consistent() -> None:
+    store = PageStore(0, PAGE)
+    k = KEY.pack(1, 0, 0, 0)[:8] + (3).to_bytes(4, "little")
+    store.put(k, bytes(PAGE))
+    snap = store.snapshot()
+    store.clear()
+    assert store.walk_left(snap, 0) == 0
+    store.put(k, bytes([1]) * PAGE)             # the same page, put again
+    assert store.collect(snap, 0, 4)[:2] == (1, 1)
+
+
+def _big_records(first: int, n: int) -> bytearray:
+    out = bytearray()
+    for i in range(first, first + n):
+        out += _key(1, i) + bytes([i % 251]) * 4096
+    return out
+
+
+def test_reserved_heap_is_reused() -> None:
+    heap = SegmentHeap(segment_bytes=1 << 20, ahead=2)
+    heap.reserve(3 << 20)
+    assert heap.free_bytes == 3 << 20
+    store = PageStore(1, 4096, heap=heap)
+    n = 3 * store.slots_per_segment + 1
+    assert store.put_records(_big_records(0, n), n) == n
+    assert len(store.segments) == 4 and heap.free_bytes == 0
+    assert store.get(_key(1, n - 1)) == bytes([(n - 1) % 251]) * 4096
+    store.clear()
+    assert heap.free_bytes == 3 << 20          # the reserved amount is kept, no more
+
+
+def test_a_restore_stream_commits_ahead_and_gives_the_rest_back(monkeypatch) -> None:
+    monkeypatch.setattr(pagestore, "_LINGER_S", 0.5)      # the window to see the spares in
+    heap = SegmentHeap(segment_bytes=1 << 20, ahead=2)
+    store = PageStore(1, 4096, heap=heap)
+    per = store.slots_per_segment
+    assert store.put_records(_big_records(0, per), per, commit_ahead=True) == per
+    # the segment it took was committed by the helper, which owes two more
+    deadline = time.monotonic() + 10
+    seen_ahead = heap.free_bytes
+    while heap._running and time.monotonic() < deadline:   # white-box: the helper thread
+        seen_ahead = max(seen_ahead, heap.free_bytes)
+        time.sleep(0.001)
+    assert not heap._running and heap.free_bytes == 0     # given back once the stream stops
+    assert 0 < seen_ahead <= 2 << 20
+    assert store.put_records(_big_records(per, per), per, commit_ahead=True) == per
+    assert len(store) == 2 * per and store.get(_key(1, 2 * per - 1)) is not None
