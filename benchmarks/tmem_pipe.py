@@ -2,7 +2,7 @@
 
     python benchmarks/tmem_pipe.py [--mib 1024] [--runs 3] [--json]
 
-Each run first moves the same number of bytes through a pipe in 1 MiB blocks
+Each run moves the same number of bytes through a pipe in 1 MiB blocks
 (written from a preallocated buffer, read and discarded: the baseline), then
 saves a simulated domain's persistent tmem (``--mib`` of 4 KiB pages) as a
 ``-5`` chunk into a pipe while a second process restores it into its own
@@ -10,13 +10,14 @@ simulated hypervisor. Setup (generating the pages) is outside the timing.
 Reported per run and as the median: throughput of both, the ratio
 tmem/raw, the time a fresh process takes to commit the same number of bytes and
 nothing else (``commit_s``; ``ratio_commit_floor`` = raw / max(raw, commit): what
-a cold receiver could reach if committing were all it did), and each side's memory: ``*_held_mib`` is the whole resident size
-(VmRSS, interpreter included) of the process holding the pages (the sender
-after setup, the receiver after the restore) and ``*_peak_over_held_mib`` how
-far its peak during the transfer (VmHWM, reset after setup) rose above that;
-``*_total_mib`` is their sum, to hold against ``memory_limit_mib`` (page data
-x 1.02 + 32 MiB). The cold receiver commits its memory during the timed
-transfer; the preallocated one has it committed at startup (Xen's heap).
+a cold receiver could reach if committing were all it did), and each side's
+memory: ``*_held_mib`` is the whole resident size (VmRSS, interpreter
+included) of the process holding the pages (the sender after setup, the
+receiver after the restore), ``*_peak_over_held_mib`` how far its peak during
+the transfer (VmHWM, reset after setup) rose above that, and ``*_total_mib``
+their sum, to hold against ``memory_limit_mib`` (page data x 1.02 + 32 MiB).
+The cold receiver commits its memory during the timed transfer; the
+preallocated one has it committed at startup (Xen's resident heap).
 """
 from __future__ import annotations
 
@@ -341,9 +342,10 @@ def main(argv=None) -> int:
         print(f"median of {len(runs)}: raw pipe {summary['raw_mib_s']:.0f} MiB/s; tmem "
               f"{summary['tmem_mib_s']:.0f} MiB/s = ratio {summary['ratio']:.2f}; with a "
               f"preallocated tmem heap {summary['tmem_prealloc_mib_s']:.0f} MiB/s = ratio "
-              f"{summary['ratio_prealloc']:.2f}; peak memory over page data + index: save "
-              f"+{summary['save_peak_over_held_mib']:.1f} MiB, restore "
-              f"+{summary['restore_peak_over_held_mib']:.1f} MiB")
+              f"{summary['ratio_prealloc']:.2f}; commit alone {summary['commit_s']:.2f} s; "
+              f"memory, whole process at its peak: save {summary['save_total_mib']:.0f} MiB, "
+              f"restore {summary['restore_total_mib']:.0f} MiB (limit "
+              f"{summary['memory_limit_mib']:.0f} MiB)")
     return 0
 
 

@@ -24,7 +24,11 @@ from . import hookimpl
 NAME = "tmem-digest"
 CALIBRATION_PAGES = 1024          # 4 MiB hashed a few times per process when nothing was
 CALIBRATION_RUNS = 5              # measured yet
-_per_page_s: List[float] = []     # this host's last measured restore digest, s per page
+MEASURED_KEPT = 5                 # restores whose digest rate the estimate weighs
+# s per page: this host's last few restore digests as measured, or (none yet)
+# the one calibration; the least measured one is the rate (preemption only adds)
+_per_page_s: List[float] = []
+_measured = [False]
 
 
 def _digest(hv: Hypervisor, domid: int) -> Dict[str, Any]:
@@ -54,13 +58,17 @@ def checkpoint_restore_done(session: RestoreSession, outcome: Outcome) -> None:
         session.report[NAME] = _report("restore", pools)
         pages = session.report[NAME]["persistent_pages"]
         if pages >= CALIBRATION_PAGES:     # big enough to measure the rate, not the call
-            _per_page_s[:] = [(time.monotonic() - t0) / pages]
+            rate = (time.monotonic() - t0) / pages
+            kept = _per_page_s[-(MEASURED_KEPT - 1):] if _measured[0] else []
+            _per_page_s[:] = kept + [rate]
+            _measured[0] = True
 
 
 def _calibrated_per_page_s() -> float:
-    """Seconds per page of the restore digest: this host's last measured one,
-    else the page store's own digest timed over a sample (the simulator's
-    ``tmem_digest`` is that code, run by the hypervisor process on this host)."""
+    """Seconds per page of the restore digest: the least of this host's last
+    few measured ones, else the page store's own digest timed over a sample
+    (the simulator's ``tmem_digest`` is that code, run by the hypervisor
+    process on this host)."""
     if not _per_page_s:
         store = PageStore(1, PAGE_SIZE)
         page = os.urandom(PAGE_SIZE)
@@ -73,7 +81,7 @@ def _calibrated_per_page_s() -> float:
             store.digest()
             best = min(best, time.monotonic() - t0)
         _per_page_s.append(best / CALIBRATION_PAGES)
-    return _per_page_s[0]
+    return min(_per_page_s)
 
 
 @hookimpl

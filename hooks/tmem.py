@@ -108,7 +108,8 @@ def checkpoint_restore_done(session, outcome) -> None:
         restorer.finish()
     else:
         restorer.abort()
-    session.report[NAME] = {"pages": restorer.page_count, "invalidations": restorer.invalidation_count,
+    session.report[NAME] = {"pages": restorer.page_count,
+                            "invalidations": restorer.invalidation_count,
                             "tmem_bytes": restorer.bytes,
                             "frozen": bool(restorer.saved and restorer.saved.frozen)}
 

@@ -154,10 +154,10 @@ def test_a_go_within_the_margin_of_the_limit_is_warned_about():
     p = progress(dirty=10, tmem_after=26 * MiB)               # ~274 ms at 100 MB/s
     d = policy.should_stop(p, policy.Rates(100e6), limits)
     assert d.stop and d.action == "go" and d.expected_downtime_ms <= 300
-    assert d.warning and "may exceed the 300 ms limit" in d.warning and "20%" in d.warning
+    assert d.warning and "may exceed the 300 ms limit" in d.warning and "25%" in d.warning
     far = policy.should_stop(progress(dirty=10, tmem_after=16 * MiB), policy.Rates(100e6),
                              limits)
-    assert far.action == "go" and far.warning is None         # ~169 ms: 203 ms with margin
+    assert far.action == "go" and far.warning is None         # ~169 ms: 211 ms with margin
     # a measured spread of the rates widens the margin
     spread = policy.Rates(100e6, spread=0.5)
     assert spread.margin() == 1.0
@@ -194,3 +194,22 @@ def test_over_the_limit_anyway_best_effort_still_sends_ram_that_shrinks():
     assert s.action == "abort" and "1000 ms of handover and restore" in s.why
     done = policy.should_stop(progress(dirty=40), rates, policy.Limits(300))
     assert done.action == "go" and done.warning and "exceeds the 300 ms limit" in done.warning
+
+
+def test_a_fit_without_margin_iterates_while_ram_still_shrinks():
+    """strict-busy-1g: late-freeze expected 245-290 ms under a 300 ms limit and
+    measured 283-305. While a round still cuts RAM's part, the stop rule goes on
+    until the estimate fits with its margin; once it cannot, it goes and warns."""
+    rates = policy.Rates(10e6, dirty_pages_per_s=100.0)
+    limits = policy.Limits(300)
+    p = progress(dirty=600, ram_pages=65536)                  # ~253 ms, shrinking fast
+    d = policy.should_stop(p, rates, limits)
+    assert d.action == "iterate" and "not with the estimate's margin" in d.why
+    assert policy.should_stop(progress(dirty=300), rates, limits).action == "go"   # ~130 ms
+    # a guest that never converges gains nothing from another round: go, warned
+    never = policy.Rates(10e6, dirty_pages_per_s=100_000.0)
+    g = policy.should_stop(p, never, limits)
+    assert g.action == "go" and g.warning and "may exceed" in g.warning
+    # at a ceiling too
+    c = policy.should_stop(progress(dirty=600, rounds=29), rates, limits)
+    assert c.action == "go" and c.warning

@@ -113,15 +113,40 @@ def test_the_digest_plugin_announces_its_restore_work_per_persistent_page() -> N
 
 
 def test_the_digest_cost_is_calibrated_once_then_measured_by_restores() -> None:
-    with mock.patch.object(digest, "_per_page_s", []):
+    with mock.patch.object(digest, "_per_page_s", []), \
+            mock.patch.object(digest, "_measured", [False]):
         first = digest._calibrated_per_page_s()
         assert 0 < first < 1e-3 and digest._calibrated_per_page_s() == first
-        session = mock.Mock()
-        session.report = {}
-        session.hv.tmem_digest.return_value = {0: (digest.CALIBRATION_PAGES, "ab" * 32)}
-        clock = mock.Mock()
-        clock.monotonic.side_effect = [10.0, 10.5]          # the restore's digest: 0.5 s
-        with mock.patch.object(digest, "time", clock):
-            digest.checkpoint_restore_done(session, mock.Mock(ok=True))
-        assert session.report[digest.NAME]["persistent_pages"] == digest.CALIBRATION_PAGES
-        assert digest._calibrated_per_page_s() == pytest.approx(0.5 / digest.CALIBRATION_PAGES)
+        pages = digest.CALIBRATION_PAGES
+
+        def restore(seconds: float) -> None:
+            session = mock.Mock()
+            session.report = {}
+            session.hv.tmem_digest.return_value = {0: (pages, "ab" * 32)}
+            clock = mock.Mock()
+            clock.monotonic.side_effect = [10.0, 10.0 + seconds]
+            with mock.patch.object(digest, "time", clock):
+                digest.checkpoint_restore_done(session, mock.Mock(ok=True))
+            assert session.report[digest.NAME]["persistent_pages"] == pages
+
+        restore(0.5)                    # measured: replaces the calibration
+        assert digest._calibrated_per_page_s() == pytest.approx(0.5 / pages)
+        restore(2.0)                    # a descheduled one does not raise the rate
+        assert digest._calibrated_per_page_s() == pytest.approx(0.5 / pages)
+        for _ in range(digest.MEASURED_KEPT):
+            restore(1.0)                # the last few only
+        assert digest._calibrated_per_page_s() == pytest.approx(1.0 / pages)
+
+
+def test_a_drain_earns_the_rate_limiter_no_tokens() -> None:
+    """Drains are excluded from the sending time the rate is judged over, so
+    the bucket must not fill while the sender waits for the receiver."""
+    now = [0.0]
+    lim = relocation.RateLimiter(1e6, burst=100_000, clock=lambda: now[0])
+    assert lim.reserve(100_000) == 0.0                  # the burst is spent
+    tokens = lim.pause()
+    now[0] += 5.0                                       # a long drain
+    lim.resume(tokens)
+    assert lim.reserve(10_000) == pytest.approx(0.01)   # still in debt: no refill
+    now[0] += 5.0                                       # sending time does refill
+    assert lim.reserve(10_000) == 0.0

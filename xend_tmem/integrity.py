@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 import zlib
 from array import array
 from collections import deque
 from itertools import starmap
-from typing import (BinaryIO, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple,
+from typing import (Any, BinaryIO, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple,
                     Union)
 
 from .crc import crc32 as _crc32
@@ -124,88 +123,82 @@ def tmem_crcs(version: int, records: Buffer, count: int, page_size: int) -> List
 # A save or restore of a 1.5 GiB image handles ~400 000 records: one Python tuple each
 # cost ~0.35 s per operation (building them, then the cyclic GC walking the growing
 # list). The records are kept in their file form instead (the sidecar's body, 41 bytes
-# each) and a batch's are built with one strided byte copy per field byte: every
-# field is little-endian, so byte j of a field of every record is byte j of every
-# value of a little-endian array of that field.
+# each) and a batch's are packed by one struct call: its format repeats the record's
+# layout once per record, its arguments are one flat list (a page's CRC, a RAM
+# page's pfn, a tmem page's oid and index bytes as they are on the wire, which is
+# little-endian too).
 
-_LITTLE = sys.byteorder == "little"
-_O_POOL, _O_OID, _O_INDEX, _O_CRC = 1, 5, 29, 37       # field offsets in a record
-
-
-def _le_bytes(values: "array[int]") -> memoryview:
-    """``values``' bytes, little-endian."""
-    if not _LITTLE:                                     # pragma: no cover - big-endian hosts
-        values = array(values.typecode, values)
-        values.byteswap()
-    return memoryview(values).cast("B")
+_PACKERS: Dict[Tuple[str, int], struct.Struct] = {}
+_PACKERS_MAX = 64                      # batch sizes seen: a few per operation
 
 
-def _u32s(crcs: Union[Sequence[int], Buffer]) -> "array[int]":
-    if isinstance(crcs, array) and crcs.typecode == "I":
-        return crcs
-    return array("I", crcs)                             # type: ignore[arg-type]
+def _packer(unit: str, n: int) -> struct.Struct:
+    """``unit`` repeated ``n`` times (little-endian, no padding), compiled once."""
+    key = (unit, n)
+    st = _PACKERS.get(key)
+    if st is None:
+        if len(_PACKERS) >= _PACKERS_MAX:
+            _PACKERS.clear()
+        st = _PACKERS[key] = struct.Struct("<" + unit * n)
+    return st
 
 
-def _scatter(dst: memoryview, at: int, src: memoryview, width: int, stride: int) -> None:
-    """Byte ``j`` (< ``width``) of every ``stride``-byte item of ``src`` into byte
-    ``at + j`` of every record of ``dst`` (as many items as records)."""
-    for j in range(width):
-        dst[at + j::RECORD_SIZE] = src[j::stride]
+_RAM_UNIT = "5xQ24xI"                  # kind 0, pool 0 | pfn | oid1, oid2, index 0 | crc
+_TMEM_UNITS = {0: "BI8s16x4s4xI",      # kind, pool | oid0 | oid1, oid2 0 | index (u32) | crc
+               1: "BI28s4xI"}          # kind, pool | oid0..2 and the index's low half | crc
+_CRC_UNIT = "37xI"                     # a record's CRC, the rest skipped
 
 
-def ram_record_bytes(pfns: Sequence[int], crcs: Union[Sequence[int], Buffer]) -> bytearray:
+_HEAD_BYTES: Dict[Tuple[int, int], struct.Struct] = {}
+
+
+def _tmem_head_bytes(version: int, page_size: int) -> struct.Struct:
+    """A wire record's oid (and, for v1, the index after it) as raw bytes."""
+    key = (version, page_size)
+    st = _HEAD_BYTES.get(key)
+    if st is None:
+        st = _HEAD_BYTES[key] = struct.Struct(f"<{'8s4s' if version == 0 else '28s'}{page_size}x")
+    return st
+
+
+def ram_record_bytes(pfns: Sequence[int], crcs: Union[Sequence[int], Buffer]) -> bytes:
     """The file form of a RAM batch's records (``crcs``: its pages' CRC32s)."""
     n = len(pfns)
-    c = _u32s(crcs)
-    if len(c) != n:
-        raise ValueError(f"{len(c)} CRCs for {n} RAM pages")
-    out = bytearray(n * RECORD_SIZE)            # kind RAM, pool, oid1, oid2, index: 0
-    if n:
-        mv = memoryview(out)
-        _scatter(mv, _O_OID, _le_bytes(array("Q", pfns)), 8, 8)
-        _scatter(mv, _O_CRC, _le_bytes(c), 4, 4)
-    return out
+    if len(crcs) != n:
+        raise ValueError(f"{len(crcs)} CRCs for {n} RAM pages")
+    flat: List[object] = [0] * (2 * n)
+    flat[0::2] = pfns
+    flat[1::2] = crcs
+    return _packer(_RAM_UNIT, n).pack(*flat)
 
 
 def tmem_record_bytes(pool_id: int, version: int, records: Buffer, count: int,
-                      page_size: int, crcs: Union[Sequence[int], Buffer]) -> bytearray:
+                      page_size: int, crcs: Union[Sequence[int], Buffer]) -> bytes:
     """The file form of a batch of wire-layout tmem records' records: the oid
-    and index bytes are copied from the wire heads (little-endian too)."""
-    rec = _heads(version, page_size).size
+    and index bytes are taken from the wire heads as they are."""
+    st = _tmem_head_bytes(version, page_size)
     src = memoryview(records).cast("B")
-    if src.nbytes < count * rec:
-        raise ValueError(f"{src.nbytes} bytes do not hold {count} tmem records of {rec}")
-    src = src[:count * rec]
-    c = _u32s(crcs)
-    if len(c) != count:
-        raise ValueError(f"{len(c)} CRCs for {count} tmem pages")
-    out = bytearray(count * RECORD_SIZE)
-    if count:
-        mv = memoryview(out)
-        mv[0::RECORD_SIZE] = bytes([TMEM]) * count
-        for j, b in enumerate(struct.pack("<I", pool_id)):
-            if b:
-                mv[_O_POOL + j::RECORD_SIZE] = bytes([b]) * count
-        oid = 8 if version == 0 else 24             # the wire head: oid, then u32 index
-        _scatter(mv, _O_OID, src, oid, rec)
-        _scatter(mv, _O_INDEX, src[oid:], 4, rec)
-        _scatter(mv, _O_CRC, _le_bytes(c), 4, 4)
-    return out
+    if src.nbytes < count * st.size:
+        raise ValueError(f"{src.nbytes} bytes do not hold {count} tmem records of {st.size}")
+    if len(crcs) != count:
+        raise ValueError(f"{len(crcs)} CRCs for {count} tmem pages")
+    heads = st.iter_unpack(src[:count * st.size])
+    if version == 0:
+        flat: List[object] = [TMEM, pool_id, b"", b"", 0] * count
+        oids, idxs = (list(x) for x in zip(*heads)) if count else ([], [])
+        flat[2::5] = oids
+        flat[3::5] = idxs
+        flat[4::5] = crcs
+    else:
+        flat = [TMEM, pool_id, b"", 0] * count
+        flat[2::4] = [h for (h,) in heads]
+        flat[3::4] = crcs
+    return _packer(_TMEM_UNITS[0 if version == 0 else 1], count).pack(*flat)
 
 
 def record_crcs(data: Buffer, first: int, n: int) -> "array[int]":
     """The CRC fields of records ``first .. first+n`` of the file form ``data``."""
-    raw = bytearray(4 * n)
-    if n:
-        src = memoryview(data).cast("B")[first * RECORD_SIZE:(first + n) * RECORD_SIZE]
-        mv = memoryview(raw)
-        for j in range(4):
-            mv[j::4] = src[_O_CRC + j::RECORD_SIZE]
-    out = array("I")
-    out.frombytes(raw)
-    if not _LITTLE:                                     # pragma: no cover
-        out.byteswap()
-    return out
+    return array("I", _packer(_CRC_UNIT, n).unpack_from(data, first * RECORD_SIZE))
 
 
 def check_record_bytes(data: Buffer) -> None:
@@ -319,7 +312,7 @@ class PageCheck:
         return decode(self._exp)
 
     def _want(self, i: int) -> Record:
-        return _RECORD.unpack_from(self._exp, i * RECORD_SIZE)  # type: ignore[return-value]
+        return _RECORD.unpack_from(self._exp, i * RECORD_SIZE)
 
     def add_expected(self, records: Union[List[Record], Buffer]) -> None:
         """More records: tuples, or their file form (checked: whole records, known kinds)."""
@@ -354,7 +347,7 @@ class PageCheck:
 
     def _matches(self, got: Buffer) -> bool:
         """``got`` (file form) is what the next records say."""
-        return self._exp.startswith(got, self.seen * RECORD_SIZE)   # type: ignore[arg-type]
+        return self._exp.startswith(got, self.seen * RECORD_SIZE)
 
     def _batch(self, got: Buffer, offsets: Optional[Callable[[int], int]]) -> None:
         n = memoryview(got).nbytes // RECORD_SIZE
@@ -458,7 +451,7 @@ class RamCheck:
     and at the start of the next), and a CRC of the newer copy would not match
     batch k's record."""
 
-    def __init__(self, hv, domid: int, check: PageCheck) -> None:
+    def __init__(self, hv: Any, domid: int, check: PageCheck) -> None:
         from concurrent.futures import ThreadPoolExecutor
         self.hv = hv
         self.domid = domid
@@ -481,7 +474,7 @@ class RamCheck:
         want, pfns, offset = token
         got = array("I", bytes(4 * len(pfns)))
         future = self._helper.submit(self.hv.ram_page_crcs, self.domid, pfns, got)
-        self._pending = (future, want, pfns, got, offset)    # type: ignore[assignment]
+        self._pending = (future, want, pfns, got, offset)
 
     def _compare(self) -> None:
         pending, self._pending = self._pending, None
@@ -491,7 +484,7 @@ class RamCheck:
         future.result()                                       # type: ignore[attr-defined]
         if got == want:                 # two array('I'): one C comparison
             return
-        for i, (g, w) in enumerate(zip(got, want)):         # type: ignore[call-overload]
+        for i, (g, w) in enumerate(zip(got, want)):
             if g != w:
                 where = "" if offset is None else f" (image offset {offset + i * PAGE_SIZE})"
                 raise IntegrityError(
@@ -529,7 +522,7 @@ class CrcWriter:
         if log is not None:
             log.covered = self.covered
 
-    def _run(self, at: int, data) -> None:
+    def _run(self, at: int, data: memoryview) -> None:
         runs = self.runs
         if runs and runs[-1][0] + runs[-1][1] == at:
             last = runs[-1]
@@ -538,7 +531,7 @@ class CrcWriter:
         else:
             runs.append([at, data.nbytes, _crc32(data)])
 
-    def write(self, data) -> int:
+    def write(self, data: Buffer) -> int:
         mv = memoryview(data).cast("B")
         n = self.out.write(mv)
         n = mv.nbytes if n is None else n       # a partial write: only what went out
@@ -642,7 +635,7 @@ class CrcReader:
         self.next_run = 0          # the first run not yet fully read
         self._crc = 0              # of the part of that run read so far
 
-    def _see(self, mv) -> None:
+    def _see(self, mv: memoryview) -> None:
         pos, end = self.size, self.size + mv.nbytes
         runs = self.page_check.runs
         while self.next_run < len(runs):
@@ -663,8 +656,8 @@ class CrcReader:
             self._crc = 0
         self.size = end
 
-    def readinto(self, buf) -> int:
-        n = self.inp.readinto(buf)
+    def readinto(self, buf: Buffer) -> int:
+        n = self.inp.readinto(buf)  # type: ignore[attr-defined]
         if n:
             self._see(memoryview(buf).cast("B")[:n])
         return n or 0
@@ -681,7 +674,7 @@ class CrcReader:
     def __enter__(self) -> "CrcReader":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -691,7 +684,7 @@ def load_sidecar(image_path: str, image_fd: int) -> Tuple[Optional[ImageCheck], 
     why it is not used (empty note: there is none)."""
     path = sidecar_path(image_path)
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")     # noqa: SIM115 - closed by the with below; opening tells why not
     except FileNotFoundError:
         return None, ""
     except OSError as exc:

@@ -1,6 +1,7 @@
 """The main job: README's first command, at the small size."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,11 @@ def test_demo_small_migrates_and_verifies():
     assert "tmem: plan " in out and "pages invalidated" in out
     assert "verified: the destination's persistent tmem equals the source's at suspend" in out
     assert "demo1 is running on the destination" in out
+    # the downtime against its estimate (the destination's digest announced at
+    # pre-flight is part of both), and whether they agree within 25 %
+    assert "tmem-digest check hashes all persistent tmem before the guest runs" in out
+    assert re.search(r"downtime [0-9.]+ ms against [0-9.]+ ms expected before the suspend "
+                     r"\([+-][0-9]+%\): (within|NOT within) 25% of the estimate", out), out
     assert "logs kept" not in r.stderr          # cleaned up after a success
 
 

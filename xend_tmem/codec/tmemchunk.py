@@ -29,7 +29,7 @@ from ..xen import (TMEM, TMEM_EXTRA, TMEM_MARKERS, SEPARATOR, MAX_POOLS, TMEM_SP
                    CLIENT_COMPRESS, CLIENT_FROZEN, CLIENT_RESERVED)
 
 if TYPE_CHECKING:
-    from ..hypervisor.interface import Buffer
+    from ..binio import Buffer
 
 OID = Tuple[int, int, int]
 

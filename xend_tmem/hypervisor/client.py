@@ -52,8 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("xend_tmem.hypervisor")
 
 BUFFER_SIZE = 16 << 20            # per connection: 4000 page records, 16 x tmem's 1 MiB batch
-_MADV_POPULATE_READ = 22          # Linux 5.14+: the same for a run about to be read
-_MADV_POPULATE_WRITE = 23         # Linux 5.14+: fault a run in one call, not page by page
+_MADV_POPULATE_READ = 22          # Linux 5.14+: fault a run about to be read in one call
 _POPULATE_MIN = 64 * PAGE_SIZE    # below this the call costs more than the faults
 START_TIMEOUT_S = 30.0
 BACKEND = "sim"
@@ -85,12 +84,22 @@ class _Conn:
 
 
 class _Mapping:
-    __slots__ = ("mm", "pages", "gen")
+    __slots__ = ("mm", "fd", "pages", "gen")
 
-    def __init__(self, mm: mmap.mmap, pages: int, gen: int) -> None:
+    def __init__(self, mm: mmap.mmap, fd: int, pages: int, gen: int) -> None:
         self.mm = mm
+        self.fd = fd                # the RAM memfd itself: a restore writes pages with pwrite
         self.pages = pages
         self.gen = gen              # when it was made (see list_domains)
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _reason(exc: HypervisorError) -> str:
@@ -118,7 +127,6 @@ class HypervisorClient:
         self._maps: Dict[int, _Mapping] = {}
         self._map_lock = threading.Lock()
         self._map_gen = 0
-        self._populate = True
         self._populate_read = True
         self._instance: Optional[Tuple[int, float]] = None
         self.identity: Dict[str, Any] = {}
@@ -250,19 +258,13 @@ class HypervisorClient:
     def _drop_maps(self) -> None:
         maps, self._maps = self._maps, {}
         for m in maps.values():
-            try:
-                m.mm.close()
-            except BufferError:
-                pass
+            m.close()
 
     def _forget(self, domid: int) -> None:
         with self._map_lock:
             m = self._maps.pop(domid, None)
-        if m is not None:
-            try:
-                m.mm.close()
-            except BufferError:
-                pass
+            if m is not None:
+                m.close()             # under the lock: write_pages dups the fd under it
 
     def _mapping(self, domid: int, op: str) -> _Mapping:
         m = self._maps.get(domid)
@@ -284,16 +286,16 @@ class HypervisorClient:
         try:
             mm = mmap.mmap(fds[0], size)
         except (OSError, ValueError) as exc:
-            raise HypervisorError(op, f"cannot map domain {domid}'s RAM: {exc}") from None
-        finally:
             os.close(fds[0])
+            raise HypervisorError(op, f"cannot map domain {domid}'s RAM: {exc}") from None
         with self._map_lock:
             old = self._maps.get(domid)
             if old is not None:
                 mm.close()
+                os.close(fds[0])
                 return old
             self._map_gen += 1
-            m = self._maps[domid] = _Mapping(mm, size // PAGE_SIZE, self._map_gen)
+            m = self._maps[domid] = _Mapping(mm, fds[0], size // PAGE_SIZE, self._map_gen)
         return m
 
     # =====================================================================
@@ -423,24 +425,38 @@ class HypervisorClient:
             raise NoSuchDomain(domid) from None
 
     def write_pages(self, domid: int, pfns: Sequence[int], data: Buffer) -> None:
+        """Through the RAM memfd itself (``pwrite``), not the mapping: the kernel
+        puts whole pages of data into fresh memory without zeroing them first
+        or faulting them into this process's page tables, and without the GIL
+        (512 MiB of a restore: ~0.25 s instead of ~0.45 s in this VM). The
+        hypervisor's and the guest's mappings share those pages."""
         op = "write_pages"
         m = self._mapping(domid, op)
         with memoryview(data) as raw, raw.cast("B") as src:
             if src.nbytes != len(pfns) * PAGE_SIZE:
                 raise HypervisorError(op, f"{src.nbytes} bytes of data for {len(pfns)} pages")
-            mm = m.mm
-            pos = 0
-            for s, n in _runs(pfns, m.pages, op):
-                try:
-                    if self._populate and n * PAGE_SIZE >= _POPULATE_MIN:
-                        try:                 # a restore fills fresh RAM: ~30% faster
-                            mm.madvise(_MADV_POPULATE_WRITE, s * PAGE_SIZE, n * PAGE_SIZE)
-                        except OSError:      # older kernel: fault page by page
-                            self._populate = False
-                    mm[s * PAGE_SIZE:(s + n) * PAGE_SIZE] = src[pos:pos + n * PAGE_SIZE]
-                except ValueError:           # unmapped meanwhile: destroyed
-                    raise NoSuchDomain(domid) from None
-                pos += n * PAGE_SIZE
+            runs = _runs(pfns, m.pages, op)
+            with self._map_lock:        # never a descriptor closed (and reused) meanwhile
+                if self._maps.get(domid) is not m or m.fd < 0:
+                    raise NoSuchDomain(domid)       # unmapped meanwhile: destroyed
+                fd = os.dup(m.fd)
+            try:
+                pos = 0
+                for s, n in runs:
+                    with src[pos:pos + n * PAGE_SIZE] as run:
+                        done, at = 0, s * PAGE_SIZE
+                        while done < run.nbytes:
+                            k = os.pwrite(fd, run[done:], at + done)
+                            if k <= 0:
+                                raise HypervisorError(op, f"domain {domid}'s RAM took {k} "
+                                                          f"bytes at offset {at + done}")
+                            done += k
+                    pos += n * PAGE_SIZE
+            except OSError as exc:
+                raise HypervisorError(op, f"cannot write domain {domid}'s RAM: "
+                                          f"{exc.strerror or exc}") from None
+            finally:
+                os.close(fd)
 
     def enable_logdirty(self, domid: int) -> None:
         self._call("enable_logdirty", domid)
@@ -633,7 +649,8 @@ class HypervisorClient:
             self._release(conn)
         return value
 
-    def restore_put_page(self, domid: int, pool_id: int, oid: OID, index: int, data: Buffer) -> None:
+    def restore_put_page(self, domid: int, pool_id: int, oid: OID, index: int,
+                         data: Buffer) -> None:
         self._with_data("restore_put_page", (domid, pool_id, tuple(oid), index), data)
 
     def restore_put_pages(self, domid: int, pool_id: int, records: Buffer, count: int,

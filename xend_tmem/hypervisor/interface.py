@@ -40,8 +40,9 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
+from ..binio import Buffer as Buffer   # bytes-like page data (re-exported for the backends)
+
 OID = Tuple[int, int, int]
-Buffer = Union[bytes, bytearray, memoryview]
 
 _CRC_MISMATCH = re.compile(r": record (\d+): page CRC32 ")
 

@@ -101,8 +101,13 @@ class SegmentHeap:
         self._owed += n
         self._cond.notify_all()
         if not self._running:
+            try:
+                threading.Thread(target=self._committer, name="tmem-commit",
+                                 daemon=True).start()
+            except RuntimeError:      # no thread to be had: segments are faulted in as written
+                self._owed = 0
+                return
             self._running = True
-            threading.Thread(target=self._committer, name="tmem-commit", daemon=True).start()
 
     def _committer(self) -> None:
         """Commit what is owed; linger a little for more (a stream's next batch)
@@ -110,8 +115,8 @@ class SegmentHeap:
         while True:
             try:
                 seg: Optional[mmap.mmap] = _new_segment(self.segment_bytes, commit=True)
-            except OSError:           # out of memory: the writer faults pages in itself
-                seg = None
+            except Exception:         # noqa: BLE001 - e.g. ENOMEM: nothing owed any more,
+                seg = None            # the writer's own segments are faulted in as written
             with self._cond:
                 if seg is not None:
                     self._free.append(seg)
@@ -691,7 +696,8 @@ class PageStore:
         return len(order), h.hexdigest()
 
 
-def record_crcs(records, count: int, record_size: int, page_size: int, out) -> None:
+def record_crcs(records: Buffer, count: int, record_size: int, page_size: int,
+                out: Buffer) -> None:
     """Store the CRC32 of each of ``count`` wire-layout records' pages in
     ``out`` (a writable buffer of native u32): the sidecar's page checksums."""
     mv = memoryview(records).cast("B")
@@ -704,8 +710,8 @@ def record_crcs(records, count: int, record_size: int, page_size: int, out) -> N
                                   for o in range(head, count * record_size, record_size)])
 
 
-def first_crc_mismatch(records, count: int, record_size: int, page_size: int,
-                       crcs) -> Optional[Tuple[int, int, int]]:
+def first_crc_mismatch(records: Buffer, count: int, record_size: int, page_size: int,
+                       crcs: Buffer) -> Optional[Tuple[int, int, int]]:
     """``(index, got, want)`` of the first record whose page's CRC32 is not
     ``crcs[index]``, else None."""
     mv = memoryview(records).cast("B")

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import time
 from array import array
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Optional, Sequence, Tuple
 
 from ..binio import StreamWriter
 from ..codec import tmemchunk as tc
@@ -180,7 +181,14 @@ class TmemWriter:
         the walk cursor advances only by calls this toolstack made (H3). The one
         difference: a save that fails or is cancelled while writing batch k has
         already asked for batch k+1 (Xen's toolstack may do the same); SAVE_END
-        follows either way."""
+        follows either way.
+
+        Through a hypervisor process's client (``save_get_pages_held``) the
+        batches stay in the connections' shared buffers and a second request
+        queues behind the one in flight; the calls are still one at a time, in
+        order, none after the walk's end and none past the pages announced,
+        but a request queued behind a batch that came back short asks for fewer
+        pages than the plain loop would have."""
         version = self.version
         hv, domid, pool_id, n_pages = self.hv, self.domid, pool.pool_id, pool.n_pages
         # a hypervisor process's client leaves each batch in a connection's shared
@@ -214,30 +222,54 @@ class TmemWriter:
             crc_batches[id(records)] = crcs
             return count, records
 
-        def ask(n: int) -> "Future[Tuple[int, Any]]":
-            if fetcher is not None:
-                return fetcher.submit(get, n)
-            done: "Future[Tuple[int, Any]]" = Future()
-            done.set_result(get(n))
-            return done
-
         sent = 0
+        # held batches: a second request queued behind the one in flight (three
+        # buffers: the hypervisor fills the next two while this thread writes one),
+        # each for no more than the pages announced and neither received nor asked;
+        # the helper skips a request queued behind an answer of 0 (the walk ended:
+        # no call after it). Otherwise one in flight: the plain loop's calls.
+        depth = 2 if get_held is not None and fetcher is not None else 1
+        ended = [False]
+
+        def get_queued(n: int) -> Tuple[int, Any]:
+            if ended[0]:
+                return 0, b""
+            count, records = get(n)
+            if not count:
+                ended[0] = True
+            return count, records
+
+        queue: Deque[Tuple["Future[Tuple[int, Any]]", int]] = deque()
+        outstanding = 0                         # pages asked, not answered yet
+
+        def ask_more() -> None:
+            nonlocal outstanding
+            while len(queue) < depth and n_pages - sent - outstanding > 0:
+                n = min(per_batch, n_pages - sent - outstanding)
+                outstanding += n
+                if fetcher is not None:
+                    queue.append((fetcher.submit(get_queued, n), n))
+                else:
+                    done: "Future[Tuple[int, Any]]" = Future()
+                    done.set_result(get_queued(n))
+                    queue.append((done, n))
         try:
-            pending: "Optional[Future[Tuple[int, Any]]]" = (
-                ask(min(per_batch, n_pages)) if n_pages > 0 else None)
-            while pending is not None:
-                count, records = pending.result()
-                pending = None
+            ask_more()
+            while queue:
+                future, n = queue.popleft()
+                count, records = future.result()
+                outstanding -= n
                 release = held.pop(id(records), None)
                 if not count:
                     if release is not None:
                         release()
                     break
                 try:
-                    if n_pages - sent - count > 0:
-                        pending = ask(min(per_batch, n_pages - sent - count))
+                    sent += count
+                    ask_more()                  # before writing: the fetch overlaps it
                     if self.page_log is not None:
-                        tc.check_records(version, records, count, pool.page_size, pool_id)
+                        # (write_page_records checks the records (T4) before they
+                        # go out; a batch that fails fails the save, log and all)
                         crcs = crc_batches.pop(id(records))
                         self.page_log.tmem(pool_id, version, records, count, pool.page_size,
                                            w.offset, crcs=crcs[:count])
@@ -245,13 +277,12 @@ class TmemWriter:
                 finally:
                     if release is not None:
                         release()
-                sent += count
                 if self.progress is not None:
                     self.progress(w.offset)
         finally:
             if fetcher is not None:
-                fetcher.shutdown(wait=True)  # a request in flight ends before SAVE_END
-            for left in held.values():      # a batch fetched but not written (a failure)
+                fetcher.shutdown(wait=True)  # requests in flight end before SAVE_END
+            for left in held.values():      # batches fetched but not written (a failure)
                 left()
         if sent < pool.n_pages:
             self._check_short_walk(pool, sent)

@@ -1238,6 +1238,18 @@ class RateLimiter:
             self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
 
+    def pause(self) -> float:
+        """The sender stops sending on purpose (a drain): the tokens so far,
+        for :meth:`resume`."""
+        self._refill()
+        return self.tokens
+
+    def resume(self, tokens: float) -> None:
+        """After a :meth:`pause`: its time earned no tokens, so the rate over
+        the sending time alone stays at the cap."""
+        self.tokens = tokens
+        self.stamp = self.clock()
+
     def reserve(self, n: int) -> float:
         """Take ``n`` bytes' tokens; the seconds to wait before sending them."""
         self._refill()
@@ -1383,6 +1395,8 @@ class _PeerWriter:
         (at most :data:`SETTLE_MAX_S`). Returns the seconds waited."""
         t0 = time.monotonic()
         deadline = t0 + max(0.0, timeout)
+        limiter = self.ch.limiter
+        tokens = limiter.pause() if limiter is not None else 0.0
         queued = self.in_flight()
         while self.in_flight() > 0 and time.monotonic() < deadline:
             if self.cancel is not None and self.cancel.is_set():
@@ -1393,6 +1407,8 @@ class _PeerWriter:
             time.sleep(min(RECV_BUFFER * waited / queued, SETTLE_MAX_S))
         waited = time.monotonic() - t0
         self.ch.drained_s += waited
+        if limiter is not None:
+            limiter.resume(tokens)
         return waited
 
 

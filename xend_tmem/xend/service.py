@@ -60,15 +60,6 @@ IN_DOUBT_RETRY_S = relocation._seconds("XEND_TMEM_TEST_IN_DOUBT_RETRY_S", 30.0)
 OVERHEAD_SAMPLES = 5          # migrations whose fixed handover cost the next estimate uses
 
 
-def _median(values: Optional[List[float]]) -> float:
-    """The middle of ``values`` (0.0 for none): a robust fixed-cost figure."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 class XendError(XendTmemError):
     """A request the daemon refuses: privileged or busy domain, bad argument."""
 
@@ -115,8 +106,8 @@ class XendService:
         self._outgoing: Dict[int, Tuple[int, str]] = {}  # migrate job id -> (domid, name)
         # destination -> the last migrations' suspend -> running cost beyond the
         # image and the destination's restore (the last bytes' transit, the
-        # handshake): the next estimate's fixed overhead is their median (one
-        # descheduled handshake is no fixed cost)
+        # handshake): the next estimate's fixed overhead is the least of them
+        # (a descheduled process only ever adds to a fixed cost)
         self._overhead_ms: Dict[Tuple[str, int], List[float]] = {}
 
     @property
@@ -579,7 +570,8 @@ class XendService:
                                             else None,
                                             limits=limits, rate_cap_bps=rate_cap_bps,
                                             settings=settings,
-                                            overhead_ms=_median(self._overhead_ms.get((dst, port))))
+                                            overhead_ms=min(self._overhead_ms.get((dst, port))
+                                                            or [0.0]))
             except relocation.MigrationInDoubt:
                 entry.update(phase="in-doubt", notes={})
                 self._watch_in_doubt()

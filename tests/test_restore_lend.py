@@ -1,0 +1,86 @@
+"""A restore's batches stay in the stream reader's buffers (lent to the put
+thread, given back after the put), never copied on the way: pages arrive intact
+across many batches, after an early terminator, and the reader keeps at most
+two buffers however long the stream."""
+from __future__ import annotations
+
+import io
+import struct
+from typing import Dict, Tuple
+
+import pytest
+
+from xend_tmem.binio import StreamReader, StreamWriter
+from xend_tmem.codec import tmemchunk as tc
+from xend_tmem.domconfig import BULK_OID_BASE, parse_domain_config
+from xend_tmem.hypervisor.sim import SimHypervisor
+from xend_tmem.tmem.restore import TmemRestorer
+from xend_tmem.tmem.save import TmemWriter
+
+PAGES = 1500          # six 1 MiB batches
+
+
+def _source(pages: int) -> Tuple[SimHypervisor, int]:
+    hv = SimHypervisor(tmem_version=1)
+    domid = hv.create_domain(parse_domain_config({
+        "name": "src", "memory": 1, "vcpus": 1,
+        "tmem": {"version": 1, "pools": [
+            {"id": 0, "persistent": True, "bulk": {"pages": pages, "objects": 7, "seed": 3}}]}}))
+    hv.suspend(domid)
+    return hv, domid
+
+
+def _stream(hv: SimHypervisor, domid: int) -> bytes:
+    out = io.BytesIO()
+    w = StreamWriter(out)
+    writer = TmemWriter(hv, domid, live=False)
+    writer.begin()
+    try:
+        writer.write_tmem(w)
+        w.flush()
+    finally:
+        writer.end()
+    return out.getvalue()
+
+
+def _restore(data: bytes) -> Tuple[SimHypervisor, Dict[int, Tuple[int, str]], StreamReader]:
+    hv = SimHypervisor(tmem_version=1)
+    domid = hv.create_domain_shell("dst", 256, 1)
+    r = StreamReader(io.BytesIO(data))
+    rest = TmemRestorer(hv, domid)
+    off = r.offset
+    rest.read_chunk(r, r.s32("marker"), off)
+    rest.finish()
+    assert r.at_eof()
+    return hv, hv.tmem_digest(domid), r
+
+
+def test_many_batches_arrive_intact_and_the_reader_keeps_two_buffers(monkeypatch) -> None:
+    lent = []
+    lend = StreamReader.lend
+
+    def counting(self: StreamReader, n: int) -> bytearray:
+        lent.append(n)
+        return lend(self, n)
+
+    monkeypatch.setattr(StreamReader, "lend", counting)
+    src, domid = _source(PAGES)
+    hv, digest, r = _restore(_stream(src, domid))
+    assert sum(lent) == PAGES * tc.record_size(1, 4096)      # every batch lent, none copied
+    assert digest == src.tmem_digest(domid)
+    assert digest[0][0] == PAGES
+    assert len(r._spare) <= 1 and len(r.buf) <= 2 * (1 << 20)    # white-box: the pair
+
+
+@pytest.mark.parametrize("cut", [1, 300, 254 * 3])
+def test_a_pool_that_ends_early_keeps_the_pages_before_its_terminator(cut: int) -> None:
+    """The stream announces PAGES and carries ``cut`` before the terminator (a
+    live save whose pages were deleted): the batches before it are stored."""
+    src, domid = _source(PAGES)
+    data = _stream(src, domid)
+    rec = tc.record_size(1, 4096)
+    head = data.index(struct.pack("<QQQI", BULK_OID_BASE, 0, 0, 0))   # the first record
+    body_end = head + PAGES * rec
+    cut_data = data[:head + cut * rec] + tc.terminator(1) + data[body_end:]
+    hv, digest, _ = _restore(cut_data)
+    assert digest[0][0] == cut
