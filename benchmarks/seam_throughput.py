@@ -11,8 +11,8 @@ one untimed warm-up copy (first-touch memory in a VM is several times slower),
    fsync of the copy, as the save fsyncs its image): the baseline;
 2. ``xm save`` of an idle domain with ``--ram-mib`` of RAM and ``--tmem-mib``
    of persistent tmem, through a real ``xend`` and its hypervisor process
-   (every page crosses the seam: RAM through the client's mapping, tmem
-   through the shared buffer);
+   (every page crosses the seam: RAM through the client's mapping of the
+   domain's RAM memfd, tmem through the connections' shared buffers);
 3. ``xm restore`` of that image (the restored domain's RAM and tmem digests
    are checked against the first saved domain's, outside the timing; the next
    run saves the restored domain).

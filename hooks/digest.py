@@ -22,13 +22,17 @@ from xend_tmem.xen import PAGE_SIZE
 from . import hookimpl
 
 NAME = "tmem-digest"
-CALIBRATION_PAGES = 1024          # 4 MiB hashed a few times per process when nothing was
-CALIBRATION_RUNS = 5              # measured yet
+# a sample (32 MiB: more than the caches hold, as a restored domain's tmem is)
+# hashed once per process while nothing was measured
+CALIBRATION_PAGES = 8192
+CALIBRATION_RUNS = 3
 MEASURED_KEPT = 5                 # restores whose digest rate the estimate weighs
-# s per page: this host's last few restore digests as measured, or (none yet)
-# the one calibration; the least measured one is the rate (preemption only adds)
+MEASURED_MIN_PAGES = 1024
+# s per page: this host's last few restore digests as measured; the least is
+# the rate (preemption only adds)
 _per_page_s: List[float] = []
 _measured = [False]
+_calibration: List[float] = []
 
 
 def _digest(hv: Hypervisor, domid: int) -> Dict[str, Any]:
@@ -57,31 +61,37 @@ def checkpoint_restore_done(session: RestoreSession, outcome: Outcome) -> None:
         pools = _digest(session.hv, session.domid)
         session.report[NAME] = _report("restore", pools)
         pages = session.report[NAME]["persistent_pages"]
-        if pages >= CALIBRATION_PAGES:     # big enough to measure the rate, not the call
+        if pages >= MEASURED_MIN_PAGES:    # big enough to measure the rate, not the call
             rate = (time.monotonic() - t0) / pages
             kept = _per_page_s[-(MEASURED_KEPT - 1):] if _measured[0] else []
             _per_page_s[:] = kept + [rate]
             _measured[0] = True
 
 
+def _sample_per_page_s(n: int) -> float:
+    """The page store's own digest (the simulator's ``tmem_digest`` is that
+    code, run by the hypervisor process on this host) over ``n`` distinct pages
+    put in an order unlike the key order, as a guest's puts are; the least of
+    a few runs (a preemption is no rate)."""
+    store = PageStore(1, PAGE_SIZE)
+    for i in sorted(range(n), key=lambda i: (i * 7919) % n):
+        store.put(store.make_key((i // 64, 7, 0), i % 64), os.urandom(PAGE_SIZE))
+    best = float("inf")
+    for _ in range(CALIBRATION_RUNS):
+        t0 = time.monotonic()
+        store.digest()
+        best = min(best, time.monotonic() - t0)
+    return best / n
+
+
 def _calibrated_per_page_s() -> float:
-    """Seconds per page of the restore digest: the least of this host's last
-    few measured ones, else the page store's own digest timed over a sample
-    (the simulator's ``tmem_digest`` is that code, run by the hypervisor
-    process on this host)."""
-    if not _per_page_s:
-        store = PageStore(1, PAGE_SIZE)
-        page = os.urandom(PAGE_SIZE)
-        # put in an order unlike the key order, as a guest's puts are
-        for i in sorted(range(CALIBRATION_PAGES), key=lambda i: (i * 7919) % CALIBRATION_PAGES):
-            store.put(store.make_key((i // 64, 7, 0), i % 64), page)
-        best = float("inf")
-        for _ in range(CALIBRATION_RUNS):     # the least of a few: a preemption is no rate
-            t0 = time.monotonic()
-            store.digest()
-            best = min(best, time.monotonic() - t0)
-        _per_page_s.append(best / CALIBRATION_PAGES)
-    return min(_per_page_s)
+    """Seconds per page of a restore digest: the least of this host's last
+    few measured ones, else the calibration on a sample."""
+    if _per_page_s:
+        return min(_per_page_s)
+    if not _calibration:
+        _calibration.append(_sample_per_page_s(CALIBRATION_PAGES))
+    return _calibration[0]
 
 
 @hookimpl

@@ -114,10 +114,12 @@ def test_the_digest_plugin_announces_its_restore_work_per_persistent_page() -> N
 
 def test_the_digest_cost_is_calibrated_once_then_measured_by_restores() -> None:
     with mock.patch.object(digest, "_per_page_s", []), \
-            mock.patch.object(digest, "_measured", [False]):
+            mock.patch.object(digest, "_measured", [False]), \
+            mock.patch.object(digest, "_calibration", []), \
+            mock.patch.object(digest, "CALIBRATION_PAGES", 256):
         first = digest._calibrated_per_page_s()
         assert 0 < first < 1e-3 and digest._calibrated_per_page_s() == first
-        pages = digest.CALIBRATION_PAGES
+        pages = digest.MEASURED_MIN_PAGES
 
         def restore(seconds: float) -> None:
             session = mock.Mock()

@@ -905,7 +905,12 @@ class SimHypervisor:
         a GiB-scale memfd takes ~0.15 s per 512 MiB, and Xen too returns from a
         domain's destruction before its memory is relinquished (``domain_kill``
         goes on as a continuation while the domain is a zombie). The domain is
-        gone at once (no id, name or mapping is left); :meth:`close` waits for it."""
+        gone at once (no id, name or mapping is left); :meth:`close` waits for it.
+        The descriptor closes now (a toolstack's stale fd must stop working with the
+        domain); the mapping, whose unmap is the costly part, goes on the thread."""
+        if d.ram_fd >= 0:
+            os.close(d.ram_fd)
+            d.ram_fd = -1
         self._freeing = [t for t in self._freeing if t.is_alive()]
         t = threading.Thread(target=self._release_ram, args=(d,), name="sim-free-ram",
                              daemon=True)
