@@ -603,7 +603,7 @@ class HypervisorClient:
         finally:
             if crc_dst is not None:
                 crc_dst.release()
-        done = []
+        done: List[bool] = []
 
         def release() -> None:
             if not done:

@@ -277,8 +277,9 @@ class _Connection:
         """The CRCs into the shared buffer (none in the reply); returns their count."""
         assert self.view is not None
         if not isinstance(pfns, (list, tuple)) or 4 * len(pfns) > len(self.view):
-            raise HypervisorError("ram_page_crcs", f"{len(pfns) if isinstance(pfns, (list, tuple)) else pfns!r} "
-                                                   "pfns do not fit the connection's buffer")
+            what = len(pfns) if isinstance(pfns, (list, tuple)) else repr(pfns)
+            raise HypervisorError("ram_page_crcs",
+                                  f"{what} pfns do not fit the connection's buffer")
         with self.view[:4 * len(pfns)] as out:
             self.server.hv.ram_page_crcs(domid, pfns, out)
         return len(pfns)

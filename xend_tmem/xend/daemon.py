@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import faulthandler
 import http.client
 import logging
 import os
+import select
 import signal
 import ssl
 import sys
@@ -291,6 +293,11 @@ class Daemon:
         self.service: Optional[XendService] = None
         self.hv: Optional["Hypervisor"] = None
         self._log_handler: Optional[logging.Handler] = None
+        # signals: the handler only records them and the wakeup fd wakes :meth:`run`
+        self._wake: Optional[Tuple[int, int]] = None      # (read end, write end)
+        self._signalled_stop = False
+        self._signalled_reload = False
+        self._handlers_installed = False
 
     def start(self) -> None:
         """Acquire everything; on failure release what was acquired and raise."""
@@ -329,15 +336,83 @@ class Daemon:
             self.shutdown()
             raise
 
-    def stop(self, *_: Any) -> None:
+    def stop(self) -> None:
+        """Stop :meth:`run` (from another thread; SIGTERM/SIGINT go through
+        :meth:`_on_signal`)."""
         self.stop_event.set()
+        self._poke()
 
-    def request_reload(self, *_: Any) -> None:
-        """SIGHUP: re-read the configuration (done by :meth:`run`, not in the handler)."""
+    def request_reload(self) -> None:
+        """Re-read the configuration (done by :meth:`run`, not by the caller)."""
         self.reload_event.set()
+        self._poke()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        """SIGTERM/SIGINT/SIGHUP: record it, nothing else. Python runs a handler in
+        the main thread between two bytecodes, possibly while that thread holds a
+        lock (an Event's, inside ``Event.wait``); a handler taking a lock (even
+        ``Event.set``) can wait for itself forever. Plain attribute stores take
+        none; the wakeup fd (written by the C-level handler) wakes :meth:`run`."""
+        if signum == signal.SIGHUP:
+            self._signalled_reload = True
+        else:
+            self._signalled_stop = True
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop, SIGHUP reloads, SIGUSR1 writes every thread's
+        stack to the log (a hung daemon says where it hangs). Main thread only."""
+        _, w = self._wake_pipe()
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self._handlers_installed = True
+        stream = getattr(self._log_handler, "stream", None)
+        if stream is not None:
+            faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True, chain=False)
+
+    def _restore_signal_handlers(self) -> bool:
+        """Undo :meth:`install_signal_handlers`; False if it cannot (not the main
+        thread): the wakeup fd must then stay open."""
+        if not self._handlers_installed:
+            return True
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        faulthandler.unregister(signal.SIGUSR1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        self._handlers_installed = False
+        return True
+
+    def _wake_pipe(self) -> Tuple[int, int]:
+        if self._wake is None:
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            self._wake = (r, w)
+        return self._wake
+
+    def _poke(self) -> None:
+        """Wake :meth:`run` now rather than at its next poll."""
+        wake = self._wake
+        if wake is not None:
+            try:
+                os.write(wake[1], b"\0")
+            except OSError:      # full (it is awake anyway) or closed (it has stopped)
+                pass
 
     def run(self) -> None:
-        while not self.stop_event.wait(0.5):
+        r, _ = self._wake_pipe()
+        while True:
+            # the handlers' flags become events here, outside any handler
+            if self._signalled_stop:
+                self.stop_event.set()
+            if self._signalled_reload:
+                self._signalled_reload = False
+                self.reload_event.set()
+            if self.stop_event.is_set():
+                break
             if self.reload_event.is_set():
                 self.reload_event.clear()
                 if self.service is not None:
@@ -345,6 +420,13 @@ class Daemon:
                         self.service.reload()
                     except XendTmemError as exc:
                         log.error("SIGHUP: configuration not reloaded: %s", exc)
+                continue
+            try:
+                select.select([r], [], [], 0.5)
+                while os.read(r, 512):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
         log.info("xend stopping")
         self.shutdown()
 
@@ -361,6 +443,10 @@ class Daemon:
         if self.rpc is not None:
             self.rpc.server_close()
             self.rpc = None
+        if self._restore_signal_handlers() and self._wake is not None:
+            for fd in self._wake:
+                os.close(fd)
+            self._wake = None
         if self._log_handler is not None:
             log.info("xend stopped")
             logging.getLogger().removeHandler(self._log_handler)
@@ -380,9 +466,7 @@ def foreground(config: ToolstackConfig, ready_fd: Optional[int] = None) -> int:
         report_ready(ready_fd, f"Error: {exc.strerror or exc}"
                       + (f": {exc.filename}" if exc.filename else ""))
         return 1
-    signal.signal(signal.SIGTERM, daemon.stop)
-    signal.signal(signal.SIGINT, daemon.stop)
-    signal.signal(signal.SIGHUP, daemon.request_reload)
+    daemon.install_signal_handlers()
     report_ready(ready_fd, None)
     daemon.run()
     if daemon.service is not None and daemon.service.jobs.running():
