@@ -160,4 +160,5 @@ def test_sigterm_during_a_migration_cancels_it_and_exits_cleanly(xends, tmp_path
         peer.close()
     assert (xm.returncode, err) == (1, "Error: cancelled\n")
     assert "job 1 (migrate still1) cancelled" in a.log_text()
+    assert "xend stopping" in a.log_text() and "ignored its cancellation" not in a.log_text()
     assert not a.socket_path.exists() and not a.pid_path.exists()

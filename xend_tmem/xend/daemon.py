@@ -15,9 +15,12 @@ and a socket nobody listens on is removed before binding. SIGTERM and SIGINT
 stop the daemon cleanly: running jobs are cancelled (their sources resume),
 incoming migrations are broken off (their half-built domains removed), then the
 socket and the pid file go, the pid file last so ``xend stop`` returns only when
-everything is released. ``reload`` (or SIGHUP) re-reads the configuration file
-without a restart (:meth:`~xend_tmem.xend.service.XendService.reload` says what
-applies live and what waits for a restart).
+everything is released. The handlers only record a signal (the main loop acts on
+it: a handler that took a lock could wait for the main thread it interrupted), and
+SIGUSR1 writes every thread's stack to the log. ``reload`` (or SIGHUP) re-reads the
+configuration file without a restart
+(:meth:`~xend_tmem.xend.service.XendService.reload` says what applies live and what
+waits for a restart).
 """
 from __future__ import annotations
 
@@ -370,17 +373,16 @@ class Daemon:
         if stream is not None:
             faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True, chain=False)
 
-    def _restore_signal_handlers(self) -> bool:
-        """Undo :meth:`install_signal_handlers`; False if it cannot (not the main
-        thread): the wakeup fd must then stay open."""
+    def _release_wakeup_fd(self) -> bool:
+        """Detach the wakeup fd (and SIGUSR1 from the log, which closes next);
+        False if that cannot be done here (not the main thread): the fd must then
+        stay open. The handlers stay: a SIGTERM repeated while xend stops, or
+        after, only sets a flag nobody reads, rather than killing it half-way."""
         if not self._handlers_installed:
             return True
         if threading.current_thread() is not threading.main_thread():
             return False
         faulthandler.unregister(signal.SIGUSR1)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         self._handlers_installed = False
         return True
@@ -434,6 +436,10 @@ class Daemon:
         """Release in reverse order; safe after a partial start."""
         if self.service is not None:
             self.service.stop()          # refuses new jobs, cancels and awaits running ones
+            for job in self.service.jobs.shutdown(0.0):     # (bounded: awaited just now)
+                log.error("job %d (%s %s) ignored its cancellation; xend stops without it. "
+                          "It waits at:\n%s", job.id, job.op, job.target,
+                          job.stack().rstrip() or "(unknown)")
         if self.rpc is not None and self._serving:
             self.rpc.shutdown()          # (xm pollers have seen their jobs end by now)
             self._serving = False
@@ -443,7 +449,7 @@ class Daemon:
         if self.rpc is not None:
             self.rpc.server_close()
             self.rpc = None
-        if self._restore_signal_handlers() and self._wake is not None:
+        if self._release_wakeup_fd() and self._wake is not None:
             for fd in self._wake:
                 os.close(fd)
             self._wake = None

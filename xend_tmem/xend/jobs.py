@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import threading
 import time
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional
 
@@ -58,6 +60,7 @@ class Job:
         self.finished_event = threading.Event()   # set once the outcome and cleanup are done
         self.reported = threading.Event()      # a client has read the final status
         self.future: Optional[Future[Optional[Dict[str, Any]]]] = None   # its value: ``result``
+        self.thread_id: Optional[int] = None    # the worker running it (a stuck job's stack)
 
     def progress(self, phase: str, done: int, total: Optional[int]) -> None:
         """The checkpoint path's progress callback."""
@@ -74,6 +77,12 @@ class Job:
         self.cancel.set()
         if self.future is not None:
             self.future.cancel()      # only succeeds while it waits for a worker
+
+    def stack(self) -> str:
+        """Where the worker running this job is now ("" if none is): what a job
+        that ignored its cancellation waits for."""
+        frame = sys._current_frames().get(self.thread_id) if self.thread_id else None
+        return "".join(traceback.format_stack(frame)) if frame is not None else ""
 
     def status(self) -> Dict[str, Any]:
         end = self.finished if self.finished is not None else time.monotonic()
@@ -118,6 +127,7 @@ class JobTable:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="xend-job")
+        self._closed = False
 
     def start(self, op: str, target: str, work: Work,
               cleanup: Optional[Callable[[], None]] = None) -> Job:
@@ -130,11 +140,13 @@ class JobTable:
             self._jobs[job.id] = job
         try:
             job.future = self._pool.submit(self._run, job, work, cleanup)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 del self._jobs[job.id]
             if cleanup is not None:
                 cleanup()
+            if isinstance(exc, RuntimeError) and self._closed:
+                raise XendTmemError(f"xend is stopping: no new {op} of {target}") from None
             raise
         job.future.add_done_callback(lambda f: self._never_ran(job, f, cleanup))
         return job
@@ -145,6 +157,7 @@ class JobTable:
         """A worker: the operation, its outcome and its cleanup, then ``finished``."""
         me = threading.current_thread()
         pool_name, me.name = me.name, f"job-{job.id}-{job.op}"     # the log says which job
+        job.thread_id = me.ident
         result: Optional[Dict[str, Any]] = None
         error: Optional[BaseException] = None
         try:
@@ -161,6 +174,7 @@ class JobTable:
                     cleanup()
             finally:
                 job.finished = time.monotonic()
+                job.thread_id = None
                 job.finished_event.set()
                 me.name = pool_name
         if error is not None:
@@ -216,6 +230,18 @@ class JobTable:
         for job in jobs:
             job.reported.wait(max(0.0, grace - time.monotonic()))
         return True
+
+    def shutdown(self, timeout: float, reported_within: float = 0.0) -> List[Job]:
+        """Cancel every job, wait at most ``timeout`` s for them, then close the
+        pool: no new job, queued ones cancelled, idle workers end. Never waits
+        longer: returns the jobs still running (they ignored their cancellation),
+        whose non-daemon workers the interpreter would join at exit forever, so
+        the caller must not exit normally while there are any."""
+        self.cancel_all()
+        self.wait_all(timeout, reported_within)
+        self._closed = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        return self.running()
 
     def _prune(self) -> None:
         now = time.monotonic()
