@@ -13,7 +13,8 @@ from xend_tmem.config import parse_toolstack_config
 from xend_tmem.domconfig import parse_domain_config
 from xend_tmem.hypervisor.sim import SimHypervisor
 from xend_tmem.plugins import get_plugin_manager
-from xend_tmem.xend import relocation, service
+from xend_tmem.xend import service
+from xend_tmem.xend.relocation.server import RelocationServer
 from xend_tmem.xend.service import XendError, XendService
 
 DOMAIN = {"name": "web1", "memory": 4,
@@ -121,10 +122,10 @@ def test_incoming_migration_marks_its_domain_busy_until_it_runs(svc, tmp_path: P
                                                                  mocker) -> None:
     image = tmp_path / "web1.img"
     saved_image(svc, image)
-    server = relocation.RelocationServer("127.0.0.1", 0, hosts_allow=[],
-                                         restore=svc.incoming_restore,
-                                         check_offer=svc.check_offer,
-                                         discard=svc.discard_domain)
+    server = RelocationServer("127.0.0.1", 0, hosts_allow=[],
+                              restore=svc.incoming_restore,
+                              check_offer=svc.check_offer,
+                              discard=svc.discard_domain)
     svc.relocation_servers = [server]
     gate = Gate()
     mocker.patch.object(service, "restore_domain", side_effect=held_restore(gate))

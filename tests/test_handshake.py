@@ -26,7 +26,8 @@ from xend_tmem.domconfig import parse_domain_config
 from xend_tmem.errors import PeerError
 from xend_tmem.hypervisor.sim import SimHypervisor
 from xend_tmem.plugins import get_plugin_manager
-from xend_tmem.xend import relocation
+from xend_tmem.xend.relocation.client import MigrationInDoubt, migrate, query_migration
+from xend_tmem.xend.relocation.server import RelocationServer
 from xend_tmem.xend.journal import Journal
 from xend_tmem.xend.service import XendService
 
@@ -52,7 +53,7 @@ class Host:
                                get_plugin_manager(["tmem"], {}))
         self.svc.ack_timeout = ACK_S
         self.svc.query_window = 3.0
-        self.server = relocation.RelocationServer(
+        self.server = RelocationServer(
             "127.0.0.1", 0, hosts_allow=[], restore=self.svc.incoming_restore,
             check_offer=self.svc.check_offer, discard=self.svc.discard_domain, go_timeout=GO_S)
         self.svc.relocation_servers = [self.server]
@@ -253,7 +254,7 @@ class ScriptedSender:
 
 
 def query(port: int, mid: str) -> str:
-    answer, _ = relocation.query_migration("127.0.0.1", port, mid, window=1.0)
+    answer, _ = query_migration("127.0.0.1", port, mid, window=1.0)
     return answer
 
 
@@ -394,8 +395,8 @@ def test_sender_go_then_running(source) -> None:
     rx = ScriptedReceiver("running", None)
     journaled = []
     try:
-        report = relocation.migrate(hv, domid, "127.0.0.1", rx.port, live=True, hooks=hooks,
-                                    migration_id="abc", on_received=journaled.append)
+        report = migrate(hv, domid, "127.0.0.1", rx.port, live=True, hooks=hooks,
+                         migration_id="abc", on_received=journaled.append)
     finally:
         rx.close()
     assert rx.got == [b"(go)\n"] and journaled == [7]
@@ -410,23 +411,23 @@ def test_sender_without_running_asks_and_obeys(source, answer) -> None:
     rx = ScriptedReceiver("close", answer)
     try:
         if answer == "running":
-            report = relocation.migrate(hv, domid, "127.0.0.1", rx.port, live=False,
-                                        hooks=hooks, migration_id="q1", ack_timeout=2,
-                                        query_window=2)
+            report = migrate(hv, domid, "127.0.0.1", rx.port, live=False,
+                             hooks=hooks, migration_id="q1", ack_timeout=2,
+                             query_window=2)
             assert report["resolved_by_query"] == "running"
             assert hv.domain_info(domid).shutdown       # the caller destroys it
         elif answer == "aborted":
             with pytest.raises(PeerError, match=r"did not start domain web1 .* destroyed its "
                                                 r"copy; the domain was resumed here"):
-                relocation.migrate(hv, domid, "127.0.0.1", rx.port, live=False, hooks=hooks,
-                                   migration_id="q1", ack_timeout=2, query_window=2)
+                migrate(hv, domid, "127.0.0.1", rx.port, live=False, hooks=hooks,
+                        migration_id="q1", ack_timeout=2, query_window=2)
             assert hv.domain_info(domid).running
         else:
-            with pytest.raises(relocation.MigrationInDoubt,
+            with pytest.raises(MigrationInDoubt,
                                match=r"cannot tell whether domain web1 runs on 127\.0\.0\.1 .*"
                                      r"kept paused here as migrating-web1"):
-                relocation.migrate(hv, domid, "127.0.0.1", rx.port, live=False, hooks=hooks,
-                                   migration_id="q1", ack_timeout=2, query_window=2)
+                migrate(hv, domid, "127.0.0.1", rx.port, live=False, hooks=hooks,
+                        migration_id="q1", ack_timeout=2, query_window=2)
             assert hv.domain_info(domid).shutdown and not hv.domain_info(domid).running
     finally:
         rx.close()
@@ -438,9 +439,9 @@ def test_sender_in_doubt_when_the_destination_is_unreachable(source) -> None:
     hv, domid, hooks = source
     rx = ScriptedReceiver("close", None)           # answers no query: port closed after
     try:
-        with pytest.raises(relocation.MigrationInDoubt, match="kept paused here"):
-            relocation.migrate(hv, domid, "127.0.0.1", rx.port, live=False, hooks=hooks,
-                               migration_id="q2", ack_timeout=2, query_window=1)
+        with pytest.raises(MigrationInDoubt, match="kept paused here"):
+            migrate(hv, domid, "127.0.0.1", rx.port, live=False, hooks=hooks,
+                    migration_id="q2", ack_timeout=2, query_window=1)
     finally:
         rx.close()
     assert not hv.domain_info(domid).running
@@ -476,8 +477,8 @@ def test_a_start_that_fails_after_go_destroys_the_copy_and_the_source_resumes(ho
     dst.server.unpause = broken_unpause
     with pytest.raises(PeerError, match=r"did not start domain web1 .*cannot start domain web1"
                                         r".* destroyed its copy; the domain was resumed here"):
-        relocation.migrate(hv, domid, "127.0.0.1", dst.server.port, live=False, hooks=hooks,
-                           name="web1", ack_timeout=5, query_window=2)
+        migrate(hv, domid, "127.0.0.1", dst.server.port, live=False, hooks=hooks,
+                name="web1", ack_timeout=5, query_window=2)
     assert hv.domain_info(domid).running
     assert hv.tmem_state(domid)["client"]["frozen"] is False
     settle(dst)

@@ -27,7 +27,10 @@ from xend_tmem.config import parse_toolstack_config
 from xend_tmem.errors import ConfigError, XendTmemError
 from xend_tmem.hypervisor.sim import SimHypervisor
 from xend_tmem.plugins import get_plugin_manager
-from xend_tmem.xend import relocation
+from xend_tmem.xend.relocation import server as relocation_server
+from xend_tmem.xend.relocation.client import query_migration
+from xend_tmem.xend.relocation.protocol import TlsSettings
+from xend_tmem.xend.relocation.server import RelocationServer, host_allowed
 from xend_tmem.xend.service import XendService
 
 LOGGER = "xend_tmem.xend.relocation"
@@ -39,7 +42,7 @@ class Host:
         self.hv = SimHypervisor()
         self.svc = XendService(parse_toolstack_config({"xend-state-dir": str(state)}), self.hv,
                                get_plugin_manager(["tmem"], {}))
-        self.server = relocation.RelocationServer(
+        self.server = RelocationServer(
             "127.0.0.1", 0, hosts_allow=[], restore=self.svc.incoming_restore,
             check_offer=self.svc.check_offer, discard=self.svc.discard_domain, **server_kw)
         self.svc.relocation_servers = [self.server]
@@ -133,7 +136,7 @@ def test_a_preflight_offer_has_its_own_bounded_limit(host: Host) -> None:
 
 
 def test_the_control_phase_has_an_overall_deadline(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(relocation, "CONTROL_DEADLINE_S", 1.0, raising=False)
+    monkeypatch.setattr(relocation_server, "CONTROL_DEADLINE_S", 1.0, raising=False)
     h = Host(tmp_path / "h")
     try:
         with connect(h.server.port, timeout=0.5) as s:
@@ -182,13 +185,13 @@ def test_idle_connections_do_not_each_cost_a_thread(host: Host) -> None:
 def test_the_builtin_default_admits_only_localhost() -> None:
     patterns = parse_toolstack_config({}).hosts_allow_patterns()
     no_names = lambda a: []          # noqa: E731
-    assert relocation.host_allowed(patterns, "127.0.0.1", no_names)
-    assert relocation.host_allowed(patterns, "::1", no_names)
-    assert not relocation.host_allowed(patterns, "10.0.0.1", no_names)
-    assert not relocation.host_allowed(patterns, "192.168.1.10", no_names)
+    assert host_allowed(patterns, "127.0.0.1", no_names)
+    assert host_allowed(patterns, "::1", no_names)
+    assert not host_allowed(patterns, "10.0.0.1", no_names)
+    assert not host_allowed(patterns, "192.168.1.10", no_names)
     # an explicitly empty setting is xend's "every host", as SPEC §9 says
     everyone = parse_toolstack_config({"xend-relocation-hosts-allow": ""}).hosts_allow_patterns()
-    assert relocation.host_allowed(everyone, "10.0.0.1", no_names)
+    assert host_allowed(everyone, "10.0.0.1", no_names)
 
 
 def test_host_names_must_be_forward_confirmed(monkeypatch) -> None:
@@ -209,8 +212,8 @@ def test_host_names_must_be_forward_confirmed(monkeypatch) -> None:
     monkeypatch.setattr(socket, "gethostbyaddr", gethostbyaddr)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     patterns = [re.compile(r"good\.example")]
-    assert relocation.host_allowed(patterns, "10.9.9.9")
-    assert not relocation.host_allowed(patterns, "10.6.6.6")
+    assert host_allowed(patterns, "10.9.9.9")
+    assert not host_allowed(patterns, "10.6.6.6")
 
 
 # -- TLS peer verification ------------------------------------------------------------------------
@@ -245,14 +248,14 @@ def test_config_has_tls_peer_verification_keys(certs) -> None:
 
 
 def tls_host(tmp_path: Path, me, peer_fp=None, ca=None) -> Host:
-    tls = relocation.TlsSettings(cert_file=me[0], key_file=me[1], ca_file=ca,
-                                 peer_fingerprint=peer_fp)
+    tls = TlsSettings(cert_file=me[0], key_file=me[1], ca_file=ca,
+                      peer_fingerprint=peer_fp)
     return Host(tmp_path / f"tls-{time.monotonic_ns()}", tls=tls)
 
 
 def query_tls(port: int, tls) -> Tuple[str, str]:
-    return relocation.query_migration("127.0.0.1", port, "nobody", use_ssl=True, tls=tls,
-                                      window=0.5)
+    return query_migration("127.0.0.1", port, "nobody", use_ssl=True, tls=tls,
+                           window=0.5)
 
 
 def test_tls_pinned_both_directions(tmp_path: Path, certs) -> None:
@@ -261,14 +264,14 @@ def test_tls_pinned_both_directions(tmp_path: Path, certs) -> None:
     # server requests client certificates only with a CA file (here b's own certificate)
     h = tls_host(tmp_path, a, peer_fp=b[2], ca=b[0])
     try:
-        ok = relocation.TlsSettings(cert_file=b[0], key_file=b[1], peer_fingerprint=a[2])
+        ok = TlsSettings(cert_file=b[0], key_file=b[1], peer_fingerprint=a[2])
         assert query_tls(h.server.port, ok) == ("unknown", "127.0.0.1 answered unknown")
         # the client refuses a server whose certificate is not the pinned one
-        wrong = relocation.TlsSettings(cert_file=b[0], key_file=b[1], peer_fingerprint=c[2])
+        wrong = TlsSettings(cert_file=b[0], key_file=b[1], peer_fingerprint=c[2])
         answer, detail = query_tls(h.server.port, wrong)
         assert answer == "unknown" and "fingerprint" in detail, detail
         # the server refuses a client presenting another certificate
-        other = relocation.TlsSettings(cert_file=c[0], key_file=c[1], peer_fingerprint=a[2])
+        other = TlsSettings(cert_file=c[0], key_file=c[1], peer_fingerprint=a[2])
         answer, detail = query_tls(h.server.port, other)
         assert answer == "unknown" and "answered" not in detail, detail
     finally:
@@ -279,9 +282,9 @@ def test_tls_client_verifies_the_server_against_a_ca_file(tmp_path: Path, certs)
     a, b = certs["a"], certs["b"]
     h = tls_host(tmp_path, a)
     try:
-        good = relocation.TlsSettings(ca_file=a[0])
+        good = TlsSettings(ca_file=a[0])
         assert query_tls(h.server.port, good)[1] == "127.0.0.1 answered unknown"
-        bad = relocation.TlsSettings(ca_file=b[0])
+        bad = TlsSettings(ca_file=b[0])
         answer, detail = query_tls(h.server.port, bad)
         assert answer == "unknown" and "verify failed" in detail, detail
     finally:

@@ -23,7 +23,7 @@ from xend_tmem.config import parse_toolstack_config
 from xend_tmem.domconfig import parse_domain_config
 from xend_tmem.hypervisor.sim import SimHypervisor
 from xend_tmem.plugins import get_plugin_manager
-from xend_tmem.xend import relocation
+from xend_tmem.xend.relocation.server import RelocationServer
 from xend_tmem.xend.service import XendService
 
 DOMAIN = {"name": "web1", "memory": 4,
@@ -57,7 +57,7 @@ class Host:
                                get_plugin_manager(["tmem"], {}))
         self.svc.ack_timeout = 5.0
         self.svc.query_window = 3.0
-        self.server = relocation.RelocationServer(
+        self.server = RelocationServer(
             "127.0.0.1", 0, hosts_allow=[], restore=self.svc.incoming_restore,
             check_offer=self.svc.check_offer, discard=self.svc.discard_domain, go_timeout=5.0)
         self.svc.relocation_servers = [self.server]

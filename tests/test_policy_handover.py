@@ -12,7 +12,8 @@ from unittest import mock
 import pytest
 
 from xend_tmem.errors import Cancelled
-from xend_tmem.xend import relocation
+from xend_tmem.xend.relocation.client import RateLimiter, _Channel, _PeerWriter, _restore_ms
+from xend_tmem.xend.relocation.protocol import RECV_BUFFER
 from xend_tmem.hooks import digest
 
 
@@ -21,7 +22,7 @@ def _pair() -> Tuple[socket.socket, socket.socket]:
     bounded queue."""
     ls = socket.socket()
     try:
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, relocation.RECV_BUFFER)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
         ls.bind(("127.0.0.1", 0))
         ls.listen(1)
         a = socket.create_connection(ls.getsockname())
@@ -44,14 +45,14 @@ def _late_reader(sock: socket.socket, go: threading.Event, started: threading.Ev
 
 def test_drain_waits_for_the_receiver_to_take_what_was_written() -> None:
     a, b = _pair()
-    ch = relocation._Channel(a, "127.0.0.1")
+    ch = _Channel(a, "127.0.0.1")
     go, started, got = threading.Event(), threading.Event(), [0]
     t = threading.Thread(target=_late_reader, args=(b, go, started, got), daemon=True)
     t.start()
     try:
-        w = relocation._PeerWriter(ch, None, 30.0, framed=True)
+        w = _PeerWriter(ch, None, 30.0, framed=True)
         # more than the receiver's queue takes: some stays in this host's queue
-        sender = threading.Thread(target=w.write, args=(bytes(4 * relocation.RECV_BUFFER),))
+        sender = threading.Thread(target=w.write, args=(bytes(4 * RECV_BUFFER),))
         sender.start()
         threading.Timer(0.05, go.set).start()
         sender.join(10)
@@ -69,8 +70,8 @@ def test_drain_stops_for_a_cancel_and_at_its_timeout() -> None:
     a, b = _pair()
     try:
         cancel = threading.Event()
-        ch = relocation._Channel(a, "127.0.0.1")
-        w = relocation._PeerWriter(ch, cancel, 30.0)
+        ch = _Channel(a, "127.0.0.1")
+        w = _PeerWriter(ch, cancel, 30.0)
         a.setblocking(False)
         try:                                  # fill both queues; nobody reads
             while True:
@@ -95,7 +96,7 @@ def test_the_pre_flight_restore_figure_is_read_defensively(value, ms) -> None:
     reply: list = ["ok", ["protocol", "2"]]
     if value is not None:
         reply.append(["restore-ms", value])
-    assert relocation._restore_ms(reply) == ms
+    assert _restore_ms(reply) == ms
 
 
 def _offer(pages) -> dict:
@@ -144,7 +145,7 @@ def test_a_drain_earns_the_rate_limiter_no_tokens() -> None:
     """Drains are excluded from the sending time the rate is judged over, so
     the bucket must not fill while the sender waits for the receiver."""
     now = [0.0]
-    lim = relocation.RateLimiter(1e6, burst=100_000, clock=lambda: now[0])
+    lim = RateLimiter(1e6, burst=100_000, clock=lambda: now[0])
     assert lim.reserve(100_000) == 0.0                  # the burst is spent
     tokens = lim.pause()
     now[0] += 5.0                                       # a long drain

@@ -19,7 +19,9 @@ from xend_tmem.domconfig import parse_domain_config
 from xend_tmem.errors import Cancelled, PeerError, StreamError
 from xend_tmem.hypervisor.sim import SimHypervisor
 from xend_tmem.plugins import get_plugin_manager
-from xend_tmem.xend import relocation
+from xend_tmem.xend.relocation.client import RateLimiter, migrate
+from xend_tmem.xend.relocation.protocol import err_line, parse_reply, reply_error_message
+from xend_tmem.xend.relocation.server import GO_TIMEOUT_S, RelocationServer, host_allowed
 
 DOMAIN = {"name": "web1", "memory": 4,
           "tmem": {"version": 1, "pools": [
@@ -43,7 +45,7 @@ class Receiver:
     """A receiving host: a sim hypervisor behind a RelocationServer."""
 
     def __init__(self, hooks, check=lambda offer: [], restore=None, patterns=(),
-                 journal=None, go_timeout=relocation.GO_TIMEOUT_S) -> None:
+                 journal=None, go_timeout=GO_TIMEOUT_S) -> None:
         self.hv = SimHypervisor()
         self.hooks = hooks
         self.offers = []
@@ -58,7 +60,7 @@ class Receiver:
             self.offers.append(offer)
             return check(offer)
 
-        self.server = relocation.RelocationServer(
+        self.server = RelocationServer(
             "127.0.0.1", 0, hosts_allow=[re.compile(p) for p in patterns],
             restore=restore or default_restore, check_offer=check_offer,
             discard=self.hv.destroy_domain, unpause=self.hv.unpause, journal=journal,
@@ -94,18 +96,18 @@ def assert_source_intact(hv, domid: int) -> None:
 def test_host_allowed_matches_whole_address_or_name() -> None:
     pats = [re.compile(r"10\.0\.0\.1"), re.compile(r"^db[0-9]+\.example$")]
     names = {"10.0.0.10": ["other.example"], "10.0.0.7": ["db7.example"]}.get
-    assert relocation.host_allowed(pats, "10.0.0.1", lambda a: [])
-    assert not relocation.host_allowed(pats, "10.0.0.10", lambda a: names(a, []))
-    assert relocation.host_allowed(pats, "10.0.0.7", lambda a: names(a, []))
-    assert relocation.host_allowed([], "192.0.2.1", lambda a: [])
+    assert host_allowed(pats, "10.0.0.1", lambda a: [])
+    assert not host_allowed(pats, "10.0.0.10", lambda a: names(a, []))
+    assert host_allowed(pats, "10.0.0.7", lambda a: names(a, []))
+    assert host_allowed([], "192.0.2.1", lambda a: [])
 
 
 def test_extended_migration_acknowledged(source, hooks, receivers) -> None:
     hv, domid = source
     rx = receivers(hooks)
     accepted = []
-    report = relocation.migrate(hv, domid, "127.0.0.1", rx.server.port, live=True, hooks=hooks,
-                                on_accepted=lambda: accepted.append(hv.domain_info(domid).name))
+    report = migrate(hv, domid, "127.0.0.1", rx.server.port, live=True, hooks=hooks,
+                     on_accepted=lambda: accepted.append(hv.domain_info(domid).name))
     assert accepted == ["web1"]
     assert report["extended"] is True and report["peer_domid"] == 1
     assert rx.offers[0]["plugins"]["tmem"]["persistent_pages"] == 64
@@ -122,8 +124,8 @@ def test_preflight_refusal_touches_nothing(source, hooks, receivers) -> None:
     with pytest.raises(PeerError, match=r"^migration refused: no room; wrong moon phase "
                                         r"\(from 127\.0\.0\.1\); domain web1 keeps running "
                                         r"here, untouched: .*retry xm migrate"):
-        relocation.migrate(hv, domid, "127.0.0.1", rx.server.port, live=True, hooks=hooks,
-                           on_accepted=lambda: called.append(1))
+        migrate(hv, domid, "127.0.0.1", rx.server.port, live=True, hooks=hooks,
+                on_accepted=lambda: called.append(1))
     assert called == [] and rx.restores == 0
     assert_source_intact(hv, domid)
 
@@ -139,7 +141,7 @@ def test_restore_failure_on_the_receiver_resumes_the_source(source, hooks, recei
     with pytest.raises(PeerError, match=r"pool flags wrong \(from 127\.0\.0\.1\); domain web1 keeps "
                                         r"running here \(it was not started on 127\.0\.0\.1, "
                                         r"whose copy is destroyed\): retry xm migrate$"):
-        relocation.migrate(hv, domid, "127.0.0.1", rx.server.port, live=False, hooks=hooks)
+        migrate(hv, domid, "127.0.0.1", rx.server.port, live=False, hooks=hooks)
     assert_source_intact(hv, domid)
 
 
@@ -182,8 +184,8 @@ def test_stock_receiver_is_used_without_extensions(source, hooks) -> None:
     t = threading.Thread(target=stock)
     t.start()
     try:
-        report = relocation.migrate(hv, domid, "127.0.0.1", listener.getsockname()[1],
-                                    live=False, hooks=hooks)
+        report = migrate(hv, domid, "127.0.0.1", listener.getsockname()[1],
+                         live=False, hooks=hooks)
     finally:
         t.join(10)
         listener.close()
@@ -217,8 +219,8 @@ def test_cancel_while_the_receiver_stalls(source, hooks) -> None:
     started = time.monotonic()
     try:
         with pytest.raises(Cancelled):
-            relocation.migrate(hv, domid, "127.0.0.1", listener.getsockname()[1], live=True,
-                               hooks=hooks, cancel=cancel)
+            migrate(hv, domid, "127.0.0.1", listener.getsockname()[1], live=True,
+                    hooks=hooks, cancel=cancel)
     finally:
         stop.set()
         t.join(10)
@@ -233,15 +235,15 @@ def test_connection_refused_is_a_peer_error(source, hooks) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(PeerError, match=f"can't connect to 127.0.0.1:{port}: "):
-        relocation.migrate(hv, domid, "127.0.0.1", port, live=True, hooks=hooks)
+        migrate(hv, domid, "127.0.0.1", port, live=True, hooks=hooks)
     assert_source_intact(hv, domid)
 
 
 def test_err_line_is_one_line_and_parses_back() -> None:
-    line = relocation.err_line("StreamError", "bad 'stream'\nat offset 5")
+    line = err_line("StreamError", "bad 'stream'\nat offset 5")
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    form = relocation.parse_reply(line, "h")
-    assert form[0] == "err" and relocation.reply_error_message(form) == "bad 'stream' at offset 5"
+    form = parse_reply(line, "h")
+    assert form[0] == "err" and reply_error_message(form) == "bad 'stream' at offset 5"
 
 
 def test_timing_figures_over_the_handshake(hooks) -> None:
@@ -249,7 +251,7 @@ def test_timing_figures_over_the_handshake(hooks) -> None:
     and handshake_ms, and the guest's own heartbeat gap, all measured apart."""
     src = SimHypervisor(guest_processes=True)
     dst = SimHypervisor(guest_processes=True)
-    server = relocation.RelocationServer(
+    server = RelocationServer(
         "127.0.0.1", 0, hosts_allow=[],
         restore=lambda stream, peer, paused=False, on_created=None: restore_domain(
             dst, stream, hooks=hooks, paused=paused, on_created=on_created),
@@ -264,8 +266,8 @@ def test_timing_figures_over_the_handshake(hooks) -> None:
             time.sleep(0.01)
         # capped so the image takes ~0.5 s: the destination's guest process (a
         # python started when the restore builds the domain) is up before go
-        report = relocation.migrate(src, domid, "127.0.0.1", server.port, live=True,
-                                    hooks=hooks, rate_cap_bps=80e6 / 8)
+        report = migrate(src, domid, "127.0.0.1", server.port, live=True,
+                         hooks=hooks, rate_cap_bps=80e6 / 8)
         assert "downtime_s" not in report and "resumed_after_s" not in report
         down, hand, rest = report["downtime_ms"], report["handshake_ms"], report["restore_ms"]
         guest = report["guest_downtime_ms"]
@@ -287,11 +289,11 @@ def test_rate_cap_bounds_the_whole_transfer(source, hooks, receivers) -> None:
     rx = receivers(hooks)
     cap = 200e6 / 8                                            # xm migrate -r 200
     t0 = time.monotonic()
-    report = relocation.migrate(hv, domid, "127.0.0.1", rx.server.port, live=True,
-                                hooks=hooks, rate_cap_bps=cap)
+    report = migrate(hv, domid, "127.0.0.1", rx.server.port, live=True,
+                     hooks=hooks, rate_cap_bps=cap)
     took = time.monotonic() - t0
     assert report["rate_cap_mbit"] == 200.0
-    burst = relocation.RateLimiter(cap).burst
+    burst = RateLimiter(cap).burst
     assert took >= (report["wire_bytes"] - burst) / cap
     assert report["send_mbit"] <= 200 * 1.05
 
@@ -309,6 +311,6 @@ def test_the_done_phase_runs_after_running_and_delays_nothing(source, hooks, rec
         return real_done(session, outcome)
 
     monkeypatch.setattr(hooks, "save_done", slow_done)
-    report = relocation.migrate(hv, domid, "127.0.0.1", rx.server.port, live=True, hooks=hooks)
+    report = migrate(hv, domid, "127.0.0.1", rx.server.port, live=True, hooks=hooks)
     assert order == [("done", True)]
     assert report["downtime_ms"] < 400 and report["handshake_ms"] < 400

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from test_hostile_regress import GOOD, Host, ask, make_cert, preflight
-from xend_tmem.xend import relocation
+from xend_tmem.xend.relocation import server as relocation_server
+from xend_tmem.xend.relocation.protocol import TlsSettings
 
 
 def _closed(s: socket.socket, within: float) -> bool:
@@ -38,10 +39,10 @@ def test_at_the_cap_the_oldest_waiting_connection_is_evicted(tmp_path: Path) -> 
 
 
 def test_a_tls_handshake_trickling_in_is_ended_by_the_sweep(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(relocation, "CONTROL_DEADLINE_S", 1.0)
-    monkeypatch.setattr(relocation, "SWEEP_GRACE_S", 0.5)
+    monkeypatch.setattr(relocation_server, "CONTROL_DEADLINE_S", 1.0)
+    monkeypatch.setattr(relocation_server, "SWEEP_GRACE_S", 0.5)
     crt, key, _ = make_cert(tmp_path, "srv")
-    h = Host(tmp_path / "h", tls=relocation.TlsSettings(cert_file=crt, key_file=key),
+    h = Host(tmp_path / "h", tls=TlsSettings(cert_file=crt, key_file=key),
              io_timeout=30.0)
     try:
         with socket.create_connection(("127.0.0.1", h.server.port), timeout=5) as s:

@@ -16,8 +16,7 @@ import pytest
 
 from xend_tmem import integrity
 from xend_tmem.errors import Cancelled
-from xend_tmem.xend import relocation
-from xend_tmem.xend.relocation import RateLimiter
+from xend_tmem.xend.relocation.client import RateLimiter, _Channel, _pace, _PeerWriter
 
 
 class FakeClock:
@@ -76,7 +75,7 @@ def test_a_cancel_ends_the_wait() -> None:
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Cancelled):
-        relocation._pace(lim, 10_000, cancel)                   # 10 s owed: not waited
+        _pace(lim, 10_000, cancel)                              # 10 s owed: not waited
 
 
 def _pair() -> Tuple[socket.socket, socket.socket]:
@@ -108,9 +107,9 @@ def send_for(cap_bps, seconds: float, crc: bool = True) -> Tuple[float, int, int
     t = threading.Thread(target=_drain, args=(b, got), daemon=True)
     t.start()
     try:
-        ch = relocation._Channel(a, "127.0.0.1", RateLimiter(cap_bps) if cap_bps else None)
-        w = relocation._PeerWriter(ch, None, 30.0, framed=True,
-                                   page_log=integrity.PageLog() if crc else None)
+        ch = _Channel(a, "127.0.0.1", RateLimiter(cap_bps) if cap_bps else None)
+        w = _PeerWriter(ch, None, 30.0, framed=True,
+                        page_log=integrity.PageLog() if crc else None)
         block = memoryview(bytes(1 << 20))
         ch.send_line(["go"])
         t0 = time.monotonic()

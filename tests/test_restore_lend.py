@@ -55,18 +55,38 @@ def _restore(data: bytes) -> Tuple[SimHypervisor, Dict[int, Tuple[int, str]], St
     return hv, hv.tmem_digest(domid), r
 
 
-def test_many_batches_arrive_intact_and_the_reader_keeps_two_buffers(monkeypatch) -> None:
+@pytest.mark.parametrize("in_place", [True, False])
+def test_many_batches_arrive_intact_and_the_reader_keeps_two_buffers(monkeypatch,
+                                                                     in_place: bool) -> None:
+    """With the store's slots lent (``restore_lend_slots``) the records are read
+    straight into them, all but what the reader had buffered; without, every
+    batch stays in the reader's buffers. No batch is copied either way."""
     lent = []
+    direct = []
     lend = StreamReader.lend
+    read_direct = StreamReader.read_direct
 
     def counting(self: StreamReader, n: int) -> bytearray:
         lent.append(n)
         return lend(self, n)
 
+    def counting_direct(self: StreamReader, out: memoryview) -> int:
+        got = read_direct(self, out)
+        direct.append(got)
+        return got
+
     monkeypatch.setattr(StreamReader, "lend", counting)
+    monkeypatch.setattr(StreamReader, "read_direct", counting_direct)
+    if not in_place:
+        monkeypatch.setattr(SimHypervisor, "restore_lend_slots", lambda *a: None)
     src, domid = _source(PAGES)
     hv, digest, r = _restore(_stream(src, domid))
-    assert sum(lent) == PAGES * tc.record_size(1, 4096)      # every batch lent, none copied
+    total = PAGES * tc.record_size(1, 4096)
+    assert sum(lent) + sum(direct) == total      # every batch lent or read in place
+    if in_place:
+        assert sum(direct) >= total - (1 << 20)   # all but the first buffered MiB
+    else:
+        assert not direct
     assert digest == src.tmem_digest(domid)
     assert digest[0][0] == PAGES
     assert len(r._spare) <= 1 and len(r.buf) <= 2 * (1 << 20)    # white-box: the pair

@@ -243,7 +243,7 @@ def test_migrate_cancel_finds_the_job_by_domain(svc, mocker) -> None:
         from xend_tmem.errors import Cancelled
         raise Cancelled("cancelled")
 
-    mocker.patch.object(service.relocation, "migrate", side_effect=stalled)
+    mocker.patch.object(service.relocation_client, "migrate", side_effect=stalled)
     with pytest.raises(XendError, match="no migration of domain web1 is in progress here"):
         svc.job_migrate_cancel("web1")
     job_id = svc.job_migrate("web1", "127.0.0.1", live=True, port=9)

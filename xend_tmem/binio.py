@@ -133,6 +133,56 @@ class StreamReader:
         if len(self._spare) < 2:
             self._spare.append(buf)
 
+    def read_direct(self, out: memoryview) -> int:
+        """Consume the next ``len(out)`` bytes into ``out`` (e.g. a store's slots):
+        what is buffered first, the rest read from the file straight into
+        ``out``, with no copy through the buffer. Returns the bytes consumed:
+        fewer only at the end of the stream. :meth:`unread` gives some back."""
+        n = out.nbytes
+        have = min(self.end - self.pos, n)
+        if have:
+            out[:have] = self.buf[self.pos:self.pos + have]
+            self.pos += have
+        got = have
+        if got < n and not self._eof:
+            self._base += self.pos       # the buffer is drained: start it afresh
+            self.pos = self.end = 0
+        while got < n and not self._eof:
+            with out[got:] as rest:
+                k = self._read_direct_into(rest)
+            if not k:
+                self._eof = True
+                break
+            got += k
+            self._base += k
+        return got
+
+    def _read_direct_into(self, mv: memoryview) -> int:
+        if self._readinto is not None:
+            return self._readinto(mv) or 0
+        data = self._f.read(min(mv.nbytes, CHUNK))
+        mv[:len(data)] = data
+        return len(data)
+
+    def unread(self, data: Buffer) -> None:
+        """Put ``data`` (bytes consumed last, e.g. by :meth:`read_direct`) back in
+        front of the unread ones: the offset moves back by its length."""
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if not n:
+            return
+        if n <= self.pos:
+            self.buf[self.pos - n:self.pos] = data
+            self.pos -= n
+            return
+        rest = self.end - self.pos
+        merged = bytearray(data)
+        merged += self.buf[self.pos:self.end]
+        start = self.offset - n
+        if len(self.buf) < n + rest:
+            self.buf.extend(bytes(n + rest - len(self.buf)))
+        self.buf[:n + rest] = merged
+        self._base, self.pos, self.end = start, 0, n + rest
+
     def skip(self, n: int) -> None:
         """Consume ``n`` bytes already made available by :meth:`fill`."""
         self.pos += n

@@ -133,7 +133,7 @@ class ToolstackConfig:
     def relocation_tls(self) -> Any:
         """The TLS settings of both relocation directions: this host's key pair
         (the server's, presented as a client too) and how peers are verified."""
-        from .xend.relocation import TlsSettings
+        from .xend.relocation.protocol import TlsSettings
         return TlsSettings(cert_file=self.relocation_ssl_cert_file,
                            key_file=self.relocation_ssl_key_file,
                            ca_file=self.relocation_ssl_ca_file,

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import (TYPE_CHECKING, Callable, Iterable, Iterator, List, Optional, Protocol,
+                    Sequence, Tuple)
 
 from ..binio import StreamReader, StreamWriter
 from ..errors import SaveError, StreamError
@@ -361,14 +362,49 @@ def _check_pool(pool: PoolRecord, version: int, off: int, max_page_size: Optiona
 
 def _read_pages(r: StreamReader, visitor: ChunkVisitor, pool: PoolRecord, olen: int,
                 ones: bytes) -> Tuple[int, bool]:
-    """Page records until n_pages or the terminator; batches scanned in place."""
+    """Page records until n_pages or the terminator; batches scanned in place.
+
+    A visitor with ``page_slots(pool, max_count)`` (a writable view of up to
+    that many record slots, or None) and ``pages_lent(pool, count, offset)``
+    has the records read straight into its slots (a hypervisor's store: no copy
+    in this process); the bytes from a terminator or a cut record on are given
+    back to the reader and end the list on the path below, so both paths agree
+    on what is stored and what is refused."""
     rec = olen + 4 + pool.page_size
     per_batch = max(1, BATCH_BYTES // rec)
     left = pool.n_pages
     received = 0
+    lend: Optional[Callable[[PoolRecord, int], Optional[memoryview]]] = \
+        getattr(visitor, "page_slots", None)
+    put_lent: Optional[Callable[[PoolRecord, int, int], None]] = \
+        getattr(visitor, "pages_lent", None)
+    if put_lent is None:
+        lend = None
     while left:
+        if lend is not None and put_lent is not None and r.available < rec:
+            view = lend(pool, left)
+            if view is None:
+                lend = None
+                continue
+            off = r.offset
+            got = r.read_direct(view)
+            whole = got // rec
+            k = records_before_terminator(view, 0, whole, rec, ones)
+            if k * rec < got:
+                # a terminator, or the stream cut inside a record: from there on
+                # the bytes are read again below (which ends the list or fails)
+                with view[k * rec:got] as tail:
+                    r.unread(tail)
+                lend = None
+            elif got < view.nbytes:
+                lend = None                 # the stream ended: below says where
+            put_lent(pool, k, off)
+            received += k
+            left -= k
+            continue
         want = min(left, per_batch)
-        avail = r.fill(want * rec)
+        # reading in place: only whole records already buffered go this way
+        avail = r.available if lend is not None else r.fill(want * rec)
         buf, pos = r.buf, r.pos
         limit = min(want, avail // rec)
         k = records_before_terminator(buf, pos, limit, rec, ones)

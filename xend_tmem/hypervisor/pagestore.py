@@ -277,7 +277,7 @@ class PageStore:
 
     __slots__ = ("version", "page_size", "header_len", "record_size", "slots_per_segment",
                  "_segments", "_objs", "_count", "_seq", "_order", "_free", "_next", "_heap",
-                 "_snaps")
+                 "_snaps", "_lent")
 
     def __init__(self, version: int, page_size: int, segment_bytes: int = SEGMENT_BYTES,
                  heap: Optional[SegmentHeap] = None) -> None:
@@ -296,6 +296,7 @@ class PageStore:
         self._free = array("i")         # freed slots, reused last-freed first
         self._next = 0
         self._snaps: "weakref.WeakSet[Snapshot]" = weakref.WeakSet()
+        self._lent: Optional[Tuple[int, memoryview]] = None   # slots a reader fills in place
 
     # -- keys -----------------------------------------------------------------
     def make_key(self, oid: Sequence[int], index: int) -> bytes:
@@ -337,6 +338,8 @@ class PageStore:
 
     # -- slots and order --------------------------------------------------------
     def _alloc(self) -> int:
+        if self._lent is not None:
+            self.drop_lent()
         if self._free:
             return self._free.pop()
         slot = self._next
@@ -418,6 +421,7 @@ class PageStore:
         return True
 
     def clear(self) -> int:
+        self.drop_lent()
         n = self._count
         if self._snaps and n:
             for slot in self._live_order():
@@ -429,7 +433,8 @@ class PageStore:
         self._seq = array("i")
         self._order = array("i")
         self._free = array("i")
-        self._heap.give(self._segments)
+        if not self._snaps:     # a save walk may still be writing views of them: no reuse
+            self._heap.give(self._segments)
         self._segments.clear()
         self._next = 0
         return n
@@ -498,11 +503,25 @@ class PageStore:
                      count: int, commit_ahead: bool) -> None:
         """All-new keys, no free slots: consecutive fresh slots, indexed a run at
         a time, copied with one slice per segment touched."""
+        if self._lent is not None:
+            self.drop_lent()
         rs, per = self.record_size, self.slots_per_segment
         start = self._next
         end = start + count
         while (end - 1) // per >= len(self._segments):
             self._segments.append(self._heap.take(ahead=commit_ahead))
+        self._index_runs(runs, start, count)
+        done, slot = 0, start
+        while done < count:
+            seg, rel = divmod(slot, per)
+            n = min(count - done, per - rel)
+            self._segments[seg][rel * rs:(rel + n) * rs] = src[done * rs:(done + n) * rs]
+            done += n
+            slot += n
+
+    def _index_runs(self, runs: List[Tuple[bytes, int, int, int]], start: int,
+                    count: int) -> None:
+        """Index ``count`` all-new records as slots ``start..`` (the next fresh ones)."""
         objs = self._objs
         for oid, first, at, m in runs:
             obj = objs.get(oid)
@@ -513,16 +532,82 @@ class PageStore:
             self._compact()
         base = len(self._order)
         self._seq.extend(range(base, base + count))
-        self._order.extend(range(start, end))
-        self._next = end
+        self._order.extend(range(start, start + count))
+        self._next = start + count
         self._count += count
-        done, slot = 0, start
-        while done < count:
-            seg, rel = divmod(slot, per)
-            n = min(count - done, per - rel)
-            self._segments[seg][rel * rs:(rel + n) * rs] = src[done * rs:(done + n) * rs]
-            done += n
-            slot += n
+
+    # -- records read in place --------------------------------------------------
+    def lend_slots(self, max_count: int, commit_ahead: bool = False) -> Optional[memoryview]:
+        """A writable view of up to ``max_count`` fresh consecutive slots (to the
+        end of their segment) for a reader to fill with wire-layout records in
+        place, so a restore stream lands in the store with no copy of its own;
+        :meth:`put_lent` then stores what was read as :meth:`put_records` would.
+        None when puts would not take fresh slots (freed ones are reused first).
+        Until then the slots are not the store's: nothing is indexed."""
+        self.drop_lent()
+        if self._free or max_count <= 0:
+            return None
+        rs, per = self.record_size, self.slots_per_segment
+        seg, rel = divmod(self._next, per)
+        n = min(max_count, per - rel)
+        while seg >= len(self._segments):
+            self._segments.append(self._heap.take(ahead=commit_ahead))
+        view = memoryview(self._segments[seg])[rel * rs:(rel + n) * rs]
+        self._lent = (self._next, view)
+        return view
+
+    @property
+    def lent_view(self) -> Optional[memoryview]:
+        """The view :meth:`lend_slots` handed out, while it is outstanding."""
+        return self._lent[1] if self._lent is not None else None
+
+    def drop_lent(self) -> None:
+        """Forget the lent slots (nothing was stored in them); a segment taken
+        only for them goes back to the heap."""
+        lent, self._lent = self._lent, None
+        if lent is None:
+            return
+        lent[1].release()
+        need = -(-self._next // self.slots_per_segment)
+        if len(self._segments) > need:
+            extra = self._segments[need:]
+            del self._segments[need:]
+            self._heap.give(extra)
+
+    def put_lent(self, count: int, room: Optional[Callable[[int], None]] = None) -> int:
+        """Store the first ``count`` records written into the lent slots, as
+        :meth:`put_records` (``room`` may refuse them: then nothing is stored).
+        All-new keys in runs (a save stream) are indexed where they lie; other
+        batches (overwrites, repeated keys) are stored from a copy."""
+        lent = self._lent
+        if lent is None or lent[0] != self._next or self._free:
+            self.drop_lent()
+            raise ValueError("no slots lent, or the store took them for other puts since")
+        start, view = lent
+        rs = self.record_size
+        if not 0 <= count <= view.nbytes // rs:
+            self.drop_lent()
+            raise ValueError(f"{count} records do not fit the {view.nbytes // rs} slots lent")
+        if not count:
+            if room is not None:
+                room(0)
+            self.drop_lent()
+            return 0
+        try:
+            runs = self._runs_of(view, count)
+            if runs is not None and self._all_new(runs):
+                if room is not None:
+                    room(count)
+                self._lent = None
+                self._index_runs(runs, start, count)
+                view.release()
+                return count
+            copy = bytes(view[:count * rs])
+        except BaseException:
+            self.drop_lent()
+            raise
+        self.drop_lent()
+        return self.put_records(copy, count, room)
 
     def _put_each(self, src: memoryview, count: int,
                   room: Optional[Callable[[int], None]]) -> int:
@@ -626,9 +711,16 @@ class PageStore:
             runs.append((run_seg, run_start, run_end))
         return pos, count, runs
 
-    def collect(self, snap: Snapshot, pos: int, max_pages: int) -> Tuple[int, int, bytes]:
-        """``(new_pos, count, records)``: up to ``max_pages`` records of the walk."""
+    def collect(self, snap: Snapshot, pos: int, max_pages: int,
+                view: bool = False) -> Tuple[int, int, Buffer]:
+        """``(new_pos, count, records)``: up to ``max_pages`` records of the walk.
+        With ``view``, records in one run are a read-only view of the segment
+        (no copy; a save writes it before the pool changes again)."""
         pos, count, runs = self._walk_runs(snap, pos, max_pages)
+        if view and len(runs) == 1:
+            s, a, b = runs[0]
+            with memoryview(self._segments[s]) as whole:
+                return pos, count, whole[a:b].toreadonly()
         parts = [self._segments[s][a:b] for s, a, b in runs]
         return pos, count, parts[0] if len(parts) == 1 else b"".join(parts)
 

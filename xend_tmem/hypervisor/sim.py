@@ -231,6 +231,11 @@ class SimHypervisor:
     process (module doc) instead of in :meth:`tick`; :meth:`close` stops them.
     """
 
+    # not in the interface: ``save_get_pages_view`` hands out the records
+    # as a read-only view of the store (the in-process save writes them with no
+    # copy of its own)
+    walk_views = True
+
     def __init__(self, release: str = "4.0.2", defects: Sequence[str] = (),
                  tmem_capacity_pages: int = 1 << 22, trace: Optional[list] = None,
                  seed: Optional[int] = None, tmem_prealloc_mib: int = 0,
@@ -1159,9 +1164,11 @@ class SimHypervisor:
         return [keys, 0, None, True]
 
     def _walk_collect(self, pool: _Pool, walk: List, max_pages: int,
-                      out: Optional[memoryview] = None) -> Tuple[int, Any]:
+                      out: Optional[memoryview] = None,
+                      in_place: bool = False) -> Tuple[int, Any]:
         """Advance a walk by up to ``max_pages`` pages, as Xen's cursor did; with
-        ``out`` the records are copied straight into it (a view of it is returned)."""
+        ``out`` the records are copied straight into it (a view of it is returned),
+        with ``in_place`` a batch in one run of the store is a read-only view of it."""
         store = pool.store
         if walk[3]:
             walk[3] = False
@@ -1173,7 +1180,7 @@ class SimHypervisor:
             walk[1], count = store.collect_into(walk[0], walk[1], max_pages, out)
             records: Any = out[:count * store.record_size]
         else:
-            walk[1], count, records = store.collect(walk[0], walk[1], max_pages)
+            walk[1], count, records = store.collect(walk[0], walk[1], max_pages, view=in_place)
         if count:
             rs, hl = store.record_size, store.header_len
             with memoryview(records) as mv:
@@ -1288,6 +1295,20 @@ class SimHypervisor:
     def save_get_pages(self, domid: int, pool_id: int, max_pages: int,
                        out: Optional[Union[bytearray, memoryview]] = None,
                        crcs=None) -> Tuple[int, bytes]:
+        return self._save_get_pages(domid, pool_id, max_pages, out, crcs, False)
+
+    def save_get_pages_view(self, domid: int, pool_id: int, max_pages: int,
+                            crcs=None) -> Tuple[int, Any]:
+        """Not in the interface (see ``walk_views``): :meth:`save_get_pages`
+        where records in one run of the store come as a read-only view of it,
+        valid until the pool next changes (a save writes them at once; the
+        frozen client puts nothing, and a store emptied meanwhile keeps its
+        memory from reuse while a walk is open)."""
+        return self._save_get_pages(domid, pool_id, max_pages, None, crcs, True)
+
+    def _save_get_pages(self, domid: int, pool_id: int, max_pages: int,
+                        out: Optional[Union[bytearray, memoryview]], crcs,
+                        in_place: bool) -> Tuple[int, Any]:
         op = "SAVE_GET_PAGES"
         with self._lock:
             pool, walk = self._walk(domid, pool_id, op)
@@ -1304,7 +1325,8 @@ class SimHypervisor:
                 self._trace_refusal(f"SAVE_GET_NEXT_PAGE pool={pool_id} cli={domid}", e)
                 raise e
             view = memoryview(out).cast("B") if out is not None else None
-            count, records = self._walk_collect(pool, walk, max_pages, view)
+            count, records = self._walk_collect(pool, walk, max_pages, view,
+                                                in_place=in_place and view is None)
             if crcs is not None and count:
                 try:
                     record_crcs(records, count, rs, rs - pool.store.header_len, crcs)
@@ -1541,6 +1563,48 @@ class SimHypervisor:
                 except HypervisorError as e:
                     self._trace_refusal(f"{op} pool={pool_id} cli={domid} count={count}", e)
                     raise
+
+    def restore_lend_slots(self, domid: int, pool_id: int,
+                           max_pages: int) -> Optional[memoryview]:
+        """Not a Xen op: a writable view of up to ``max_pages`` record slots of
+        the pool's store (fewer at a segment's end) for the restore stream to be
+        read into in place (no copy of its own); :meth:`restore_put_lent` then
+        stores them as :meth:`restore_put_pages` would. None where that does not
+        apply (e.g. the store reuses freed slots, or H8): use the batched put."""
+        with self._lock:
+            try:
+                pool = self._restore_pool(domid, pool_id, "RESTORE_PUT_PAGE")
+            except HypervisorError:
+                return None              # restore_put_pages refuses it, as usual
+            if not self.profile.copies_pages:
+                return None
+            return pool.store.lend_slots(max_pages, commit_ahead=True)
+
+    def restore_put_lent(self, domid: int, pool_id: int, count: int) -> None:
+        """Store the first ``count`` records read into the view
+        :meth:`restore_lend_slots` handed out; refused as :meth:`restore_put_pages`
+        (then nothing of them is stored)."""
+        op = "RESTORE_PUT_PAGE"
+        with self._lock:
+            try:
+                self._dom(domid)
+                pool = self._restore_pool(domid, pool_id, op)
+                store = pool.store
+                lent = store.lent_view
+                if lent is None:
+                    raise HypervisorError(op, f"no slots of pool {pool_id} are lent")
+                traced = (bytes(lent[:count * store.record_size])
+                          if count and self._trace is not None else None)
+                try:
+                    self._used += store.put_lent(
+                        count, room=lambda new: self._room(new * pool.units, op)) * pool.units
+                except ValueError as exc:
+                    raise HypervisorError(op, str(exc)) from None
+                if traced is not None:
+                    self._trace_records(op, pool, pool_id, domid, traced, count)
+            except HypervisorError as e:
+                self._trace_refusal(f"{op} pool={pool_id} cli={domid} count={count}", e)
+                raise
 
     def restore_flush_page(self, domid: int, pool_id: int, oid: OID, index: int) -> None:
         op = "RESTORE_FLUSH_PAGE"

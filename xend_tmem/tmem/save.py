@@ -35,6 +35,7 @@ from ..binio import StreamWriter
 from ..codec import tmemchunk as tc
 from .. import xen
 from ..errors import SaveError
+from ..hypervisor.pagestore import SEGMENT_BYTES
 from ..session import Pending, RoundStats, SaveSession
 from . import policy
 from .settings import TmemSettings
@@ -188,7 +189,12 @@ class TmemWriter:
         queues behind the one in flight; the calls are still one at a time, in
         order, none after the walk's end and none past the pages announced,
         but a request queued behind a batch that came back short asks for fewer
-        pages than the plain loop would have."""
+        pages than the plain loop would have.
+
+        An in-process simulator (``walk_views``) hands out each batch as a view
+        of its store, a segment's run of records, written with no copy in this
+        process; there is then nothing for a helper thread to overlap (unless
+        it computes page checksums), so the calls are the plain loop's."""
         version = self.version
         hv, domid, pool_id, n_pages = self.hv, self.domid, pool.pool_id, pool.n_pages
         # a hypervisor process's client leaves each batch in a connection's shared
@@ -196,11 +202,18 @@ class TmemWriter:
         # copy, and batches of HELD_BATCH_BYTES (a quarter of the buffer), a quarter
         # of the round trips
         get_held = getattr(hv, "save_get_pages_held", None)
-        per_batch = max(1, (tc.BATCH_BYTES if get_held is None else HELD_BATCH_BYTES)
+        # an in-process simulator hands out views of its store: written with no copy
+        views = get_held is None and getattr(hv, "walk_views", False) is True
+        get_pages = hv.save_get_pages_view if views else hv.save_get_pages
+        # a view is a run of the store: a segment's worth of records at a time
+        per_batch = max(1, (HELD_BATCH_BYTES if get_held is not None else
+                            SEGMENT_BYTES if views else tc.BATCH_BYTES)
                         // tc.record_size(version, pool.page_size))
-        # one batch has nothing to overlap: no helper thread then
+        # one batch has nothing to overlap, nor has a view without checksums to
+        # compute: no helper thread then
         fetcher = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="tmem-walk")
-                   if n_pages > per_batch else None)
+                   if n_pages > per_batch and not (views and self.page_log is None)
+                   else None)
 
         # with page checksums the hypervisor computes each page's CRC32 as it
         # copies the batch (on its own core): one array per batch in flight
@@ -216,9 +229,9 @@ class TmemWriter:
                     crc_batches[id(view)] = hcrcs
                 return count, view
             if self.page_log is None:
-                return hv.save_get_pages(domid, pool_id, n)
+                return get_pages(domid, pool_id, n)
             crcs = array("I", bytes(4 * n))
-            count, records = hv.save_get_pages(domid, pool_id, n, crcs=crcs)
+            count, records = get_pages(domid, pool_id, n, crcs=crcs)
             crc_batches[id(records)] = crcs
             return count, records
 

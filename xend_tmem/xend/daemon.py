@@ -45,7 +45,8 @@ from ..pidlock import PidLock, lock_holder, read_pid
 from ..errors import ConfigError, PluginError, XendTmemError
 from ..hypervisor.backends import load_backend
 from ..plugins import CheckpointHooks, get_plugin_manager
-from . import relocation
+from .relocation.protocol import server_context
+from .relocation.server import RelocationServer
 from . import rpc
 from .rpc import UnixXMLRPCServer, serve_in_thread
 from .service import XendService
@@ -227,7 +228,7 @@ def _ssl_context(config: ToolstackConfig) -> ssl.SSLContext:
     """The TLS relocation server's context: its key pair, and with
     ``xend-relocation-ssl-ca-file`` the clients' certificates verified."""
     try:
-        return relocation.server_context(config.relocation_tls())
+        return server_context(config.relocation_tls())
     except (OSError, ssl.SSLError) as exc:
         ca = f", {config.relocation_ssl_ca_file}" if config.relocation_ssl_ca_file else ""
         raise StartError(f"cannot load the relocation TLS key, certificate or CA file "
@@ -251,18 +252,18 @@ def raise_nofile_limit() -> int:
 
 
 def _relocation_servers(config: ToolstackConfig, service: XendService
-                        ) -> List[relocation.RelocationServer]:
+                        ) -> List[RelocationServer]:
     wanted: List[Tuple[int, Optional[ssl.SSLContext]]] = []
     if config.relocation_server:
         wanted.append((config.relocation_port, None))
     if config.relocation_ssl_server:
         wanted.append((config.relocation_ssl_port, _ssl_context(config)))
-    servers: List[relocation.RelocationServer] = []
+    servers: List[RelocationServer] = []
     try:
         for port, ctx in wanted:
             address = config.relocation_address or "0.0.0.0"
             try:
-                server = relocation.RelocationServer(
+                server = RelocationServer(
                     address, port, hosts_allow=config.hosts_allow_patterns(),
                     restore=service.incoming_restore, check_offer=service.check_offer,
                     discard=service.discard_domain, ssl_context=ctx,

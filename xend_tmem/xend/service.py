@@ -44,7 +44,9 @@ from ..hypervisor.interface import DomainInfo, Hypervisor
 from ..plugins import CheckpointHooks, get_plugin_manager
 from ..xen import ALL_CLIENTS, DOM0, PAGE_SIZE, SHUTDOWN_REASONS
 from . import journal as jrn
-from . import relocation
+from .relocation import client as relocation_client
+from .relocation import protocol as relocation_protocol
+from .relocation.server import RelocationServer
 from .jobs import Job, JobTable
 from .progress import report_lines
 from .rpc import UnixXMLRPCServer
@@ -56,7 +58,7 @@ STATES = ("running", "blocked", "paused", "shutdown", "crashed", "dying")
 BLOCKING_WAIT_S = 24 * 3600.0
 REPORT_GRACE_S = 1.0         # at stop: time for xm to read how its job ended
 RECOVERY_QUERY_WINDOW_S = 10.0   # xend start: how long to try a destination that is down
-IN_DOUBT_RETRY_S = relocation._seconds("XEND_TMEM_TEST_IN_DOUBT_RETRY_S", 30.0)
+IN_DOUBT_RETRY_S = relocation_protocol.timeout_from_env("XEND_TMEM_TEST_IN_DOUBT_RETRY_S", 30.0)
 OVERHEAD_SAMPLES = 5          # migrations whose fixed handover cost the next estimate uses
 
 
@@ -92,7 +94,7 @@ class XendService:
         self.plugin_errors = list(plugin_errors)
         self.journal = journal if journal is not None else jrn.Journal(config.state_dir)
         self.jobs = JobTable()
-        self._relocation_servers: List[relocation.RelocationServer] = []
+        self._relocation_servers: List[RelocationServer] = []
         self._lock = threading.RLock()
         self._busy: Dict[int, str] = {}
         # restores whose domain does not exist yet: token -> what, so an -a
@@ -101,8 +103,8 @@ class XendService:
         self._stopping = threading.Event()
         self.recovered: List[str] = []          # what recover() ended, for xm info
         self._doubt_thread: Optional[threading.Thread] = None
-        self.query_window = relocation.QUERY_WINDOW_S   # a job asking its destination
-        self.ack_timeout = relocation.ACK_TIMEOUT_S
+        self.query_window = relocation_client.QUERY_WINDOW_S   # a job asking its destination
+        self.ack_timeout = relocation_client.ACK_TIMEOUT_S
         self._outgoing: Dict[int, Tuple[int, str]] = {}  # migrate job id -> (domid, name)
         # destination -> the last migrations' suspend -> running cost beyond the
         # image and the destination's restore (the last bytes' transit, the
@@ -111,11 +113,11 @@ class XendService:
         self._overhead_ms: Dict[Tuple[str, int], List[float]] = {}
 
     @property
-    def relocation_servers(self) -> List[relocation.RelocationServer]:
+    def relocation_servers(self) -> List[RelocationServer]:
         return self._relocation_servers
 
     @relocation_servers.setter
-    def relocation_servers(self, servers: List[relocation.RelocationServer]) -> None:
+    def relocation_servers(self, servers: List[RelocationServer]) -> None:
         """The daemon hands over its servers; they start domains and journal through us."""
         for server in servers:
             server.bind(unpause=self.incoming_started, journal=self.journal, hv=self.hv)
@@ -558,21 +560,22 @@ class XendService:
 
             try:
                 progress = jrn.killpoint_progress(job.progress, "migrate-stream")
-                report = relocation.migrate(self.hv, domid, dst, port, live=bool(live),
-                                            hooks=self.hooks, node=node, use_ssl=use_ssl,
-                                            progress=progress,
-                                            cancel=job.cancel, on_accepted=accepted,
-                                            on_received=received, name=name,
-                                            migration_id=mid, journal=entry.note,
-                                            query_window=self.query_window,
-                                            ack_timeout=self.ack_timeout,
-                                            tls=self.config.relocation_tls() if use_ssl
-                                            else None,
-                                            limits=limits, rate_cap_bps=rate_cap_bps,
-                                            settings=settings,
-                                            overhead_ms=min(self._overhead_ms.get((dst, port))
-                                                            or [0.0]))
-            except relocation.MigrationInDoubt:
+                report = relocation_client.migrate(self.hv, domid, dst, port, live=bool(live),
+                                                   hooks=self.hooks, node=node, use_ssl=use_ssl,
+                                                   progress=progress,
+                                                   cancel=job.cancel, on_accepted=accepted,
+                                                   on_received=received, name=name,
+                                                   migration_id=mid, journal=entry.note,
+                                                   query_window=self.query_window,
+                                                   ack_timeout=self.ack_timeout,
+                                                   tls=self.config.relocation_tls() if use_ssl
+                                                   else None,
+                                                   limits=limits, rate_cap_bps=rate_cap_bps,
+                                                   settings=settings,
+                                                   overhead_ms=min(
+                                                       self._overhead_ms.get((dst, port))
+                                                       or [0.0]))
+            except relocation_client.MigrationInDoubt:
                 entry.update(phase="in-doubt", notes={})
                 self._watch_in_doubt()
                 raise
@@ -1069,13 +1072,13 @@ class XendService:
             # "go" arrived (or a stock sender, which has no commit): it is ours
             if info is not None and info.paused:
                 self.hv.unpause(info.domid)
-            self.journal.record_outcome(mid, relocation.RUNNING)
+            self.journal.record_outcome(mid, relocation_protocol.RUNNING)
             where = f"domain {info.name} ({info.domid})" if info else "the domain (gone since)"
             return (f"incoming migration {mid or ''} of {name or 'a domain'} from {peer}: "
                     f"cleared to run; {where} started")
         if info is not None:
             self.hv.destroy_domain(info.domid)
-        self.journal.record_outcome(mid, relocation.ABORTED)
+        self.journal.record_outcome(mid, relocation_protocol.ABORTED)
         what = f"domain {info.name} ({info.domid}) destroyed" if info else "no domain was left"
         return (f"incoming migration {mid or ''} of {name or 'a domain'} from {peer}: never "
                 f"got go; {what} (the source keeps it)")
@@ -1094,14 +1097,14 @@ class XendService:
         if phase not in ("go-sent", "in-doubt"):
             return f"{where}: interrupted before go; " + \
                 self._recover_source(info, name, notes), True
-        answer, detail = relocation.query_migration(
+        answer, detail = relocation_client.query_migration(
             host, port, mid, use_ssl=bool(d.get("ssl")),
             window=min(self.query_window, RECOVERY_QUERY_WINDOW_S),
             tls=self.config.relocation_tls() if d.get("ssl") else None)
-        if answer == relocation.RUNNING:
+        if answer == relocation_protocol.RUNNING:
             self.hv.destroy_domain(info.domid)
             return f"{where}: {detail}: it runs there; the copy here ({info.domid}) destroyed", True
-        if answer == relocation.ABORTED:
+        if answer == relocation_protocol.ABORTED:
             return f"{where}: {detail}: " + self._recover_source(info, name, notes), True
         entry.update(phase="in-doubt")
         return (f"{where}: cannot tell whether it runs there ({detail}); domain {info.name} "
