@@ -146,6 +146,7 @@ def test_a_drain_earns_the_rate_limiter_no_tokens() -> None:
     the bucket must not fill while the sender waits for the receiver."""
     now = [0.0]
     lim = RateLimiter(1e6, burst=100_000, clock=lambda: now[0])
+    now[0] += 0.1                                       # sending time earns the burst
     assert lim.reserve(100_000) == 0.0                  # the burst is spent
     tokens = lim.pause()
     now[0] += 5.0                                       # a long drain

@@ -27,9 +27,12 @@ class FakeClock:
         return self.now
 
 
-def test_bucket_grants_its_burst_then_paces_at_the_rate() -> None:
+def test_bucket_starts_empty_grants_an_earned_burst_then_paces_at_the_rate() -> None:
     clock = FakeClock()
     lim = RateLimiter(1_000_000, burst=100_000, clock=clock)     # 1 MB/s
+    assert lim.reserve(1) > 0                                   # it starts empty
+    clock.now += 0.1 + 1e-6                                     # 100 ms idle earn the burst
+    lim.refund(1)
     assert lim.reserve(100_000) == 0.0                          # the burst goes at once
     assert lim.reserve(50_000) == pytest.approx(0.05)           # then 50 ms per 50 kB
     clock.now += 0.05
@@ -50,14 +53,15 @@ def test_bucket_long_run_rate_is_the_cap_whatever_the_chunking() -> None:
         clock.now += wait                                       # the sender sleeps that long
         sent += size
     elapsed = clock.now - start
-    # never above the cap, beyond the initial burst
-    assert sent <= rate * elapsed + lim.burst + 1          # (+1: float rounding)
+    # never above the cap: the bucket starts empty, so not even by a burst
+    assert sent <= rate * elapsed + 1                      # (+1: float rounding)
     assert sent / elapsed == pytest.approx(rate, rel=0.02)
 
 
 def test_refund_returns_unsent_bytes() -> None:
     clock = FakeClock()
     lim = RateLimiter(1e6, burst=10_000, clock=clock)
+    clock.now += 0.01                                           # earn the burst first
     assert lim.reserve(10_000) == 0.0
     lim.refund(10_000)
     assert lim.sent == 0 and lim.reserve(10_000) == 0.0

@@ -75,6 +75,8 @@ class RateLimiter:
     at least one 64 KiB chunk), so over any stretch longer than a few
     milliseconds the rate stays at the cap; :meth:`reserve` may drive the
     bucket into debt, and the caller waits the time it returns before sending.
+    The bucket starts empty: a burst is earned by idle sending time, never given
+    up front, so a short transfer does not start above the cap.
     ``clock`` is injectable so the arithmetic is tested without sleeping.
     """
 
@@ -88,7 +90,8 @@ class RateLimiter:
         self.rate = float(rate_bps)
         self.burst = int(burst if burst is not None else max(64 << 10, self.rate * 0.01))
         self.clock = clock
-        self.tokens = float(self.burst)
+        self.tokens = 0.0             # empty at the start: no burst before the first byte,
+        # so even a migration of a few MB stays within the cap from its first byte on
         self.stamp = clock()
         self.sent = 0                 # bytes reserved and not refunded: the bytes written
         # how much to hand the socket at once: ~2 ms at the cap
