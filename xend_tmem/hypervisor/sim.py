@@ -1298,7 +1298,8 @@ class SimHypervisor:
         return self._save_get_pages(domid, pool_id, max_pages, out, crcs, False)
 
     def save_get_pages_view(self, domid: int, pool_id: int, max_pages: int,
-                            crcs=None) -> Tuple[int, Any]:
+                            crcs: Optional[Union[bytearray, memoryview, "array[int]"]] = None
+                            ) -> Tuple[int, Any]:
         """Not in the interface (see ``walk_views``): :meth:`save_get_pages`
         where records in one run of the store come as a read-only view of it,
         valid until the pool next changes (a save writes them at once; the
@@ -1307,7 +1308,8 @@ class SimHypervisor:
         return self._save_get_pages(domid, pool_id, max_pages, None, crcs, True)
 
     def _save_get_pages(self, domid: int, pool_id: int, max_pages: int,
-                        out: Optional[Union[bytearray, memoryview]], crcs,
+                        out: Optional[Union[bytearray, memoryview]],
+                        crcs: Optional[Union[bytearray, memoryview, "array[int]"]],
                         in_place: bool) -> Tuple[int, Any]:
         op = "SAVE_GET_PAGES"
         with self._lock:
