@@ -8,18 +8,22 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional
 
+from xend_tmem.binio import StreamReader
+from xend_tmem.hypervisor.interface import Hypervisor
+from xend_tmem.session import Outcome, Pending, RestoreSession, RoundStats, SaveSession
+
 from xend_tmem.xen import PAGE_SIZE, TMEM_MARKERS
 from xend_tmem.tmem.report import report_lines
 from xend_tmem.tmem.restore import TmemRestorer
 from xend_tmem.tmem.save import TmemSaveJob, TmemSizes, check_movable
-from xend_tmem.tmem.settings import parse_settings
+from xend_tmem.tmem.settings import TmemSettings, parse_settings
 
 from . import hookimpl
 
 NAME = "tmem"
 
 
-def _settings(session):
+def _settings(session: SaveSession) -> TmemSettings:
     return parse_settings(session.settings.get(NAME))
 
 
@@ -31,37 +35,38 @@ def checkpoint_configure(settings: Mapping[str, Mapping[str, Any]]) -> None:
 # -- save -------------------------------------------------------------------------
 
 @hookimpl
-def checkpoint_save_setup(session) -> None:
+def checkpoint_save_setup(session: SaveSession) -> None:
     session.plugin_state[NAME] = TmemSaveJob(session, _settings(session))
 
 
 @hookimpl
-def checkpoint_save_before_header(session) -> None:
+def checkpoint_save_before_header(session: SaveSession) -> None:
     session.plugin_state[NAME].before_header()
 
 
 @hookimpl
-def checkpoint_save_before_rounds(session) -> None:
+def checkpoint_save_before_rounds(session: SaveSession) -> None:
     session.plugin_state[NAME].before_rounds()
 
 
 @hookimpl
-def checkpoint_save_after_round(session, round) -> None:
+def checkpoint_save_after_round(session: SaveSession, round: RoundStats) -> None:
     session.plugin_state[NAME].after_round(round)
 
 
 @hookimpl
-def checkpoint_save_pending(session):
-    return session.plugin_state[NAME].pending()
+def checkpoint_save_pending(session: SaveSession) -> Optional[Pending]:
+    job: TmemSaveJob = session.plugin_state[NAME]
+    return job.pending()
 
 
 @hookimpl
-def checkpoint_save_after_suspend(session) -> None:
+def checkpoint_save_after_suspend(session: SaveSession) -> None:
     session.plugin_state[NAME].after_suspend()
 
 
 @hookimpl
-def checkpoint_save_done(session, outcome) -> None:
+def checkpoint_save_done(session: SaveSession, outcome: Outcome) -> None:
     job = session.plugin_state.pop(NAME, None)
     if job is not None:
         job.done(outcome)
@@ -70,7 +75,7 @@ def checkpoint_save_done(session, outcome) -> None:
 
 
 @hookimpl
-def checkpoint_recover(hv, domid: int, notes: Mapping[str, Any]) -> None:
+def checkpoint_recover(hv: Hypervisor, domid: int, notes: Mapping[str, Any]) -> None:
     # A xend that died during the save: SAVE_END only if SAVE_BEGIN was issued
     # ("issued": xend died inside the call, the hypervisor may have completed
     # it; then SAVE_END is owed, and it restores the state SAVE_BEGIN kept).
@@ -86,13 +91,14 @@ def checkpoint_restore_markers() -> List[int]:
 
 
 @hookimpl
-def checkpoint_restore_setup(session) -> None:
+def checkpoint_restore_setup(session: RestoreSession) -> None:
     session.plugin_state[NAME] = TmemRestorer(session.hv, session.domid,
-                                              page_check=getattr(session, "page_check", None))
+                                              page_check=session.page_check)
 
 
 @hookimpl
-def checkpoint_restore_chunk(session, marker: int, reader, offset: int) -> Optional[bool]:
+def checkpoint_restore_chunk(session: RestoreSession, marker: int, reader: StreamReader,
+                             offset: int) -> Optional[bool]:
     if marker not in TMEM_MARKERS:
         return None
     session.plugin_state[NAME].read_chunk(reader, marker, offset)
@@ -100,7 +106,7 @@ def checkpoint_restore_chunk(session, marker: int, reader, offset: int) -> Optio
 
 
 @hookimpl
-def checkpoint_restore_done(session, outcome) -> None:
+def checkpoint_restore_done(session: RestoreSession, outcome: Outcome) -> None:
     restorer: Optional[TmemRestorer] = session.plugin_state.get(NAME)
     if restorer is None:
         return
@@ -127,7 +133,7 @@ def checkpoint_report_lines(report: Mapping[str, Any]) -> Optional[List[str]]:
 # -- migration pre-flight ------------------------------------------------------------
 
 @hookimpl
-def checkpoint_migrate_offer(hv, domid: int) -> Optional[Dict[str, Any]]:
+def checkpoint_migrate_offer(hv: Hypervisor, domid: int) -> Optional[Dict[str, Any]]:
     sizes = TmemSizes(hv, domid)
     if not sizes.pools:
         return None
@@ -137,7 +143,7 @@ def checkpoint_migrate_offer(hv, domid: int) -> Optional[Dict[str, Any]]:
 
 
 @hookimpl
-def checkpoint_migrate_check(hv, offer: Mapping[str, Any]) -> Optional[str]:
+def checkpoint_migrate_check(hv: Hypervisor, offer: Mapping[str, Any]) -> Optional[str]:
     mine = offer.get(NAME)
     if not mine:
         return None

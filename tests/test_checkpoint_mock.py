@@ -36,6 +36,7 @@ def make_hv(mocker):
                                              config={"name": "web1", "memory": 1, "vcpus": 1})
     hv.p2m_size.return_value = P2M
     hv.read_pages.side_effect = lambda d, pfns: bytes(4096 * len(pfns))
+    hv.map_foreign_range.return_value = None        # no mapping here: read_pages copies
     hv.read_and_clear_dirty.return_value = []
     hv.online_vcpus.return_value = [0]
     hv.get_vcpu_context.return_value = bytes(5168)
@@ -52,6 +53,7 @@ def make_hv(mocker):
     hv.save_get_pool_npages.return_value = 3
     hv.save_get_pool_uuid.return_value = (0, 0)
     pages = iter([(3, records(3)), (0, b"")])
+    hv.save_pages_lending.return_value = None       # lends nothing: save_get_pages copies
     hv.save_get_pages.side_effect = lambda d, p, n: next(pages, (0, b""))
     hv.save_get_invs.return_value = []
     return hv

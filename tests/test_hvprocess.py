@@ -120,6 +120,12 @@ def _script(hv: Any) -> Dict[str, Any]:
     call("enable_logdirty", d)
     call("write_pages", d, [3, 4, 100], b"".join(page(i) for i in (7, 8, 9)))
     call("read_pages", d, [100, 3, 4, 0])
+    # the process client maps guest RAM, the in-process simulator declines
+    view = hv.map_foreign_range(d, [3, 4])
+    out["map_foreign_range"] = bytes(view) if view is not None else hv.read_pages(d, [3, 4])
+    assert out["map_foreign_range"] == page(7) + page(8)
+    if view is not None:
+        view.release()
     call("read_and_clear_dirty", d)
     call("disable_logdirty", d)
     # guest side
@@ -142,6 +148,13 @@ def _script(hv: Any) -> Dict[str, Any]:
     call("save_get_pool_npages", d, 0)
     call("save_get_pool_uuid", d, 0)
     call("save_get_next_page", d, 0)
+    # both backends lend save batches (their own buffers: sizes differ, the walk not)
+    out["save_pages_lending"] = hv.save_pages_lending() is not None
+    n, held, release = hv.save_get_pages_held(d, 0, 1)
+    out["save_get_pages_held"] = (n, bytes(held))
+    release()
+    release()                                          # idempotent
+    assert n == 1
     call("save_get_pages", d, 0, 2)
     crcs = array("I", [0] * 3)                         # the hypervisor fills one per record
     n, recs = hv.save_get_pages(d, 0, 2, crcs=crcs)
@@ -170,6 +183,19 @@ def _script(hv: Any) -> Dict[str, Any]:
     out["restore_put_pages_crc_refusal"] = str(e)
     out["restore_put_pages_crc_stored"] = [hv.guest_get(r, 0, oid(n), n) is not None
                                            for n in (4, 5, 6, 7, 8)]
+    # lent slots (the in-process store lends them, the process client declines):
+    # either way the same records end up stored
+    slots = hv.restore_lend_slots(r, 0, 2)
+    if slots is not None:
+        slots[:2 * 4124] = rec(9, 9) + rec(10, 10)
+        hv.restore_put_lent(r, 0, 2)
+    else:
+        hv.restore_put_pages(r, 0, rec(9, 9) + rec(10, 10), 2)
+    out["restore_lend_slots"] = [hv.guest_get(r, 0, oid(n), n) for n in (9, 10)]
+    assert out["restore_lend_slots"] == [page(9), page(10)]
+    e = _error(lambda: hv.restore_put_lent(r, 0, 1))   # nothing lent now, on both
+    assert isinstance(e, HypervisorError)
+    out["restore_put_lent"] = str(e)
     call("restore_flush_page", r, 0, oid(2), 2)
     # admin
     call("set_weight", r, 7)

@@ -550,6 +550,7 @@ def test_save_path_never_ends_a_save_it_did_not_begin(mocker, answer, live):
                                              running=True)
     hv.p2m_size.return_value = 8
     hv.read_pages.side_effect = lambda d, pfns: bytes(4096 * len(pfns))
+    hv.map_foreign_range.return_value = None        # no mapping here: read_pages copies
     hv.read_and_clear_dirty.return_value = []
     hv.online_vcpus.return_value = [0]
     hv.get_vcpu_context.return_value = bytes(5168)

@@ -1,5 +1,5 @@
 """Page records read straight into the store's slots (``restore_lend_slots``)
-and written straight from them (``save_get_pages_view``): every outcome, good or
+and written straight from them (``save_get_pages_held``): every outcome, good or
 bad, is the one the copying path gives (the same pages stored, the same error at
 the same offset), and a refused or cut batch leaves nothing of itself behind."""
 from __future__ import annotations
@@ -300,26 +300,28 @@ def test_unread_into_the_room_before_pos() -> None:
 def _chunks(hv: SimHypervisor, domid: int, monkeypatch: pytest.MonkeyPatch,
             in_place: bool, f: Optional[Any] = None) -> Iterator[bytes]:
     with monkeypatch.context() as m:
-        if not in_place:
-            m.setattr(SimHypervisor, "walk_views", False)
+        if not in_place:                    # the backend declines to lend: a copy
+            m.setattr(SimHypervisor, "save_pages_lending", lambda self: None)
         yield _stream(hv, domid, f)
 
 
 def test_the_save_writes_views_of_the_store_the_same_bytes(
         stream: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    view = SimHypervisor.save_get_pages_view
+    view = SimHypervisor.save_get_pages_held
 
-    def counting(self: SimHypervisor, *a: Any, **kw: Any) -> Tuple[int, Any]:
+    def counting(self: SimHypervisor, *a: Any, **kw: Any) -> Tuple[int, Any, Any]:
         got = view(self, *a, **kw)
         calls.append(type(got[1]))
         return got
 
-    monkeypatch.setattr(SimHypervisor, "save_get_pages_view", counting)
+    monkeypatch.setattr(SimHypervisor, "save_get_pages_held", counting)
     src, domid = _source()
     (fast,) = _chunks(src, domid, monkeypatch, True)
     assert memoryview in calls
+    lent = len(calls)
     (slow,) = _chunks(src, domid, monkeypatch, False)
+    assert len(calls) == lent              # declined: nothing lent, save_get_pages copied
     (trickled,) = _chunks(src, domid, monkeypatch, True, Trickle(step=65521))  # short writes
     assert fast == slow == trickled == stream
 

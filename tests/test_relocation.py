@@ -51,10 +51,10 @@ class Receiver:
         self.offers = []
         self.restores = 0
 
-        def default_restore(stream, peer, paused=False, on_created=None):
+        def default_restore(stream, peer, paused=False, on_created=None, page_check=None):
             self.restores += 1
             return restore_domain(self.hv, stream, hooks=hooks, paused=paused,
-                                  on_created=on_created)
+                                  on_created=on_created, page_check=page_check)
 
         def check_offer(offer):
             self.offers.append(offer)
@@ -133,7 +133,7 @@ def test_preflight_refusal_touches_nothing(source, hooks, receivers) -> None:
 def test_restore_failure_on_the_receiver_resumes_the_source(source, hooks, receivers) -> None:
     hv, domid = source
 
-    def failing_restore(stream, peer, paused=False, on_created=None):
+    def failing_restore(stream, peer, paused=False, on_created=None, page_check=None):
         stream.read(1 << 16)
         raise StreamError("pool flags wrong", offset=1234, field="pool flags", value=5)
 
@@ -253,8 +253,9 @@ def test_timing_figures_over_the_handshake(hooks) -> None:
     dst = SimHypervisor(guest_processes=True)
     server = RelocationServer(
         "127.0.0.1", 0, hosts_allow=[],
-        restore=lambda stream, peer, paused=False, on_created=None: restore_domain(
-            dst, stream, hooks=hooks, paused=paused, on_created=on_created),
+        restore=lambda stream, peer, paused=False, on_created=None, page_check=None:
+        restore_domain(dst, stream, hooks=hooks, paused=paused, on_created=on_created,
+                       page_check=page_check),
         check_offer=lambda offer: [], discard=dst.destroy_domain, unpause=dst.unpause,
         hv=dst)
     server.start()

@@ -18,7 +18,6 @@ from xend_tmem.binio import StreamWriter
 from xend_tmem.codec import tmemchunk as tc
 from xend_tmem.crc import crc32
 from xend_tmem.hypervisor.client import HypervisorClient
-from xend_tmem.tmem import save as tsave
 from xend_tmem.tmem.save import TmemWriter
 
 RS = 24 + 4 + 4096
@@ -44,6 +43,8 @@ def _client(mocker, walk: int, released: List[int], asked: List[int]):
         token = len(asked)
         return k, memoryview(recs), lambda: released.append(token)
 
+    # what the process client declares (two batches held, 4 MiB each)
+    hv.save_pages_lending.return_value = HypervisorClient.save_pages_lending(hv)
     hv.save_get_pages_held.side_effect = held
     hv.save_get_invs.side_effect = lambda d, start, n: [
         (0, (1, 2, 3), i) for i in range(start, 700 - walk)][:n]
@@ -68,7 +69,7 @@ def test_held_batches_give_the_plain_image_and_are_all_handed_back(mocker, n_pag
     body = out.getvalue()
     assert body[:walk * RS] == _records(0, walk)
     assert body[walk * RS:] == (tc.terminator(1) if walk < n_pages else b"")
-    per = tsave.HELD_BATCH_BYTES // RS
+    per = hv.save_pages_lending.return_value.batch_bytes // RS
     got = [min(n, max(0, walk - sum(asked[:i]))) for i, n in enumerate(asked)]
     # never more than a batch, never past the pages announced and not yet received
     assert all(n <= min(per, n_pages - sum(got[:i])) for i, n in enumerate(asked))

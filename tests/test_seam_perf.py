@@ -105,6 +105,7 @@ def test_two_batches_in_flight_make_the_plain_loops_calls(mocker, n_pages, walk)
         left[0] -= k
         return k, _records(walk - left[0] - k, k)
 
+    hv.save_pages_lending.return_value = None       # lends nothing: save_get_pages copies
     hv.save_get_pages.side_effect = get
     deleted = [(0, (1, 2, 3), i) for i in range(n_pages - walk)]
     hv.save_get_invs.side_effect = lambda d, start, n: deleted[start:start + n]

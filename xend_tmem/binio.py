@@ -10,7 +10,7 @@ import ctypes
 import os
 import stat
 import struct
-from typing import BinaryIO, Callable, List, Optional, Union
+from typing import Callable, List, Optional, Protocol, Union
 
 from .errors import StreamError
 
@@ -32,6 +32,20 @@ def _load_sync_file_range() -> Optional[Callable[..., int]]:
 
 _sync_file_range = _load_sync_file_range()
 Buffer = Union[bytes, bytearray, memoryview]
+
+
+class Source(Protocol):
+    """What a :class:`StreamReader` reads: a file, pipe or socket file object, or a
+    wrapper of one (its ``readinto`` is used when it has one)."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class Sink(Protocol):
+    """What a :class:`StreamWriter` writes to: ``write`` may take less than it was
+    given (a non-blocking raw file returns None when it took nothing)."""
+
+    def write(self, data: memoryview, /) -> Optional[int]: ...
 _U32 = struct.Struct("<I")
 _S32 = struct.Struct("<i")
 _U64 = struct.Struct("<Q")
@@ -44,7 +58,7 @@ class StreamReader:
     (zero-copy) after :meth:`fill`; they must call :meth:`skip` for what they used.
     """
 
-    def __init__(self, f: BinaryIO, offset: int = 0) -> None:
+    def __init__(self, f: Source, offset: int = 0) -> None:
         self._f = f
         self._readinto = getattr(f, "readinto", None)
         self.buf = bytearray(CHUNK)
@@ -267,7 +281,7 @@ class StreamWriter:
     decides); pipes and sockets are left alone.
     """
 
-    def __init__(self, f: BinaryIO, offset: int = 0, bufsize: int = CHUNK) -> None:
+    def __init__(self, f: Sink, offset: int = 0, bufsize: int = CHUNK) -> None:
         self._f = f
         self._buf = bytearray()
         self._bufsize = bufsize
@@ -276,12 +290,13 @@ class StreamWriter:
         self._wb_pending = 0
 
     @staticmethod
-    def _writeback_fd(f: BinaryIO) -> int:
+    def _writeback_fd(f: Sink) -> int:
         """The descriptor of a regular file to start writeback on, else -1."""
-        if _sync_file_range is None:
+        fileno: Optional[Callable[[], int]] = getattr(f, "fileno", None)
+        if _sync_file_range is None or fileno is None:
             return -1
         try:
-            fd = f.fileno()
+            fd = fileno()
             return fd if stat.S_ISREG(os.fstat(fd).st_mode) else -1
         except (AttributeError, OSError, ValueError):   # BytesIO, closed, no fileno
             return -1
@@ -293,7 +308,8 @@ class StreamWriter:
         self._wb_pending = 0
         # offset 0, length 0: every dirty page of the file; pages already being
         # written are skipped, so this costs a walk of the dirty ones only
-        if _sync_file_range(self._wb_fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:  # type: ignore[misc]
+        fn = _sync_file_range                # not None: _writeback_fd gave a descriptor
+        if fn is None or fn(self._wb_fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
             self._wb_fd = -1             # e.g. a filesystem that refuses it: the fsync does all
 
     def write(self, data: Buffer) -> None:
@@ -343,12 +359,12 @@ class StreamWriter:
             fl()
 
 
-def ensure_reader(f: Union[BinaryIO, StreamReader]) -> StreamReader:
+def ensure_reader(f: Union[Source, StreamReader]) -> StreamReader:
     """Accept either a file object or an existing :class:`StreamReader`."""
     return f if isinstance(f, StreamReader) else StreamReader(f)
 
 
-def ensure_writer(f: Union[BinaryIO, StreamWriter]) -> StreamWriter:
+def ensure_writer(f: Union[Sink, StreamWriter]) -> StreamWriter:
     return f if isinstance(f, StreamWriter) else StreamWriter(f)
 
 

@@ -16,16 +16,17 @@ rule (a round under 50 pages, 29 rounds, 3 x p2m_size pages).
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .binio import StreamReader, StreamWriter
+from .binio import Sink, Source, StreamReader, StreamWriter
 from .codec import image, legacy, sxp
 from .errors import Cancelled, PluginError, SaveError, StreamError, XendTmemError
-from .hypervisor.interface import Hypervisor
-from .integrity import RamCheck
+from .hypervisor.interface import DomainInfo, Hypervisor
+from .integrity import PageCheck, PageLog, RamCheck
 from .plugins import CheckpointHooks
 from .tmem import policy
 from .xen import (EXTV_SIZE, MAX_BATCH, MAX_XSAVE, NO_DATA_TYPES, PAGE_SIZE, VCPU_CTX_SIZES,
@@ -48,11 +49,11 @@ def _raise_done_errors(phase: str, errors: List[Tuple[str, BaseException]],
                           f"{type(exc).__name__}: {exc}") from exc
     # the original error wins; note the cleanup failures on it
     notes = "; ".join(f"{n}: {e}" for n, e in errors)
-    if hasattr(outcome.error, "add_note"):
+    if outcome.error is not None and hasattr(outcome.error, "add_note"):   # Python 3.11+
         outcome.error.add_note(f"also failed during {phase}: {notes}")
 
 
-def domain_sxp(info) -> str:
+def domain_sxp(info: DomainInfo) -> str:
     """The domain's configuration as xend's SXP ``(domain ...)`` text."""
     config = dict(info.config or {})
     config.setdefault("name", info.name)
@@ -99,7 +100,7 @@ class _Saver:
         # copy. With a page log only while the guest is suspended: the log's CRC
         # must be of the bytes written, and a running guest may change a mapped
         # page between the two.
-        map_range = (getattr(hv, "map_foreign_range", None)
+        map_range = (hv.map_foreign_range
                      if self.s.page_log is None or self.s.suspended else None)
         # with a page log while the guest is suspended, the hypervisor computes
         # the CRCs of batch k+1 (on its own core) while this thread writes batch k
@@ -107,7 +108,7 @@ class _Saver:
         helper = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-crcs")
                   if log is not None and self.s.suspended and len(pfns) else None)
 
-        def ask_crcs(k: int) -> "Optional[Tuple[Future[None], array]]":
+        def ask_crcs(k: int) -> Optional[Tuple[Future[None], array[int]]]:
             if helper is None or k >= len(pfns):
                 return None
             batch = pfns[k:k + MAX_BATCH]
@@ -119,8 +120,10 @@ class _Saver:
             if helper is not None:
                 helper.shutdown(wait=True)
 
-    def _send_batches(self, pfns: Sequence[int], phase: str, map_range,
-                      ask_crcs: "Callable[[int], Optional[Tuple[Future[None], array]]]") -> None:
+    def _send_batches(self, pfns: Sequence[int], phase: str,
+                      map_range: Optional[Callable[[int, Sequence[int]], Optional[memoryview]]],
+                      ask_crcs: Callable[[int], Optional[Tuple[Future[None], array[int]]]]
+                      ) -> None:
         hv, domid, w, width = self.hv, self.s.domid, self.w, self.s.width
         log = self.s.page_log
         pending = ask_crcs(0)
@@ -188,7 +191,8 @@ class _Saver:
             pages = len(to_send)
             now = time.monotonic()
             elapsed = max(sent_at - t0, 1e-6)
-            s.bandwidth_bps = (self.w.offset - b0) / elapsed if self.w.offset > b0 else s.bandwidth_bps
+            if self.w.offset > b0:
+                s.bandwidth_bps = (self.w.offset - b0) / elapsed
             dirty = hv.read_and_clear_dirty(s.domid)
             window.add(self.w.offset - mark_b, now - mark_t - drained, len(dirty) + carried,
                        now - mark_t)
@@ -288,7 +292,7 @@ class _Saver:
         self.progress("tail")
 
 
-def _vcpu_context_size(hv, domid: int) -> int:
+def _vcpu_context_size(hv: Hypervisor, domid: int) -> int:
     """The guest's vcpu context size (5168 x86-64, 2800 x86-32): it sets the
     ``vcpu`` block, and through it the guest width of the p2m frame list."""
     vcpus = hv.online_vcpus(domid)
@@ -300,7 +304,7 @@ def _vcpu_context_size(hv, domid: int) -> int:
     return size
 
 
-def _vcpu_xsaves(hv, domid: int, vcpus: Sequence[int]) -> Dict[int, bytes]:
+def _vcpu_xsaves(hv: Hypervisor, domid: int, vcpus: Sequence[int]) -> Dict[int, bytes]:
     """Each online vcpu's xsave record (empty when it has none)."""
     return {v: bytes(hv.get_vcpu_xsave(domid, v)) for v in vcpus}
 
@@ -309,7 +313,7 @@ def _sizes(xsave: Dict[int, bytes]) -> str:
     return ", ".join(f"vcpu {v}: {len(x)}" for v, x in xsave.items())
 
 
-def _vcpu_xsave_size(hv, domid: int) -> Optional[int]:
+def _vcpu_xsave_size(hv: Hypervisor, domid: int) -> Optional[int]:
     """The ``xcnt`` size, or None when no vcpu has an xsave record.
 
     Xen's stream carries one size for every vcpu, so a domain whose vcpus'
@@ -330,12 +334,13 @@ def _vcpu_xsave_size(hv, domid: int) -> Optional[int]:
     return size
 
 
-def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointHooks,
+def save_domain(hv: Hypervisor, domid: int, out: Union[Sink, StreamWriter], *,
+                hooks: CheckpointHooks,
                 live: bool, checkpoint: bool = False, progress: Optional[ProgressFn] = None,
-                cancel=None, width: int = 8, name: Optional[str] = None,
-                journal: Optional[JournalFn] = None,
+                cancel: Optional[threading.Event] = None, width: int = 8,
+                name: Optional[str] = None, journal: Optional[JournalFn] = None,
                 commit: Optional[Callable[[], None]] = None,
-                page_log=None,
+                page_log: Optional[PageLog] = None,
                 limits: Optional[policy.Limits] = None,
                 rate_cap_bps: Optional[float] = None,
                 overhead_ms: float = 0.0,
@@ -454,10 +459,10 @@ def save_domain(hv: Hypervisor, domid: int, out: BinaryIO, *, hooks: CheckpointH
         if committed:
             # the destination owns the domain now: a release step that failed
             # here is this host's problem, not the migration's
-            for plugin, exc in errors:
+            for plugin, err in errors:
                 session.log.error("domain %d: checkpoint plugin '%s' failed in "
-                                  "checkpoint_save_done after the commit: %s", domid, plugin, exc)
-                done_errors.append(f"{plugin}: {exc}")
+                                  "checkpoint_save_done after the commit: %s", domid, plugin, err)
+                done_errors.append(f"{plugin}: {err}")
         else:
             _raise_done_errors("checkpoint_save_done", errors, outcome)
     now = time.monotonic()
@@ -499,7 +504,7 @@ def _plugin_max(report: Mapping[str, Mapping[str, object]], key: str) -> Optiona
     return max(values) if values else None
 
 
-def _quietly(fn, *args) -> None:
+def _quietly(fn: Callable[..., object], *args: object) -> None:
     """Release steps must not mask the error that is already propagating."""
     try:
         fn(*args)
@@ -512,9 +517,9 @@ def _quietly(fn, *args) -> None:
 # ---------------------------------------------------------------------------
 
 def _config_int(config: Dict[str, object], key: str, default: int, header_offset: int) -> int:
-    value = config.get(key, default)
+    value: Any = config.get(key, default)   # any config value: int() refuses a non-number
     try:
-        out = int(value)  # type: ignore[arg-type]
+        out = int(value)
     except (TypeError, ValueError):
         raise StreamError(f"domain config has {key} {value!r}, not a number",
                           offset=header_offset, field=f"config {key}") from None
@@ -524,11 +529,12 @@ def _config_int(config: Dict[str, object], key: str, default: int, header_offset
     return out
 
 
-def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = False,
+def restore_domain(hv: Hypervisor, inp: Source, *, hooks: CheckpointHooks,
+                   paused: bool = False,
                    name: Optional[str] = None, progress: Optional[ProgressFn] = None,
-                   width: Optional[int] = None, cancel=None,
+                   width: Optional[int] = None, cancel: Optional[threading.Event] = None,
                    on_created: Optional[Callable[[int], None]] = None,
-                   page_check=None) -> Tuple[int, Dict[str, object]]:
+                   page_check: Optional[PageCheck] = None) -> Tuple[int, Dict[str, object]]:
     """Read a xend image and build the domain; returns ``(domid, report)``.
 
     ``width`` is the saving tools' ``unsigned long`` (4 or 8); None infers it
@@ -574,7 +580,8 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
     # the hypervisor computes the CRCs of the RAM pages it was given (issue 8 #4)
     ram_check = RamCheck(hv, domid, page_check) if page_check is not None else None
 
-    def on_pages(pfns, types, data, offset) -> None:
+    def on_pages(pfns: Sequence[int], types: Sequence[int], data: memoryview,
+                 offset: int) -> None:
         # the reader has checked every pfn against p2m_size, checked below against
         # the config; ``data`` is valid only during this call (write_pages copies)
         if cancel is not None and cancel.is_set():
@@ -589,12 +596,12 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
             page_check.ram(pfns, data, offset)
         if pfns:
             hv.write_pages(domid, pfns, data)
-        if token is not None:
+        if token is not None and ram_check is not None:
             ram_check.written(token)
         counters["pages"] += len(pfns)
         progress("restore", r.offset, None)
 
-    def dispatch(reader, marker, offset) -> None:
+    def dispatch(reader: StreamReader, marker: int, offset: int) -> None:
         if not hooks.restore_chunk(session, marker, reader, offset):
             raise StreamError(f"no checkpoint plugin handled chunk {marker}", offset=offset,
                               field="chunk id", value=marker)
@@ -656,7 +663,7 @@ def restore_domain(hv, inp: BinaryIO, *, hooks: CheckpointHooks, paused: bool = 
     }
 
 
-def _restore_vcpus(hv, domid: int, vcpus: int, header: legacy.StreamHeader,
+def _restore_vcpus(hv: Hypervisor, domid: int, vcpus: int, header: legacy.StreamHeader,
                    tail: legacy.Tail) -> None:
     """Each tail record split as Xen's restore did: context, ``extv``, xsave."""
     for vcpu, record in tail.vcpu_contexts:

@@ -30,12 +30,17 @@ import zlib
 from array import array
 from collections import deque
 from itertools import starmap
-from typing import (Any, BinaryIO, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple,
-                    Union)
+from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional, Protocol,
+                    Sequence, Tuple, Union)
 
+from .binio import Sink
 from .crc import crc32 as _crc32
 from .errors import XendTmemError
 from .xen import PAGE_SIZE
+
+if TYPE_CHECKING:
+    import io
+    from concurrent.futures import Future
 
 Buffer = Union[bytes, bytearray, memoryview, "array[int]"]
 
@@ -457,7 +462,7 @@ class RamCheck:
         self.domid = domid
         self.check = check
         self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-check")
-        self._pending: Optional[Tuple[object, "array[int]", Sequence[int], "array[int]",
+        self._pending: Optional[Tuple[Future[None], "array[int]", Sequence[int], "array[int]",
                                       Optional[int]]] = None
 
     def expect(self, pfns: Sequence[int], data: Buffer, offset: Optional[int]) -> Tuple[
@@ -481,7 +486,7 @@ class RamCheck:
         if pending is None:
             return
         future, want, pfns, got, offset = pending
-        future.result()                                       # type: ignore[attr-defined]
+        future.result()
         if got == want:                 # two array('I'): one C comparison
             return
         for i, (g, w) in enumerate(zip(got, want)):
@@ -508,12 +513,18 @@ def sidecar_path(image: str) -> str:
     return image + SIDECAR_SUFFIX
 
 
+class FileSink(Sink, Protocol):
+    """An image file, or a wrapper of one, that :class:`CrcWriter` writes through."""
+
+    def fileno(self) -> int: ...
+
+
 class CrcWriter:
     """A write-through file that keeps the size, the CRC32 of the first
     :data:`HEAD_BYTES` and one CRC32 per run of bytes that are not pages
     ``log`` covers (the sidecar's header and runs)."""
 
-    def __init__(self, out: BinaryIO, log: Optional[PageLog] = None) -> None:
+    def __init__(self, out: FileSink, log: Optional[PageLog] = None) -> None:
         self.out = out
         self.size = 0
         self.head_crc = 0
@@ -562,9 +573,6 @@ class CrcWriter:
     def fileno(self) -> int:
         return self.out.fileno()
 
-    def close(self) -> None:
-        self.out.close()
-
 
 def write_sidecar(path: str, log: PageLog, image: CrcWriter, rename: bool = True) -> str:
     """Write ``path`` for the image ``image`` wrote: ``PATH.part``, fsynced, then
@@ -604,7 +612,7 @@ class ImageCheck(PageCheck):
         self.runs = list(runs)
         self._reader: Optional["CrcReader"] = None
 
-    def reader(self, inp: BinaryIO) -> "CrcReader":
+    def reader(self, inp: io.BufferedIOBase) -> "CrcReader":
         """``inp`` read through the run checks."""
         self._reader = CrcReader(inp, self)
         return self._reader
@@ -628,7 +636,7 @@ class ImageCheck(PageCheck):
 class CrcReader:
     """A read-through file checking the CRC32 of each non-page run as it passes."""
 
-    def __init__(self, inp: BinaryIO, check: ImageCheck) -> None:
+    def __init__(self, inp: io.BufferedIOBase, check: ImageCheck) -> None:
         self.inp = inp
         self.page_check = check
         self.size = 0
@@ -657,7 +665,7 @@ class CrcReader:
         self.size = end
 
     def readinto(self, buf: Buffer) -> int:
-        n = self.inp.readinto(buf)  # type: ignore[attr-defined]
+        n = self.inp.readinto(buf)
         if n:
             self._see(memoryview(buf).cast("B")[:n])
         return n or 0

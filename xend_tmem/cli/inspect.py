@@ -51,7 +51,8 @@ def _config_p2m_hint(hdr: image.ImageHeader) -> Optional[int]:
     """The page count the image's config memory implies (``detect_width``'s
     hint, as restore uses it); None when the config does not say."""
     try:
-        memory = int(sxp.to_mapping(hdr.config).get("memory"))  # type: ignore[arg-type]
+        raw: Any = sxp.to_mapping(hdr.config).get("memory")   # int() refuses a non-number
+        memory = int(raw)
     except (TypeError, ValueError, ConfigError):
         return None
     return memory * 256 if memory > 0 else None
@@ -66,7 +67,8 @@ def _domain_facts(hdr: image.ImageHeader) -> Dict[str, Any]:
     out: Dict[str, Any] = {"name": cfg.get("name")}
     for key in ("memory", "vcpus"):
         try:
-            out[key] = int(cfg.get(key))  # type: ignore[arg-type]
+            value: Any = cfg.get(key)                         # int() refuses a non-number
+            out[key] = int(value)
         except (TypeError, ValueError):
             out[key] = None
     return out
@@ -104,7 +106,7 @@ def _is_chunk_file(path: str) -> bool:
         return len(nxt) < 4 or int.from_bytes(nxt, "little", signed=True) == xen.TMEM_EXTRA
 
 
-class _NullVisitor:
+class _NullVisitor(tc.ChunkVisitor):
     """Reads a chunk for detection only: keeps nothing."""
 
     def client(self, rec: tc.ClientRecord, offset: int) -> None: ...

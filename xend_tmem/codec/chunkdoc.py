@@ -13,7 +13,7 @@ from . import tmemchunk as tc
 from .. import xen
 
 
-class ChunkCollector:
+class ChunkCollector(tc.ChunkVisitor):
     """A chunk visitor that records what it sees (crc32 per page when asked)."""
 
     def __init__(self, with_pages: bool) -> None:

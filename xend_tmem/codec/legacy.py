@@ -1,4 +1,4 @@
-"""Xen's legacy libxc save stream (Xen 4.0 – 4.5): header, chunk loop, tail.
+"""Xen's legacy libxc save stream (Xen 4.0 - 4.5): header, chunk loop, tail.
 
 SPEC §2 and §3. The codec frames the stream and dispatches; it never restores
 anything. Page data reaches the caller one batch at a time as a memoryview over
@@ -23,12 +23,15 @@ import sys
 from array import array
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import (BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Sequence,
-                    Tuple, Union)
+from typing import (TYPE_CHECKING, BinaryIO, Callable, Dict, FrozenSet, Iterable, List, Mapping,
+                    Optional, Sequence, Tuple, Union)
 
 from ..binio import CHUNK, StreamReader, StreamWriter, ensure_reader
 from ..errors import PluginError, SaveError, StreamError
 from .image import QEMU_SIGNATURE
+
+if TYPE_CHECKING:
+    from ..hypervisor.interface import Buffer
 from ..xen import (PAGE_SIZE, MAX_BATCH, PFN_MASK, TYPE_SHIFT, TYPE_BROKEN, TYPE_XALLOC,
                    TYPE_XTAB, NO_DATA_TYPES, MAX_UNMAPPED, MAX_VCPUS, VCPU_CTX_X64, VCPU_CTX_X32,
                    VCPU_CTX_SIZES, EXTV_SIZE, MAX_XSAVE, END, ENABLE_VERIFY_MODE, VCPU_INFO, TMEM,
@@ -165,7 +168,7 @@ def write_p2m_frame_list(w: StreamWriter, width: int, frames: Sequence[int]) -> 
 
 
 def write_page_batch(w: StreamWriter, width: int, pfns: Sequence[int],
-                     types: Optional[Sequence[int]] = None, data=b"", *,
+                     types: Optional[Sequence[int]] = None, data: Buffer = b"", *,
                      inline: bool = True) -> None:
     """One page batch: count, ``type<<28 | pfn`` entries, then the page data.
 
@@ -356,7 +359,7 @@ class MarkerRegistry:
         self._owners[marker] = owner
 
     @property
-    def markers(self) -> frozenset:
+    def markers(self) -> FrozenSet[int]:
         """Every plugin-owned marker (what ``check_p2m_size`` must keep clear of)."""
         return frozenset(self._owners)
 
@@ -380,7 +383,8 @@ class MarkerRegistry:
                 problem = (f"stream starts with {plugin} chunk {marker} (seed layout) at offset "
                            f"{offset} but no plugin handles {plugin}")
             else:
-                problem = f"{plugin} chunk {marker} at offset {offset} but no plugin handles {plugin}"
+                problem = (f"{plugin} chunk {marker} at offset {offset} but no plugin "
+                           f"handles {plugin}")
             problem += (f": enable the '{plugin}' checkpoint plugin (toolstack configuration "
                         "key checkpoint-plugins)")
         else:
@@ -388,7 +392,8 @@ class MarkerRegistry:
                        "checkpoint plugin enabled here declares it")
             if self._owners:
                 problem += (" (enabled plugins' markers: "
-                            + ", ".join(self.describe(m) for m in sorted(self._owners, reverse=True))
+                            + ", ".join(self.describe(m)
+                                        for m in sorted(self._owners, reverse=True))
                             + ")")
         return StreamError(problem, offset=offset, field="first int" if before_header
                            else "chunk id", value=marker)
@@ -480,7 +485,7 @@ class BodyInfo:
 @dataclass
 class Tail:
     guest: str
-    unmapped_pfns: array = field(default_factory=lambda: array("Q"))
+    unmapped_pfns: array[int] = field(default_factory=lambda: array("Q"))
     vcpus: List[int] = field(default_factory=list)
     contexts: List[bytes] = field(default_factory=list)   # one record per vcpu
     shared_info: bytes = b""
@@ -556,9 +561,10 @@ class LegacyReader:
     plugin owns (tmem: ``-5``/``-6``) with the marker already consumed and must
     consume exactly its payload; ``registry`` (the plugin manager's
     :class:`MarkerRegistry`) names owners in errors. Any other marker that is
-    not one of Xen's ids is an error naming it and its offset. ``on_pages(pfns, types, data, offset)`` gets each batch: entry
-    pfns and 4-bit types, a memoryview over the data of the entries that carry
-    data (valid only during the call — copy what you keep) and the stream
+    not one of Xen's ids is an error naming it and its offset.
+    ``on_pages(pfns, types, data, offset)`` gets each batch: entry pfns and 4-bit
+    types, a memoryview over the data of the entries that carry data (valid only
+    during the call — copy what you keep) and the stream
     offset of that data. ``on_chunk`` sees every other chunk once consumed.
     """
 
@@ -722,12 +728,17 @@ class LegacyReader:
             left -= length
         return vcpu_ctx_size, extv, xcnt_size
 
+    def _known_width(self) -> int:
+        """The tools' width: given, or detected by :meth:`read_header`."""
+        assert self.width is not None, "read_header() comes first"
+        return self.width
+
     # -- body ------------------------------------------------------------------
     def read_body(self) -> BodyInfo:
         """The chunk loop up to and including the ``0`` that ends the body."""
         if self.header is None:
             raise RuntimeError("read_header() must come before read_body()")
-        r, width = self._r, self.width
+        r, width = self._r, self._known_width()
         info = BodyInfo()
         self.body = info
         while True:
@@ -799,7 +810,7 @@ class LegacyReader:
         return max_id, words
 
     def _read_batch(self, n: int, info: BodyInfo) -> None:
-        r, width = self._r, self.width
+        r, width = self._r, self._known_width()
         nb = n * width
         _need(r, nb, "page batch pfn entries")
         ents_at = r.offset
@@ -810,7 +821,8 @@ class LegacyReader:
             raise StreamError("pfn entry has bits above 31 set", offset=ents_at + 8 * i,
                               field="pfn entry", value=entries[i])
         pfns = [e & PFN_MASK for e in entries]
-        p2m_size = self.header.p2m_size  # type: ignore[union-attr]
+        assert self.header is not None     # read_body() refuses to start without it
+        p2m_size = self.header.p2m_size
         if max(pfns) >= p2m_size:
             i = next(i for i, p in enumerate(pfns) if p >= p2m_size)
             raise StreamError(f"pfn {pfns[i]:#x} is outside p2m_size {p2m_size:#x}",
@@ -850,7 +862,7 @@ class LegacyReader:
         return self._read_hvm_tail(dm_sink)
 
     def _read_pv_tail(self, body: Optional[BodyInfo]) -> Tail:
-        r, width, h = self._r, self.width, self.header
+        r, width, h = self._r, self._known_width(), self.header
         assert h is not None
         count_at = r.offset
         count = r.u32("unmapped pfn count")

@@ -162,14 +162,15 @@ def _emit(x: Any, out: List[str], indent: Optional[int], depth: int) -> None:
     out.append("(")
     nested = (indent is not None and bool(x) and isinstance(x[0], str)
               and any(isinstance(y, (list, tuple)) for y in x))
+    margin = 4 * (indent or 0)          # used only when nested, which needs an indent
     for i, y in enumerate(x):
         if nested and i and isinstance(y, (list, tuple)):
-            out.append("\n" + " " * (4 * (indent + 1)))  # type: ignore[operator]
+            out.append("\n" + " " * (margin + 4))
         elif i:
             out.append(" ")
         _emit(y, out, None if indent is None else indent + 1, depth + 1)
     if nested:
-        out.append("\n" + " " * (4 * indent))  # type: ignore[operator]
+        out.append("\n" + " " * margin)
     out.append(")")
 
 

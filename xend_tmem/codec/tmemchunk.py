@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import (TYPE_CHECKING, Callable, Iterable, Iterator, List, Optional, Protocol,
+from typing import (TYPE_CHECKING, Iterable, Iterator, List, Optional, Protocol,
                     Sequence, Tuple)
 
 from ..binio import StreamReader, StreamWriter
@@ -234,7 +234,15 @@ def write_extra(w: StreamWriter, version: int,
 # ---------------------------------------------------------------------------
 
 class ChunkVisitor(Protocol):
-    """What a reader reports, in stream order. Buffers are valid only during the call."""
+    """What a reader reports, in stream order. Buffers are valid only during the call.
+
+    Page records go one of two ways. :meth:`pages` hands over records the
+    reader buffered. Before a batch the reader first offers the visitor to
+    lend it slots (:meth:`page_slots`): a visitor that does (a hypervisor's
+    store) has the records read straight into them and is told how many by
+    :meth:`pages_lent`; one that declines (``None``) gets :meth:`pages`.
+    A visitor subclassing this class inherits the declining
+    :meth:`page_slots`."""
 
     def client(self, rec: ClientRecord, offset: int) -> None: ...
     def pool(self, rec: PoolRecord, offset: int) -> None: ...
@@ -242,6 +250,21 @@ class ChunkVisitor(Protocol):
     def pool_end(self, pool: PoolRecord, received: int, terminated: bool) -> None: ...
     def invalidations(self, entries: Sequence[Tuple[int, OID, int]], offset: int) -> None: ...
     def end(self, marker: int, offset: int) -> None: ...
+
+    def page_slots(self, pool: PoolRecord, max_count: int) -> Optional[memoryview]:
+        """A writable view of up to ``max_count`` record slots of ``pool`` for the
+        next records to be read into, or ``None`` to decline (this default):
+        the records then come by :meth:`pages`. A visitor that declines once
+        is not asked again in that pool."""
+        return None
+
+    def pages_lent(self, pool: PoolRecord, count: int, offset: int) -> None:
+        """The first ``count`` records read into the slots :meth:`page_slots`
+        lent are complete (0: give them back); ``offset`` is the first one's.
+        Called only after :meth:`page_slots` lent slots: a visitor that
+        declines never gets it (this default says so if it does)."""
+        raise RuntimeError(f"{type(self).__name__} was told of records read into slots "
+                           f"it never lent")
 
 
 class ChunkOrder:
@@ -364,27 +387,22 @@ def _read_pages(r: StreamReader, visitor: ChunkVisitor, pool: PoolRecord, olen: 
                 ones: bytes) -> Tuple[int, bool]:
     """Page records until n_pages or the terminator; batches scanned in place.
 
-    A visitor with ``page_slots(pool, max_count)`` (a writable view of up to
-    that many record slots, or None) and ``pages_lent(pool, count, offset)``
-    has the records read straight into its slots (a hypervisor's store: no copy
-    in this process); the bytes from a terminator or a cut record on are given
-    back to the reader and end the list on the path below, so both paths agree
-    on what is stored and what is refused."""
+    A visitor that lends slots (:meth:`ChunkVisitor.page_slots`, then
+    :meth:`ChunkVisitor.pages_lent`) has the records read straight into them
+    (a hypervisor's store: no copy in this process); the bytes from a
+    terminator or a cut record on are given back to the reader and end the
+    list on the path below, so both paths agree on what is stored and what is
+    refused."""
     rec = olen + 4 + pool.page_size
     per_batch = max(1, BATCH_BYTES // rec)
     left = pool.n_pages
     received = 0
-    lend: Optional[Callable[[PoolRecord, int], Optional[memoryview]]] = \
-        getattr(visitor, "page_slots", None)
-    put_lent: Optional[Callable[[PoolRecord, int, int], None]] = \
-        getattr(visitor, "pages_lent", None)
-    if put_lent is None:
-        lend = None
+    lend = True                     # until the visitor declines, or lending ends
     while left:
-        if lend is not None and put_lent is not None and r.available < rec:
-            view = lend(pool, left)
+        if lend and r.available < rec:
+            view = visitor.page_slots(pool, left)
             if view is None:
-                lend = None
+                lend = False
                 continue
             off = r.offset
             got = r.read_direct(view)
@@ -395,16 +413,16 @@ def _read_pages(r: StreamReader, visitor: ChunkVisitor, pool: PoolRecord, olen: 
                 # the bytes are read again below (which ends the list or fails)
                 with view[k * rec:got] as tail:
                     r.unread(tail)
-                lend = None
+                lend = False
             elif got < view.nbytes:
-                lend = None                 # the stream ended: below says where
-            put_lent(pool, k, off)
+                lend = False                # the stream ended: below says where
+            visitor.pages_lent(pool, k, off)
             received += k
             left -= k
             continue
         want = min(left, per_batch)
         # reading in place: only whole records already buffered go this way
-        avail = r.available if lend is not None else r.fill(want * rec)
+        avail = r.available if lend else r.fill(want * rec)
         buf, pos = r.buf, r.pos
         limit = min(want, avail // rec)
         k = records_before_terminator(buf, pos, limit, rec, ones)

@@ -34,13 +34,13 @@ import subprocess
 import threading
 import time
 from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence,
-                    Tuple, Union)
+                    Tuple, Type, Union)
 
 from ..detach import READY, spawn_detached
 from ..errors import HypervisorError, NoSuchDomain, XendTmemError
 from . import wire
 from ..xen import PAGE_SIZE
-from .interface import OID, Buffer, DomainInfo, HostInfo, crc_mismatch_index
+from .interface import OID, Buffer, DomainInfo, HostInfo, PageLending, crc_mismatch_index
 from .pfnruns import pfn_runs as _runs
 from .server import PROTOCOL, ServeOptions, paths, raise_error, running_pid
 
@@ -48,10 +48,12 @@ if TYPE_CHECKING:
     from array import array
 
     from ..config import HypervisorSettings
+    from .interface import Hypervisor
 
 log = logging.getLogger("xend_tmem.hypervisor")
 
 BUFFER_SIZE = 16 << 20            # per connection: 4000 page records, 16 x tmem's 1 MiB batch
+HELD_BATCH_BYTES = 4 << 20        # a save's lent batch: a quarter of the round trips of 1 MiB
 _MADV_POPULATE_READ = 22          # Linux 5.14+: fault a run about to be read in one call
 _POPULATE_MIN = 64 * PAGE_SIZE    # below this the call costs more than the faults
 START_TIMEOUT_S = 30.0
@@ -128,7 +130,7 @@ class HypervisorClient:
         self._map_lock = threading.Lock()
         self._map_gen = 0
         self._populate_read = True
-        self._instance: Optional[Tuple[int, float]] = None
+        self._instance: Optional[Tuple[object, object]] = None   # (pid, started)
         self.identity: Dict[str, Any] = {}
         self._closed = False
 
@@ -495,7 +497,8 @@ class HypervisorClient:
         return self._call("save_get_pool_npages", domid, pool_id)
 
     def save_get_pool_uuid(self, domid: int, pool_id: int) -> Tuple[int, int]:
-        return tuple(self._call("save_get_pool_uuid", domid, pool_id))  # type: ignore[return-value]
+        hi, lo = self._call("save_get_pool_uuid", domid, pool_id)
+        return hi, lo
 
     def save_get_next_page(self, domid: int, pool_id: int) -> Optional[Tuple[OID, int, bytes]]:
         op = "save_get_next_page"
@@ -505,13 +508,15 @@ class HypervisorClient:
             if got is None:
                 return None
             oid, index, n = got
-            return tuple(oid), index, bytes(conn.view[:n])  # type: ignore[return-value]
+            o0, o1, o2 = oid
+            return (o0, o1, o2), index, bytes(conn.view[:n])
         finally:
             self._release(conn)
 
     def save_get_pages(self, domid: int, pool_id: int, max_pages: int,
                        out: Optional[Union[bytearray, memoryview]] = None,
-                       crcs=None) -> Tuple[int, bytes]:
+                       crcs: Optional[Union[bytearray, memoryview, array[int]]] = None
+                       ) -> Tuple[int, Buffer]:
         """As the interface; several round trips when ``max_pages`` records exceed
         the shared buffer (the same loop of SAVE_GET_NEXT_PAGE, continued). The
         hypervisor process computes ``crcs`` and leaves them in the shared
@@ -559,13 +564,18 @@ class HypervisorClient:
             if crc_dst is not None:
                 crc_dst.release()
         if out is not None:
-            return total, memoryview(out)[:pos]  # type: ignore[return-value]
+            return total, memoryview(out)[:pos]
         return total, parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def save_pages_lending(self) -> Optional[PageLending]:
+        """Batches are lent in the connections' shared buffers: two held at once
+        (two connections) while a third is filled, each a round trip."""
+        return PageLending(batch_bytes=HELD_BATCH_BYTES, in_flight=2, immediate=False)
 
     def save_get_pages_held(self, domid: int, pool_id: int, max_pages: int,
                             crcs: Optional["array[int]"] = None
                             ) -> Tuple[int, memoryview, Callable[[], None]]:
-        """One SAVE_GET_PAGES round trip whose records stay in the connection's
+        """As the interface: one SAVE_GET_PAGES round trip whose records stay in the connection's
         shared buffer: ``(count, view, release)``. The caller writes the image
         straight from ``view`` (no copy into a fresh buffer: 1 GiB of tmem is
         1 GiB of memcpy and page faults less) and must call ``release`` once
@@ -616,11 +626,11 @@ class HypervisorClient:
         got = self._call("save_get_next_inv", domid)
         if got is None:
             return None
-        pool_id, oid, index = got
-        return pool_id, tuple(oid), index  # type: ignore[return-value]
+        pool_id, (o0, o1, o2), index = got
+        return pool_id, (o0, o1, o2), index
 
     def save_get_invs(self, domid: int, start: int, max_count: int) -> List[Tuple[int, OID, int]]:
-        return [(p, tuple(o), i) for p, o, i in  # type: ignore[misc]
+        return [(p, (o0, o1, o2), i) for p, (o0, o1, o2), i in
                 self._call("save_get_invs", domid, start, max_count)]
 
     def save_end(self, domid: int) -> None:
@@ -654,7 +664,7 @@ class HypervisorClient:
         self._with_data("restore_put_page", (domid, pool_id, tuple(oid), index), data)
 
     def restore_put_pages(self, domid: int, pool_id: int, records: Buffer, count: int,
-                          crcs: Optional[Buffer] = None) -> None:
+                          crcs: Optional[Union[Buffer, array[int]]] = None) -> None:
         """As the interface; records beyond the shared buffer go in several round
         trips (the same loop of RESTORE_PUT_PAGE, continued; stops at a refusal).
         ``crcs`` travel in the shared buffer after the records; a refusal in a
@@ -686,7 +696,7 @@ class HypervisorClient:
             self._release(conn)
 
     def _put_pages_checked(self, op: str, domid: int, pool_id: int, records: Buffer,
-                           count: int, crcs: Buffer) -> None:
+                           count: int, crcs: Union[Buffer, array[int]]) -> None:
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise HypervisorError(op, f"record count {count!r} is not a count")
         conn = self._acquire(op)
@@ -722,6 +732,17 @@ class HypervisorClient:
                     done += k
         finally:
             self._release(conn)
+
+    def restore_lend_slots(self, domid: int, pool_id: int,
+                           max_pages: int) -> Optional[memoryview]:
+        """Declines (``None``): the store lives in the hypervisor process, and a
+        connection's shared buffer serves only the call that holds it, so the
+        records travel by :meth:`restore_put_pages` (one copy into the buffer)."""
+        return None
+
+    def restore_put_lent(self, domid: int, pool_id: int, count: int) -> None:
+        """Refused: :meth:`restore_lend_slots` lends nothing here."""
+        raise HypervisorError("RESTORE_PUT_PAGE", f"no slots of pool {pool_id} are lent")
 
     def restore_flush_page(self, domid: int, pool_id: int, oid: OID, index: int) -> None:
         self._call("restore_flush_page", domid, pool_id, tuple(oid), index)
@@ -804,12 +825,13 @@ class HypervisorClient:
         return self._call("tmem_state", domid)
 
     def tmem_digest(self, domid: int) -> Dict[int, Tuple[int, str]]:
-        return {k: tuple(v) for k, v in self._call("tmem_digest", domid).items()}  # type: ignore[misc]
+        return {k: (n, sha) for k, (n, sha) in self._call("tmem_digest", domid).items()}
 
     def ram_digest(self, domid: int) -> str:
         return self._call("ram_digest", domid)
 
-    def ram_page_crcs(self, domid: int, pfns: Sequence[int], out) -> None:
+    def ram_page_crcs(self, domid: int, pfns: Sequence[int],
+                      out: Union[bytearray, memoryview, array[int]]) -> None:
         """As the interface: computed by the hypervisor process from its own
         mapping; the CRCs come back in the shared buffer."""
         op = "ram_page_crcs"
@@ -894,6 +916,11 @@ def spawn(opts: ServeOptions, timeout: float = START_TIMEOUT_S) -> "subprocess.P
         raise HypervisorStartError(f"cannot start the hypervisor: {text[len('Error: '):]}")
     raise HypervisorStartError(f"the hypervisor process exited during start (status "
                                f"{child.returncode}); see {log_path}")
+
+
+if TYPE_CHECKING:
+    # what makes the client a backend: mypy checks it against the whole interface
+    _IS_A_BACKEND: Type[Hypervisor] = HypervisorClient
 
 
 def connect(settings: "HypervisorSettings", state_dir: str) -> HypervisorClient:

@@ -12,7 +12,12 @@ shaped after Xen's hypercalls:
   each, with Xen's argument conventions and results. The batched methods
   (``save_get_pages``, ``save_get_invs``, ``restore_put_pages``) are each
   documented as the loop of single sub-ops they stand for; a backend on real
-  Xen implements them as that loop into a caller-supplied buffer.
+  Xen implements them as that loop into a caller-supplied buffer. Where a
+  backend has a buffer of its own to lend (a process's shared memory, an
+  in-process store), ``save_get_pages_held`` and ``restore_lend_slots`` /
+  ``restore_put_lent`` spare the toolstack its copy; each has a documented
+  way to decline (``save_pages_lending`` or ``restore_lend_slots`` answer
+  ``None``), and the caller then uses the copying call.
 * :class:`GuestTmem` -- the guest-side tmem ops (``HYPERVISOR_tmem_op``) that
   a guest kernel issues: the simulated guests and the tests use them.
 * :class:`Inspection` -- read-only facts for ``xm info``/``xm list``, the
@@ -38,7 +43,8 @@ from __future__ import annotations
 import re
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple,
+                    Union)
 
 from ..binio import Buffer as Buffer   # bytes-like page data (re-exported for the backends)
 
@@ -102,6 +108,16 @@ class HostInfo:
     started: Optional[float] = None  # wall-clock start of the hypervisor
 
 
+@dataclass(frozen=True)
+class PageLending:
+    """How a backend lends save batches (:meth:`TmemControl.save_get_pages_held`),
+    so the toolstack sizes and overlaps its requests without knowing the backend."""
+
+    batch_bytes: int     # records per request, in bytes, the backend serves best
+    in_flight: int       # batches it can hold lent at once (requests queue behind them)
+    immediate: bool      # lending costs no copy or round trip: nothing to overlap
+
+
 class DomainControl(Protocol):
     """Domain lifecycle and vcpu state (Xen's domctls)."""
 
@@ -163,6 +179,13 @@ class MemoryAccess(Protocol):
     def read_pages(self, domid: int, pfns: Sequence[int]) -> bytes:
         """The pages' contents concatenated, 4096 bytes each, in ``pfns`` order
         (copied from the toolstack's mapping of guest RAM)."""
+    def map_foreign_range(self, domid: int, pfns: Sequence[int]) -> Optional[memoryview]:
+        """``xc_map_foreign_range``: a read-only view of the toolstack's mapping
+        of ``pfns`` when they are one contiguous run, so a save writes the image
+        straight from guest RAM (no copy, as ``xc_domain_save`` did). ``None``
+        declines (not one run, or no mapping in this process): the caller uses
+        :meth:`read_pages`. The view sees the guest's later writes, as Xen's
+        mapping did; the caller releases it once written."""
     def write_pages(self, domid: int, pfns: Sequence[int], data: Buffer) -> None: ...
     def enable_logdirty(self, domid: int) -> None: ...
     def disable_logdirty(self, domid: int) -> None: ...
@@ -210,6 +233,26 @@ class TmemControl(Protocol):
         ``i``'s page in ``crcs[i]`` (the sidecar's page checksums, issue 8 #4,
         computed off the toolstack's thread). Xen has no such op: a backend on
         real Xen computes them in the toolstack from the records it copied."""
+    def save_pages_lending(self) -> Optional[PageLending]:
+        """Whether, and how, :meth:`save_get_pages_held` lends batches; ``None``
+        declines: the backend has no buffer of its own to lend, and the caller
+        uses :meth:`save_get_pages` with a buffer of its own (a backend on real
+        Xen, whose hypercall copies into the caller's buffer, may answer so)."""
+    def save_get_pages_held(self, domid: int, pool_id: int, max_pages: int,
+                            crcs: Optional[array[int]] = None
+                            ) -> Tuple[int, Buffer, Callable[[], None]]:
+        """:meth:`save_get_pages` into a buffer the backend lends rather than
+        one of the caller's (as the hypercall copies into the toolstack's
+        buffer, here one shared with or owned by the hypervisor): ``(count,
+        records, release)``, the same loop of SAVE_GET_NEXT_PAGE calls, the
+        same cursor, the same ``crcs``. ``count`` may be less than
+        ``max_pages`` before the walk's end (what one lent buffer holds: a
+        shared buffer, a run of the store), 0 at the end. ``records`` stay
+        valid until ``release()`` (idempotent), which the caller owes on
+        every path; up to :attr:`PageLending.in_flight` batches may be held at
+        once, a further request waits for a release. Only for a backend whose
+        :meth:`save_pages_lending` is not ``None``; another refuses it
+        (:class:`HypervisorError`, ``errno.EOPNOTSUPP``)."""
     def save_get_next_inv(self, domid: int) -> Optional[Tuple[int, OID, int]]:
         """SAVE_GET_NEXT_INV: next logged deletion (pool_id, oid, index);
         ``None`` after the last, and the call after that starts again from the
@@ -238,6 +281,24 @@ class TmemControl(Protocol):
         code ``errno.EILSEQ`` and the message ``record i: ...`` (see
         :func:`crc_mismatch_index`). Xen has no such op: a backend on real Xen
         checks them in the toolstack before its RESTORE_PUT_PAGE loop."""
+    def restore_lend_slots(self, domid: int, pool_id: int,
+                           max_pages: int) -> Optional[memoryview]:
+        """The first half of :meth:`restore_put_pages` without the copy: a
+        writable buffer of up to ``max_pages`` record slots (fewer at the end
+        of what the backend can lend at once) for the caller to read records
+        into, in the wire layout, as a hypercall reads them from the caller's
+        buffer; :meth:`restore_put_lent` then stores them. ``None`` declines
+        (the backend lends nothing here: no such buffer, a store that reuses
+        freed slots, a pool a put would refuse, H8): the caller uses
+        :meth:`restore_put_pages`, which then refuses what it must. At most
+        one lending per pool is open; a new one, or any other put to the
+        pool, gives the previous one back unstored."""
+    def restore_put_lent(self, domid: int, pool_id: int, count: int) -> None:
+        """The loop of ``count`` RESTORE_PUT_PAGE calls over the first ``count``
+        records read into the slots :meth:`restore_lend_slots` lent (0 gives
+        them back), with :meth:`restore_put_pages`'s checks and refusals; if
+        it refuses, nothing of them is stored. Refused when no slots of the
+        pool are lent."""
     def restore_flush_page(self, domid: int, pool_id: int, oid: OID, index: int) -> None:
         """RESTORE_FLUSH_PAGE: delete one page; a missing page is not an error."""
 

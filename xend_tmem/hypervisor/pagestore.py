@@ -789,7 +789,7 @@ class PageStore:
 
 
 def record_crcs(records: Buffer, count: int, record_size: int, page_size: int,
-                out: Buffer) -> None:
+                out: Union[bytearray, memoryview, array[int]]) -> None:
     """Store the CRC32 of each of ``count`` wire-layout records' pages in
     ``out`` (a writable buffer of native u32): the sidecar's page checksums."""
     mv = memoryview(records).cast("B")
@@ -803,7 +803,7 @@ def record_crcs(records: Buffer, count: int, record_size: int, page_size: int,
 
 
 def first_crc_mismatch(records: Buffer, count: int, record_size: int, page_size: int,
-                       crcs: Buffer) -> Optional[Tuple[int, int, int]]:
+                       crcs: Union[Buffer, array[int]]) -> Optional[Tuple[int, int, int]]:
     """``(index, got, want)`` of the first record whose page's CRC32 is not
     ``crcs[index]``, else None."""
     mv = memoryview(records).cast("B")

@@ -54,10 +54,14 @@ MAX_BUFFER = 256 << 20
 LOG_FORMAT = "[%(asctime)s %(process)d] %(levelname)s (%(name)s) %(message)s"
 MAX_RECORD = PAGE_SIZE + OID_BYTES_V1 + 4   # a 4 KiB page's record with a three-word OID
 
+# Calls that lend a buffer of the caller's own side: the client answers them itself
+# (its shared buffers, or declining), they never cross the socket.
+LENDING = frozenset({"save_pages_lending", "save_get_pages_held", "restore_lend_slots",
+                     "restore_put_lent"})
 # Every interface call a client may make, plus the RAM hand-over.
 CALLS = frozenset(name for name in dir(Hypervisor)
                   if not name.startswith("_") and callable(getattr(Hypervisor, name))
-                  and name != "close") | {"memory_fd"}
+                  and name != "close" and name not in LENDING) | {"memory_fd"}
 # Calls that change domains: logged at INFO (the hypervisor's own record).
 _LOGGED = frozenset({"create_domain", "create_domain_shell", "destroy_domain",
                      "rename_domain"})
@@ -291,7 +295,8 @@ class _Connection:
 
     def _h_guest_put(self, domid: int, pool_id: int, oid: Any, index: int, nbytes: int) -> bool:
         with self._data(nbytes) as data:
-            return self.server.hv.guest_put(domid, pool_id, oid, index, data)
+            stored: bool = self.server.hv.guest_put(domid, pool_id, oid, index, data)
+            return stored
 
     def _h_guest_get(self, domid: int, pool_id: int, oid: Any, index: int) -> int:
         return self._out(self.server.hv.guest_get(domid, pool_id, oid, index), "guest_get")
@@ -349,7 +354,8 @@ class HypervisorServer:
         try:
             with self.hv._lock:
                 client = self.hv._domains[domid].client
-                return client.pools[pool_id].store.record_size
+                size: int = client.pools[pool_id].store.record_size
+                return size
         except (AttributeError, KeyError, IndexError, TypeError):
             return MAX_RECORD
 

@@ -13,8 +13,9 @@ every page in put order and SAVE_END resets every cursor.
 
 Guest RAM is one memfd per domain, mapped shared (committed lazily by the OS;
 :meth:`SimHypervisor.memory_fd` hands it to a hypervisor process's clients,
-whose mapping of it is their foreign mapping); tmem pages live in :class:`~xend_tmem.hypervisor.pagestore.PageStore` segments in
-wire layout, so GiBs of tmem cost no Python object per page. A guest side
+whose mapping of it is their foreign mapping); tmem pages live in
+:class:`~xend_tmem.hypervisor.pagestore.PageStore` segments in wire layout, so
+GiBs of tmem cost no Python object per page. A guest side
 (``guest_*`` methods and a seeded workload played by :meth:`tick`) lets tests
 and the demo exercise the freeze / invalidation rules while a save runs.
 
@@ -71,13 +72,13 @@ from ..xen import (ALL_CLIENTS, CLIENT_COMPRESS, CLIENT_FROZEN, EFROZEN, EXTV_SI
                    POOL_PERSIST, POOL_PRECOMPRESSED, POOL_RESERVED, POOL_SHARED,
                    POOL_VERSION_MASK, POOL_VERSION_SHIFT, SHARED_INFO_SIZE, SHUTDOWN_REASONS,
                    VCPU_CTX_SIZES, VCPU_CTX_X32, VCPU_CTX_X64)
-from .interface import OID, DomainInfo
-from .pagestore import PageStore, SegmentHeap, first_crc_mismatch, record_crcs
-
-log = logging.getLogger("xend_tmem.hypervisor.sim")
+from .interface import OID, Buffer, DomainInfo, PageLending
+from .pagestore import SEGMENT_BYTES, PageStore, SegmentHeap, first_crc_mismatch, record_crcs
 from .pfnruns import pfn_runs
 from .profiles import make_profile
 from .interface import HostInfo, crc_mismatch_message
+
+log = logging.getLogger("xend_tmem.hypervisor.sim")
 
 MAX_P2M = 1 << 28                 # 1 TiB of guest pages
 MAX_SHELL_VCPUS = 512
@@ -104,6 +105,10 @@ def _host_memory() -> Optional[int]:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):
         return None
+
+
+def _nothing_held() -> None:
+    """The ``release`` of a batch lent as a view of the store: nothing to give back."""
 
 
 def _fmt_oid(version: int, oid: Sequence[int]) -> str:
@@ -159,7 +164,7 @@ class _Client:
         self.saving = False
         self.live = False
         self.pre_frozen = False
-        self.walks: Dict[int, List] = {}            # pool id -> [key snapshot, position]
+        self.walks: Dict[int, List[Any]] = {}       # pool id -> [key snapshot, position]
         self.invlog: List[Tuple[int, OID, int]] = []
         self.inv_pos = 0
 
@@ -231,13 +236,8 @@ class SimHypervisor:
     process (module doc) instead of in :meth:`tick`; :meth:`close` stops them.
     """
 
-    # not in the interface: ``save_get_pages_view`` hands out the records
-    # as a read-only view of the store (the in-process save writes them with no
-    # copy of its own)
-    walk_views = True
-
     def __init__(self, release: str = "4.0.2", defects: Sequence[str] = (),
-                 tmem_capacity_pages: int = 1 << 22, trace: Optional[list] = None,
+                 tmem_capacity_pages: int = 1 << 22, trace: Optional[List[str]] = None,
                  seed: Optional[int] = None, tmem_prealloc_mib: int = 0,
                  tmem_version: Optional[int] = None, guest_processes: bool = False) -> None:
         if tmem_version is not None:          # deprecated: 0 = 4.0.0, 1 = 4.0.2
@@ -278,13 +278,21 @@ class SimHypervisor:
     # internals
     # =====================================================================
     def _t(self, line: str) -> None:
-        self._trace.append(line)  # type: ignore[union-attr]
+        if self._trace is not None:         # callers check first; nothing to trace otherwise
+            self._trace.append(line)
 
     def _dom(self, domid: int) -> _Domain:
         d = self._domains.get(domid) if isinstance(domid, int) else None
         if d is None:
             raise NoSuchDomain(domid)
         return d
+
+    @staticmethod
+    def _mem(d: _Domain) -> mmap.mmap:
+        """``d``'s guest RAM (domain 0 has none; a destroyed domain's is released)."""
+        if d.ram is None:
+            raise HypervisorError("ram", f"domain {d.domid} has no guest memory")
+        return d.ram
 
     def _guest_dom(self, domid: int, op: str) -> _Domain:
         """A domain with guest memory (not domain 0)."""
@@ -306,7 +314,8 @@ class SimHypervisor:
 
     @staticmethod
     def _slot(pool_id: int, op: str) -> int:
-        if isinstance(pool_id, bool) or not isinstance(pool_id, int) or not 0 <= pool_id < MAX_POOLS:
+        if (isinstance(pool_id, bool) or not isinstance(pool_id, int)
+                or not 0 <= pool_id < MAX_POOLS):
             raise HypervisorError(op, f"pool id {pool_id!r} is not a slot 0..{MAX_POOLS - 1}")
         return pool_id
 
@@ -333,7 +342,7 @@ class SimHypervisor:
         return pool.store.make_key((a, b, c), index)
 
     @staticmethod
-    def _check_data(pool: _Pool, data, op: str) -> None:
+    def _check_data(pool: _Pool, data: Buffer, op: str) -> None:
         if len(data) != pool.store.page_size:
             raise HypervisorError(op, f"page data is {len(data)} bytes, the pool's pages are "
                                       f"{pool.store.page_size}")
@@ -411,7 +420,7 @@ class SimHypervisor:
             self._detach_pool(c, slot)
         d.client = None
 
-    def _put(self, d: _Domain, c: _Client, pool: _Pool, key: bytes, data) -> bool:
+    def _put(self, d: _Domain, c: _Client, pool: _Pool, key: bytes, data: Buffer) -> bool:
         """A guest put under SPEC §7's rules; False = the guest keeps the page itself."""
         d.stats["tmem_puts"] += 1
         if key in pool.store:
@@ -427,7 +436,7 @@ class SimHypervisor:
         d.stats["swap_fallbacks"] += 1
         return False
 
-    def _walk(self, domid: int, pool_id: int, op: str) -> Tuple[_Pool, Optional[List]]:
+    def _walk(self, domid: int, pool_id: int, op: str) -> Tuple[_Pool, Optional[List[Any]]]:
         c = self._client(domid, op)
         if not c.saving and pool_id not in c.walks:
             # Xen walked without a save too; a cursor left open by H1/H3 still walks
@@ -515,7 +524,7 @@ class SimHypervisor:
                                  config.to_dict())
             try:
                 tag = zlib.crc32(config.name.encode())
-                with memoryview(d.ram) as raw, raw.cast("Q") as words:
+                with memoryview(self._mem(d)) as raw, raw.cast("Q") as words:
                     step = PAGE_SIZE // 8
                     words[0::step] = array("Q", range(p2m))
                     words[1::step] = array("Q", [tag]) * p2m
@@ -729,7 +738,7 @@ class SimHypervisor:
                 d.acc[i] -= n
                 counts.append(min(n, MAX_TICK_OPS))
             rng = d.rng
-            ram = d.ram
+            ram = self._mem(d)
             bitmap = d.log.current_bitmap() if d.dirty and d.log is not None else None
             for _ in range(counts[0]):
                 pfn = rng.randrange(d.p2m)
@@ -745,7 +754,9 @@ class SimHypervisor:
         guest process's request); the caller holds the lock."""
         rng = d.rng
         c = d.client
-        pools = [p for p in c.pools if p is not None] if c is not None else []
+        if c is None:
+            return
+        pools = [p for p in c.pools if p is not None]
         if not pools:
             return
         for _ in range(puts):
@@ -820,15 +831,16 @@ class SimHypervisor:
         ns of the last beat, beats so far)``, ``(0, 0)`` if it never beat."""
         with self._lock:
             d = self._guest_dom(domid, "guest_heartbeat")
-            return read_heartbeat(d.ram, d.p2m)
+            return read_heartbeat(self._mem(d), d.p2m)
 
-    def ram_page_crcs(self, domid: int, pfns: Sequence[int], out) -> None:
+    def ram_page_crcs(self, domid: int, pfns: Sequence[int],
+                      out: Union[bytearray, memoryview, array[int]]) -> None:
         op = "ram_page_crcs"
         with self._lock:
             d = self._guest_dom(domid, op)
             self._runs(pfns, d.p2m, op)                 # every pfn within p2m_size
             with memoryview(out) as raw, raw.cast("B") as flat, flat.cast("I") as dst, \
-                    memoryview(d.ram) as ram:
+                    memoryview(self._mem(d)) as ram:
                 if dst.nbytes < 4 * len(pfns):
                     raise HypervisorError(op, f"a CRC buffer of {dst.nbytes} bytes cannot "
                                               f"hold {len(pfns)} CRCs")
@@ -842,8 +854,9 @@ class SimHypervisor:
             d = self._guest_dom(domid, "ram_digest")
             h = hashlib.sha256()
             step = 16 << 20
+            ram = self._mem(d)
             for off in range(0, d.p2m * PAGE_SIZE, step):
-                h.update(d.ram[off:off + step])
+                h.update(ram[off:off + step])
             return h.hexdigest()
 
     # =====================================================================
@@ -863,7 +876,7 @@ class SimHypervisor:
             return [self.domain_info(i) for i in sorted(self._domains)]
 
     def create_domain_shell(self, name: str, p2m_size: int, vcpus: int,
-                            config: Optional[Dict[str, object]] = None) -> int:
+                            config: Optional[Mapping[str, object]] = None) -> int:
         op = "create_domain_shell"
         with self._lock:
             self._check_name(name, op)
@@ -1004,19 +1017,27 @@ class SimHypervisor:
     def read_pages(self, domid: int, pfns: Sequence[int]) -> bytes:
         with self._lock:
             d = self._guest_dom(domid, "read_pages")
-            ram = d.ram
+            ram = self._mem(d)
             parts = [ram[s * PAGE_SIZE:(s + n) * PAGE_SIZE]
                      for s, n in self._runs(pfns, d.p2m, "read_pages")]
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def write_pages(self, domid: int, pfns: Sequence[int], data: bytes) -> None:
+    def map_foreign_range(self, domid: int, pfns: Sequence[int]) -> Optional[memoryview]:
+        """Declines (``None``) for a domain that exists: in-process, guest RAM is
+        the simulator's own mapping, which a domain's destruction unmaps (a view
+        handed out would keep it from closing); :meth:`read_pages` copies it."""
+        with self._lock:
+            self._guest_dom(domid, "read_pages")
+        return None
+
+    def write_pages(self, domid: int, pfns: Sequence[int], data: Buffer) -> None:
         op = "write_pages"
         with self._lock:
             d = self._guest_dom(domid, op)
             if len(data) != len(pfns) * PAGE_SIZE:
                 raise HypervisorError(op, f"{len(data)} bytes of data for {len(pfns)} pages")
             runs = self._runs(pfns, d.p2m, op)
-            ram = d.ram
+            ram = self._mem(d)
             with memoryview(data) as src:
                 pos = 0
                 for s, n in runs:
@@ -1080,7 +1101,7 @@ class SimHypervisor:
             state: List[bytes] = getattr(d, attr)
             return state[self._vcpu(d, vcpu, op)]
 
-    def _set_vcpu_state(self, domid: int, vcpu: int, op: str, attr: str, data: bytes,
+    def _set_vcpu_state(self, domid: int, vcpu: int, op: str, attr: str, data: Buffer,
                         fits: bool, size_rule: str) -> None:
         """Set one vcpu's ``attr`` entry; ``fits`` False refuses ``data``, saying
         ``size_rule`` (checked after the domain and the vcpu, as Xen's domctl)."""
@@ -1095,7 +1116,7 @@ class SimHypervisor:
     def get_vcpu_context(self, domid: int, vcpu: int) -> bytes:
         return self._get_vcpu_state(domid, vcpu, "get_vcpu_context", "vcpu_ctx")
 
-    def set_vcpu_context(self, domid: int, vcpu: int, data: bytes) -> None:
+    def set_vcpu_context(self, domid: int, vcpu: int, data: Buffer) -> None:
         self._set_vcpu_state(domid, vcpu, "set_vcpu_context", "vcpu_ctx", data,
                              len(data) in VCPU_CTX_SIZES,
                              f"a vcpu context is {VCPU_CTX_X64} or {VCPU_CTX_X32} bytes")
@@ -1103,7 +1124,7 @@ class SimHypervisor:
     def get_ext_vcpu_context(self, domid: int, vcpu: int) -> bytes:
         return self._get_vcpu_state(domid, vcpu, "get_ext_vcpu_context", "ext_ctx")
 
-    def set_ext_vcpu_context(self, domid: int, vcpu: int, data: bytes) -> None:
+    def set_ext_vcpu_context(self, domid: int, vcpu: int, data: Buffer) -> None:
         self._set_vcpu_state(domid, vcpu, "set_ext_vcpu_context", "ext_ctx", data,
                              len(data) == EXTV_SIZE,
                              f"an extended vcpu context is {EXTV_SIZE} bytes")
@@ -1111,7 +1132,7 @@ class SimHypervisor:
     def get_vcpu_xsave(self, domid: int, vcpu: int) -> bytes:
         return self._get_vcpu_state(domid, vcpu, "get_vcpu_xsave", "xsave")
 
-    def set_vcpu_xsave(self, domid: int, vcpu: int, data: bytes) -> None:
+    def set_vcpu_xsave(self, domid: int, vcpu: int, data: Buffer) -> None:
         self._set_vcpu_state(domid, vcpu, "set_vcpu_xsave", "xsave", data,
                              len(data) <= MAX_XSAVE,
                              f"an xsave record is at most {MAX_XSAVE} bytes")
@@ -1120,12 +1141,13 @@ class SimHypervisor:
         with self._lock:
             return self._guest_dom(domid, "get_shared_info").shared_info
 
-    def set_shared_info(self, domid: int, data: bytes) -> None:
+    def set_shared_info(self, domid: int, data: Buffer) -> None:
         op = "set_shared_info"
         with self._lock:
             d = self._guest_dom(domid, op)
             if len(data) != SHARED_INFO_SIZE:
-                raise HypervisorError(op, f"shared info is {SHARED_INFO_SIZE} bytes, got {len(data)}")
+                raise HypervisorError(op, f"shared info is {SHARED_INFO_SIZE} bytes, "
+                                          f"got {len(data)}")
             d.shared_info = bytes(data)
 
     # =====================================================================
@@ -1155,7 +1177,7 @@ class SimHypervisor:
 
     # A walk is ``[put-order snapshot, position, last key returned, fresh]``:
     # Xen's per-pool ``cur_pgp`` with the put order taken at SAVE_BEGIN.
-    def _new_walk(self, pool: _Pool, old: Optional[List]) -> List:
+    def _new_walk(self, pool: _Pool, old: Optional[List[Any]]) -> List[Any]:
         keys = pool.store.snapshot()
         if self.profile.has("H3") and old is not None and old[2] is not None:
             # H3: the cursor survived SAVE_END; Xen continues after the page it
@@ -1163,7 +1185,7 @@ class SimHypervisor:
             return [keys, pool.store.walk_after(keys, old[2]), old[2], False]
         return [keys, 0, None, True]
 
-    def _walk_collect(self, pool: _Pool, walk: List, max_pages: int,
+    def _walk_collect(self, pool: _Pool, walk: List[Any], max_pages: int,
                       out: Optional[memoryview] = None,
                       in_place: bool = False) -> Tuple[int, Any]:
         """Advance a walk by up to ``max_pages`` pages, as Xen's cursor did; with
@@ -1294,18 +1316,27 @@ class SimHypervisor:
 
     def save_get_pages(self, domid: int, pool_id: int, max_pages: int,
                        out: Optional[Union[bytearray, memoryview]] = None,
-                       crcs=None) -> Tuple[int, bytes]:
+                       crcs: Optional[Union[bytearray, memoryview, array[int]]] = None
+                       ) -> Tuple[int, Buffer]:
         return self._save_get_pages(domid, pool_id, max_pages, out, crcs, False)
 
-    def save_get_pages_view(self, domid: int, pool_id: int, max_pages: int,
-                            crcs: Optional[Union[bytearray, memoryview, "array[int]"]] = None
-                            ) -> Tuple[int, Any]:
-        """Not in the interface (see ``walk_views``): :meth:`save_get_pages`
-        where records in one run of the store come as a read-only view of it,
-        valid until the pool next changes (a save writes them at once; the
-        frozen client puts nothing, and a store emptied meanwhile keeps its
-        memory from reuse while a walk is open)."""
-        return self._save_get_pages(domid, pool_id, max_pages, None, crcs, True)
+    def save_pages_lending(self) -> Optional[PageLending]:
+        """The store itself is lent: a segment's run of records at a time, as
+        many at once as asked, each free to hand out (no copy, no round trip)."""
+        return PageLending(batch_bytes=SEGMENT_BYTES, in_flight=1, immediate=True)
+
+    def save_get_pages_held(self, domid: int, pool_id: int, max_pages: int,
+                            crcs: Optional["array[int]"] = None
+                            ) -> Tuple[int, Any, Callable[[], None]]:
+        """As the interface: records in one run of the store come as a
+        read-only view of it (the in-process save writes them with no copy of
+        its own), valid until the pool next changes (a save writes them at
+        once; the frozen client puts nothing, and a store emptied meanwhile
+        keeps its memory from reuse while a walk is open); a batch across runs
+        is a copy. ``release`` has nothing to give back: the view holds no
+        buffer of a connection's, and it ends with the pool's next change."""
+        count, records = self._save_get_pages(domid, pool_id, max_pages, None, crcs, True)
+        return count, records, _nothing_held
 
     def _save_get_pages(self, domid: int, pool_id: int, max_pages: int,
                         out: Optional[Union[bytearray, memoryview]],
@@ -1340,19 +1371,19 @@ class SimHypervisor:
                     self._t(f"SAVE_GET_NEXT_PAGE pool={pool_id} cli={domid} rc=0")
             return count, records
 
-    def _walk_has_more(self, pool: _Pool, walk: List) -> bool:
+    def _walk_has_more(self, pool: _Pool, walk: List[Any]) -> bool:
         """Whether the walk would hand out a page now (H2's skip included)."""
         left = pool.store.walk_left(walk[0], walk[1])
         return left > (1 if walk[3] and self.profile.has("H2") else 0)
 
-    def _trace_records(self, op: str, pool: _Pool, pool_id: int, domid: int, records,
+    def _trace_records(self, op: str, pool: _Pool, pool_id: int, domid: int, records: Buffer,
                        count: int) -> None:
         store = pool.store
         rs, hl = store.record_size, store.header_len
         with memoryview(records) as mv:
             for i in range(count):
                 rec = mv[i * rs:(i + 1) * rs]
-                oid, index = store.parse_key(rec[:hl])
+                oid, index = store.parse_key(bytes(rec[:hl]))
                 self._t(f"{op} pool={pool_id} cli={domid} oid={_fmt_oid(pool.version, oid)} "
                         f"index={index} len={store.page_size} "
                         f"crc32=0x{zlib.crc32(rec[hl:]):08x} rc=1")
@@ -1419,7 +1450,7 @@ class SimHypervisor:
         if self._trace is not None:
             self._t(f"{line} rc={-e.code if e.code > 0 else e.code}")
 
-    def _oid_text(self, domid: int, oid) -> str:
+    def _oid_text(self, domid: int, oid: Any) -> str:   # any value: repr() when bad
         c = self._domains[domid].client
         try:
             return _fmt_oid(c.version if c is not None else self._version, oid)
@@ -1453,7 +1484,7 @@ class SimHypervisor:
             return pool_id
 
     @staticmethod
-    def _new_pool_line(domid: int, pool_id, flags, uuid) -> str:
+    def _new_pool_line(domid: int, pool_id: object, flags: Any, uuid: Any) -> str:
         try:
             u = f"0x{uuid[0] & U64_MAX:016x},0x{uuid[1] & U64_MAX:016x}"
             f = f"0x{flags & 0xFFFFFFFF:08x}"
@@ -1461,7 +1492,8 @@ class SimHypervisor:
             u, f = repr(uuid), repr(flags)
         return f"RESTORE_NEW pool={pool_id} cli={domid} flags={f} uuid={u}"
 
-    def _new_pool_checked(self, domid: int, pool_id: int, flags: int, uuid, op: str) -> int:
+    def _new_pool_checked(self, domid: int, pool_id: int, flags: int, uuid: object,
+                          op: str) -> int:
         c = self._client(domid, op)
         if c.saving:
             raise HypervisorError(op, f"a save of domain {domid} is running")
@@ -1506,7 +1538,8 @@ class SimHypervisor:
     def _frozen_refusal(domid: int, op: str) -> HypervisorError:
         return HypervisorError(op, f"domain {domid}'s tmem client is frozen", code=EFROZEN)
 
-    def restore_put_page(self, domid: int, pool_id: int, oid: OID, index: int, data: bytes) -> None:
+    def restore_put_page(self, domid: int, pool_id: int, oid: OID, index: int,
+                         data: Buffer) -> None:
         op = "RESTORE_PUT_PAGE"
         with self._lock:
             line = self._page_op_line(op, domid, pool_id, oid, index)
@@ -1528,8 +1561,8 @@ class SimHypervisor:
             if self._trace is not None:
                 self._t(f"{line} rc=1")
 
-    def restore_put_pages(self, domid: int, pool_id: int, records, count: int,
-                          crcs=None) -> None:
+    def restore_put_pages(self, domid: int, pool_id: int, records: Buffer, count: int,
+                          crcs: Optional[Union[Buffer, array[int]]] = None) -> None:
         op = "RESTORE_PUT_PAGE"
         with self._lock:
             self._dom(domid)
@@ -1568,7 +1601,8 @@ class SimHypervisor:
 
     def restore_lend_slots(self, domid: int, pool_id: int,
                            max_pages: int) -> Optional[memoryview]:
-        """Not a Xen op: a writable view of up to ``max_pages`` record slots of
+        """As the interface (Xen's hypercall reads the caller's buffer; here
+        the buffer is the store): a writable view of up to ``max_pages`` record slots of
         the pool's store (fewer at a segment's end) for the restore stream to be
         read into in place (no copy of its own); :meth:`restore_put_lent` then
         stores them as :meth:`restore_put_pages` would. None where that does not
@@ -1621,9 +1655,9 @@ class SimHypervisor:
                 raise
             self._delete(pool, key)              # a missing page is fine
             if c.frozen:                         # H7: deleted, and EFROZEN all the same
-                e = self._frozen_refusal(domid, op)
-                self._trace_refusal(line, e)
-                raise e
+                refusal = self._frozen_refusal(domid, op)
+                self._trace_refusal(line, refusal)
+                raise refusal
             if self._trace is not None:
                 self._t(f"{line} rc=1")
 
@@ -1803,7 +1837,8 @@ class SimHypervisor:
             c = d.client
             if c is not None and c.saving:
                 raise HypervisorError(op, f"a save of domain {domid} is running: no new pools")
-            if isinstance(pagebits, bool) or not isinstance(pagebits, int) or not 0 <= pagebits <= 15:
+            if (isinstance(pagebits, bool) or not isinstance(pagebits, int)
+                    or not 0 <= pagebits <= 15):
                 raise HypervisorError(op, f"pagebits {pagebits!r} is not 0..15")
             u0, u1 = self._uuid(op, uuid)
             pools = c.pools if c is not None else [None]
@@ -1811,7 +1846,7 @@ class SimHypervisor:
             if slot is None:
                 raise HypervisorError(op, f"domain {domid} already has {MAX_POOLS} pools")
             created = c is None
-            if created:
+            if c is None:
                 c = d.client = _Client(domid, self._version)
             try:
                 self._attach_pool(c, slot, bool(persistent), bool(shared), pagebits,
@@ -1840,7 +1875,7 @@ class SimHypervisor:
             raise HypervisorError(op, f"domain {domid} has no tmem client")
         return d, c, self._pool(c, pool_id, op)
 
-    def guest_put(self, domid: int, pool_id: int, oid: OID, index: int, data: bytes) -> bool:
+    def guest_put(self, domid: int, pool_id: int, oid: OID, index: int, data: Buffer) -> bool:
         """Put a page; False when refused (frozen, overwrite during a live save, full)."""
         op = "guest_put"
         with self._lock:
@@ -1935,7 +1970,7 @@ class SimHypervisor:
     def _run_state_events(self, d: _Domain, before: Tuple[bool, bool]) -> None:
         """Console lines for suspend/resume/arrival, and a shutdown request the
         guest acknowledges now that it runs again (caller holds the lock)."""
-        was_paused, was_suspended = before
+        _, was_suspended = before
         if d.suspended and not was_suspended:
             self._say(d, "xen: control/shutdown=suspend: suspending (save or migration)")
         elif was_suspended and not d.suspended:

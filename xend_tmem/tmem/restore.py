@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 from ..binio import StreamReader
 from ..codec import tmemchunk as tc
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 MAX_PAGE_SIZE = xen.PAGE_SIZE   # x86 Xen creates pools with pagebits 0 only
 
 
-class TmemRestorer:
+class TmemRestorer(tc.ChunkVisitor):
     """A :class:`~xend_tmem.codec.tmemchunk.ChunkVisitor` that applies what it reads."""
 
     def __init__(self, hv: Hypervisor, domid: int, max_page_size: int = MAX_PAGE_SIZE,
@@ -49,11 +49,6 @@ class TmemRestorer:
         self._pending: Optional["Future[None]"] = None
         self._reader: Optional[StreamReader] = None
         self._lent: Optional[Tuple[bytearray, memoryview]] = None   # the batch in flight
-        # an in-process simulator lends its store's slots: the stream is read into them
-        self._lend_slots: Optional[Callable[[int, int, int], Optional[memoryview]]] = \
-            getattr(hv, "restore_lend_slots", None)
-        self._put_lent: Optional[Callable[[int, int, int], None]] = \
-            getattr(hv, "restore_put_lent", None)
 
     # -- chunk entry points ------------------------------------------------------
     def read_chunk(self, reader: StreamReader, marker: int, offset: int) -> None:
@@ -141,20 +136,19 @@ class TmemRestorer:
                                             (first, version, pool.page_size, offset))
 
     def page_slots(self, pool: tc.PoolRecord, max_count: int) -> Optional[memoryview]:
-        """Slots of the pool's store for the stream to be read into in place
-        (``restore_lend_slots``), when the hypervisor lends them and no page
+        """Slots the hypervisor lends for the stream to be read into in place
+        (``restore_lend_slots``: an in-process simulator's store), when no page
         check needs the batch first; else None (the batched put)."""
-        if self._lend_slots is None or self._put_lent is None or self.page_check is not None:
+        if self.page_check is not None:
             return None
         self.drain()
-        return self._lend_slots(self.domid, pool.pool_id, max_count)
+        return self.hv.restore_lend_slots(self.domid, pool.pool_id, max_count)
 
     def pages_lent(self, pool: tc.PoolRecord, count: int, offset: int) -> None:
         """Store the first ``count`` records read into the lent slots (zero: give
         them back)."""
-        assert self._put_lent is not None      # page_slots lent them
         self.page_count += count
-        self._put_lent(self.domid, pool.pool_id, count)
+        self.hv.restore_put_lent(self.domid, pool.pool_id, count)
 
     def _put(self, pool_id: int, records: Buffer, count: int, crcs: "Optional[array[int]]",
              where: Tuple[int, int, int, int]) -> None:

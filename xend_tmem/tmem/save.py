@@ -29,25 +29,25 @@ from array import array
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Callable, Deque, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, Optional, Sequence, Tuple
 
 from ..binio import StreamWriter
 from ..codec import tmemchunk as tc
 from .. import xen
 from ..errors import SaveError
-from ..hypervisor.pagestore import SEGMENT_BYTES
+from ..hypervisor.interface import Buffer, Hypervisor
+from ..integrity import PageLog
 from ..session import Pending, RoundStats, SaveSession
 from . import policy
 from .settings import TmemSettings
 
 INV_BATCH = 4096
-HELD_BATCH_BYTES = 4 << 20     # tmem records per round trip through a client's shared buffer
 
 
 class TmemSizes:
     """Read-only look at the client before anything is frozen."""
 
-    def __init__(self, hv, domid: int) -> None:
+    def __init__(self, hv: Hypervisor, domid: int) -> None:
         self.version = hv.save_get_version(domid)
         self.max_pools = hv.save_get_maxpools(domid)
         self.pools = 0
@@ -65,7 +65,7 @@ class TmemSizes:
                 self.persistent_bytes += n * tc.record_size(self.version, size)
 
 
-def check_movable(hv, domid: int, persistent_pages: int) -> None:
+def check_movable(hv: Hypervisor, domid: int, persistent_pages: int) -> None:
     """Refuse, before anything is frozen or written, a save whose stream would
     lose persistent pages on this hypervisor (H8, or a reported H2)."""
     if not persistent_pages:
@@ -88,7 +88,7 @@ class TmemWriter:
     writer reads the uuids first and begins the save again (module doc).
     """
 
-    def __init__(self, hv, domid: int, live: bool,
+    def __init__(self, hv: Hypervisor, domid: int, live: bool,
                  progress: Optional[Callable[[int], None]] = None,
                  defects: Sequence[str] = ()) -> None:
         self.hv = hv
@@ -107,7 +107,7 @@ class TmemWriter:
         self.bytes = 0
         self.chunk_written = False
         self.uuids: Optional[Dict[int, Tuple[int, int]]] = None   # read before the save (H1)
-        self.page_log = None      # integrity.PageLog, when the save keeps page checksums
+        self.page_log: Optional[PageLog] = None   # when the save keeps page checksums
 
     def begin(self) -> bool:
         """SAVE_BEGIN; only a True answer makes SAVE_END owed (a raise or a 0 does not)."""
@@ -129,7 +129,8 @@ class TmemWriter:
         uuids: Dict[int, Tuple[int, int]] = {}
         for pool_id in range(min(hv.save_get_maxpools(domid), xen.MAX_POOLS)):
             if hv.save_get_pool_flags(domid, pool_id) is not None:
-                uuids[pool_id] = tuple(hv.save_get_pool_uuid(domid, pool_id))
+                u0, u1 = hv.save_get_pool_uuid(domid, pool_id)
+                uuids[pool_id] = (u0, u1)
         # SAVE_END stays owed whatever this answers: after either SAVE_BEGIN it
         # restores the frozen state remembered before anything was frozen
         self.started = bool(hv.save_begin(domid, self.live))
@@ -137,7 +138,8 @@ class TmemWriter:
 
     def _uuid(self, pool_id: int) -> Tuple[int, int]:
         if self.uuids is None:
-            return tuple(self.hv.save_get_pool_uuid(self.domid, pool_id))
+            u0, u1 = self.hv.save_get_pool_uuid(self.domid, pool_id)
+            return (u0, u1)
         if pool_id not in self.uuids:
             raise SaveError(f"domain {self.domid} created tmem pool {pool_id} while the save "
                             f"was begun again around hypervisor defect H1 (its uuid cannot "
@@ -184,67 +186,61 @@ class TmemWriter:
         already asked for batch k+1 (Xen's toolstack may do the same); SAVE_END
         follows either way.
 
-        Through a hypervisor process's client (``save_get_pages_held``) the
-        batches stay in the connections' shared buffers and a second request
-        queues behind the one in flight; the calls are still one at a time, in
-        order, none after the walk's end and none past the pages announced,
-        but a request queued behind a batch that came back short asks for fewer
-        pages than the plain loop would have.
-
-        An in-process simulator (``walk_views``) hands out each batch as a view
-        of its store, a segment's run of records, written with no copy in this
-        process; there is then nothing for a helper thread to overlap (unless
-        it computes page checksums), so the calls are the plain loop's."""
+        Where the hypervisor lends its batches (``save_pages_lending``, then
+        ``save_get_pages_held``), they are written from the lent buffer with no
+        copy in this process, in the batch size the backend serves best: a
+        process's client leaves each batch in a connection's shared buffer
+        (two held at once, so a second request queues behind the one in
+        flight); an in-process simulator lends views of its store, a
+        segment's run of records, which cost nothing to hand out: there is
+        then nothing for a helper thread to overlap (unless it computes page
+        checksums), so the calls are the plain loop's. With requests queued
+        the calls are still one at a time, in order, none after the walk's end
+        and none past the pages announced, but a request queued behind a batch
+        that came back short asks for fewer pages than the plain loop would
+        have. A backend that declines to lend is asked ``save_get_pages``."""
         version = self.version
+        assert version is not None           # write_tmem read it before the pools
         hv, domid, pool_id, n_pages = self.hv, self.domid, pool.pool_id, pool.n_pages
-        # a hypervisor process's client leaves each batch in a connection's shared
-        # buffer until it is written (two connections, two batches in flight): no
-        # copy, and batches of HELD_BATCH_BYTES (a quarter of the buffer), a quarter
-        # of the round trips
-        get_held = getattr(hv, "save_get_pages_held", None)
-        # an in-process simulator hands out views of its store: written with no copy
-        views = get_held is None and getattr(hv, "walk_views", False) is True
-        get_pages = hv.save_get_pages_view if views else hv.save_get_pages
-        # a view is a run of the store: a segment's worth of records at a time
-        per_batch = max(1, (HELD_BATCH_BYTES if get_held is not None else
-                            SEGMENT_BYTES if views else tc.BATCH_BYTES)
+        lending = hv.save_pages_lending()
+        per_batch = max(1, (lending.batch_bytes if lending is not None else tc.BATCH_BYTES)
                         // tc.record_size(version, pool.page_size))
-        # one batch has nothing to overlap, nor has a view without checksums to
-        # compute: no helper thread then
+        # one batch has nothing to overlap, nor has a free loan without checksums
+        # to compute: no helper thread then
         fetcher = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="tmem-walk")
-                   if n_pages > per_batch and not (views and self.page_log is None)
+                   if n_pages > per_batch
+                   and not (lending is not None and lending.immediate and self.page_log is None)
                    else None)
 
         # with page checksums the hypervisor computes each page's CRC32 as it
         # copies the batch (on its own core): one array per batch in flight
-        crc_batches: Dict[int, array] = {}
+        crc_batches: Dict[int, array[int]] = {}
         held: Dict[int, Callable[[], None]] = {}
 
-        def get(n: int) -> Tuple[int, Any]:
-            if get_held is not None:
-                hcrcs = array("I", bytes(4 * n)) if self.page_log is not None else None
-                count, view, release = get_held(domid, pool_id, n, crcs=hcrcs)
-                held[id(view)] = release
-                if hcrcs is not None:
-                    crc_batches[id(view)] = hcrcs
-                return count, view
-            if self.page_log is None:
-                return get_pages(domid, pool_id, n)
-            crcs = array("I", bytes(4 * n))
-            count, records = get_pages(domid, pool_id, n, crcs=crcs)
-            crc_batches[id(records)] = crcs
+        def get(n: int) -> Tuple[int, Buffer]:
+            crcs = array("I", bytes(4 * n)) if self.page_log is not None else None
+            records: Buffer
+            if lending is not None:
+                count, records, release = hv.save_get_pages_held(domid, pool_id, n, crcs=crcs)
+                held[id(records)] = release
+            elif crcs is None:
+                count, records = hv.save_get_pages(domid, pool_id, n)
+            else:
+                count, records = hv.save_get_pages(domid, pool_id, n, crcs=crcs)
+            if crcs is not None:
+                crc_batches[id(records)] = crcs
             return count, records
 
         sent = 0
-        # held batches: a second request queued behind the one in flight (three
-        # buffers: the hypervisor fills the next two while this thread writes one),
-        # each for no more than the pages announced and neither received nor asked;
-        # the helper skips a request queued behind an answer of 0 (the walk ended:
-        # no call after it). Otherwise one in flight: the plain loop's calls.
-        depth = 2 if get_held is not None and fetcher is not None else 1
+        # lent batches: up to ``in_flight`` requests queued (the hypervisor fills
+        # the next ones while this thread writes one), each for no more than the
+        # pages announced and neither received nor asked; the helper skips a
+        # request queued behind an answer of 0 (the walk ended: no call after
+        # it). Otherwise one in flight: the plain loop's calls.
+        depth = max(1, lending.in_flight) if lending is not None and fetcher is not None else 1
         ended = [False]
 
-        def get_queued(n: int) -> Tuple[int, Any]:
+        def get_queued(n: int) -> Tuple[int, Buffer]:
             if ended[0]:
                 return 0, b""
             count, records = get(n)
@@ -252,7 +248,7 @@ class TmemWriter:
                 ended[0] = True
             return count, records
 
-        queue: Deque[Tuple["Future[Tuple[int, Any]]", int]] = deque()
+        queue: Deque[Tuple["Future[Tuple[int, Buffer]]", int]] = deque()
         outstanding = 0                         # pages asked, not answered yet
 
         def ask_more() -> None:
@@ -263,7 +259,7 @@ class TmemWriter:
                 if fetcher is not None:
                     queue.append((fetcher.submit(get_queued, n), n))
                 else:
-                    done: "Future[Tuple[int, Any]]" = Future()
+                    done: "Future[Tuple[int, Buffer]]" = Future()
                     done.set_result(get_queued(n))
                     queue.append((done, n))
         try:
@@ -338,7 +334,7 @@ class TmemWriter:
             return 0
         start = w.offset
 
-        def entries():
+        def entries() -> Iterator[Tuple[int, tc.OID, int]]:
             batch = first
             while batch:
                 yield from batch
@@ -547,7 +543,7 @@ class TmemSaveJob:
             # Xen writes -6 after a -5 on every live save, empty or not.
             self.writer.write_extra(self.session.out, always=True)
 
-    def done(self, outcome) -> None:
+    def done(self, outcome: object) -> None:
         try:
             self.writer.end()     # T10: SAVE_END on every path, live or not
         finally:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from .. import __version__
 from .. import integrity
+from ..binio import Source
 from ..checkpoint import domain_sxp, restore_domain, save_domain
 from ..codec import sxp
 from ..config import ToolstackConfig
@@ -66,11 +67,11 @@ class XendError(XendTmemError):
     """A request the daemon refuses: privileged or busy domain, bad argument."""
 
 
-def _state_flags(info) -> Dict[str, bool]:
+def _state_flags(info: DomainInfo) -> Dict[str, bool]:
     return {s: bool(getattr(info, s, False)) for s in STATES}
 
 
-def _is_running(info) -> bool:
+def _is_running(info: DomainInfo) -> bool:
     f = _state_flags(info)
     return not (f["paused"] or f["shutdown"] or f["crashed"] or f["dying"])
 
@@ -294,7 +295,7 @@ class XendService:
         self.hv.unpause(self._changeable(dom, "unpause"))
         return True
 
-    def _describe(self, info, detail: bool) -> Dict[str, Any]:
+    def _describe(self, info: DomainInfo, detail: bool) -> Dict[str, Any]:
         out: Dict[str, Any] = {
             "domid": info.domid, "name": info.name, "memory": info.memory_mib,
             "vcpus": info.vcpus, "state": info.state, "cpu_time": float(info.cpu_time),
@@ -390,7 +391,7 @@ class XendService:
                 out.finish(sync=not through)
                 entry.update(phase="written", notes={})
                 jrn.killpoint("save-written")
-                if not through:
+                if page_log is not None and crc_out is not None:   # a regular file
                     # page checksums beside it; an older image's sidecar never pairs with
                     # the new image (removed first; recovery renames a complete .part)
                     side = integrity.sidecar_path(into)
@@ -440,7 +441,7 @@ class XendService:
         if width not in (0, 4, 8) or isinstance(width, bool):
             raise XendError(f"restore width must be 4 or 8 (0 to infer it), got {width!r}")
         try:
-            inp = open(path, "rb")
+            inp = open(path, "rb")  # noqa: SIM115 - closed by the job (``with inp``) or below
         except OSError as exc:
             raise XendError(f"Unable to read file {path}: {exc.strerror or exc}") from None
         # the page checksums xm save wrote beside the image, if they match it (issue 8 #4)
@@ -450,8 +451,10 @@ class XendService:
             log.warning("restore %s: %s", path, note)
         token = object()
         claimed: List[int] = []
+        entry: Optional[jrn.Entry] = None
 
         def created(d: int) -> None:
+            assert entry is not None        # work() begins it before the domain exists
             entry.update(domid=d)
             self._claim_new(d, "restored", token)
             claimed.append(d)
@@ -486,7 +489,6 @@ class XendService:
                 for d in claimed:
                     self._busy.pop(d, None)
 
-        entry: Any = None
         with self._lock:
             self._starting[token] = f"a restore of {path} is starting"
         try:
@@ -737,10 +739,12 @@ class XendService:
                                            options))
 
     # -- relocation server callbacks --------------------------------------------
-    def incoming_restore(self, stream, peer: str, paused: bool = False,
-                         on_created: Optional[Callable[[int], None]] = None
+    def incoming_restore(self, stream: Source, peer: str, paused: bool = False,
+                         on_created: Optional[Callable[[int], None]] = None,
+                         page_check: Optional[integrity.PageCheck] = None
                          ) -> Tuple[int, Dict[str, Any]]:
-        """Restore an incoming migration (left paused for ``go`` when ``paused``).
+        """Restore an incoming migration (left paused for ``go`` when ``paused``);
+        ``page_check`` checks its pages against the checksums its frames carry.
 
         Its domain is busy from creation until it runs here
         (:meth:`incoming_started`) or is removed (:meth:`discard_domain`)."""
@@ -761,7 +765,7 @@ class XendService:
                                                jrn.killpoint_stream(stream, "incoming-stream"),
                                                hooks=self.hooks, cancel=self._stopping,
                                                paused=paused, on_created=created,
-                                               page_check=getattr(stream, "page_check", None))
+                                               page_check=page_check)
         except BaseException:
             with self._lock:
                 self._starting.pop(token, None)
@@ -962,7 +966,7 @@ class XendService:
                     continue
                 try:
                     line, finished = self._recover_entry(entry)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - logged; the others still recover
                     log.error("migration in doubt %s: %s", entry.path, exc)
                     left += 1
                     continue
@@ -1008,7 +1012,8 @@ class XendService:
         op = entry.op
         name = str(d.get("domain") or "")
         domid = d.get("domid")
-        notes = d.get("notes") if isinstance(d.get("notes"), dict) else {}
+        raw_notes = d.get("notes")
+        notes: Dict[str, Any] = raw_notes if isinstance(raw_notes, dict) else {}
         phase = d.get("phase")
         if op == jrn.SAVE:
             return self._recover_save(d, name, domid, notes, phase), True
@@ -1502,13 +1507,15 @@ class _SaveTarget:
 
     def write(self, data: Any) -> Optional[int]:
         try:
-            return self._f.write(data)
+            written: Optional[int] = self._f.write(data)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, self.path) from None
+        return written
 
     def fileno(self) -> int:
         """The image's descriptor (the writer starts writeback of a regular file early)."""
-        return self._f.fileno()
+        fd: int = self._f.fileno()
+        return fd
 
     def finish(self, sync: bool) -> None:
         try:

@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from ... import integrity
 from ...codec import sxp
@@ -43,6 +43,9 @@ from .protocol import (
     ABORTED, FRAME, INTEGRITY_FRAMES, IO_TIMEOUT_S, MAX_LINE, PREFLIGHT_OP, PROTOCOL, QUERY_OP,
     RECORDS_FLAG, RECV_BUFFER, RUNNING, UNKNOWN, TlsSettings, check_fingerprint,
     client_context, form_line, parse_reply, reply_error_message, timeout_from_env)
+
+if TYPE_CHECKING:
+    from ...plugins import CheckpointHooks
 
 # one logger for both ends of the protocol, named for the package
 log = logging.getLogger("xend_tmem.xend.relocation")
@@ -419,7 +422,7 @@ def _peer_report(text: Any) -> Optional[Dict[str, Any]]:
     return doc if isinstance(doc, dict) else None
 
 
-def make_offer(hv: Hypervisor, domid: int, hooks, *, live: bool, node: int,
+def make_offer(hv: Hypervisor, domid: int, hooks: CheckpointHooks, *, live: bool, node: int,
                name: Optional[str] = None, migration_id: str = "") -> Dict[str, Any]:
     """The pre-flight offer; ``name`` is the domain's real name (the source may
     already be called ``migrating-NAME``)."""
@@ -469,7 +472,8 @@ def query_migration(host: str, port: int, migration_id: str, *, use_ssl: bool = 
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
-def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hooks,
+def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool,
+            hooks: CheckpointHooks,
             node: int = -1, use_ssl: bool = False, progress: Optional[ProgressFn] = None,
             cancel: Optional[threading.Event] = None,
             on_accepted: Optional[Callable[[], None]] = None,
@@ -645,11 +649,12 @@ def migrate(hv: Hypervisor, domid: int, host: str, port: int, *, live: bool, hoo
             _handshake_figures(report, state, dest)
             report["guest_downtime_ms"] = _guest_figure(ch, guest_wait)
             return report
-        if why is None and answer is None:
-            why = f"{host} closed the connection after go"
-        elif why is None and answer is not None:
-            said = reply_error_message(answer) if answer[0] == "err" else sxp.to_string(answer)
-            why = f"{host} answered {said}"
+        if why is None:
+            if answer is None:
+                why = f"{host} closed the connection after go"
+            else:
+                said = reply_error_message(answer) if answer[0] == "err" else sxp.to_string(answer)
+                why = f"{host} answered {said}"
         return _resolve_in_doubt(hv, domid, label, host, port, use_ssl, mid, why, report,
                                  query_window, tls)
     except PeerError as exc:

@@ -27,6 +27,7 @@ connections are in it at once (a new one evicts the oldest) and at most
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
@@ -35,7 +36,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from typing import Any, BinaryIO, Callable, Dict, List, Optional, Pattern, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Pattern, Sequence, Set, Tuple
 
 from ... import integrity
 from ...codec import sxp
@@ -65,7 +66,7 @@ SWEEP_GRACE_S = 5.0
 DRAIN_AFTER_ERROR_S = 2.0     # let the sender read our (err ...) before we close
 GUEST_BEAT_WAIT_S = 2.0       # receiver: the guest's first beat after unpause, at most
 
-# restore(stream, peer, paused=..., on_created=...) -> (domid, report)
+# restore(stream, peer, paused=..., on_created=..., page_check=...) -> (domid, report)
 RestoreFn = Callable[..., Tuple[int, Dict[str, Any]]]
 CheckFn = Callable[[Dict[str, Any]], List[str]]
 DiscardFn = Callable[[int], None]
@@ -147,7 +148,7 @@ class _FramedReader:
     still delivered, so the page it holds is named when its own checksum
     fails (the restore fails before the domain ever runs)."""
 
-    def __init__(self, rfile: BinaryIO, peer: str, crc: bool = False) -> None:
+    def __init__(self, rfile: io.BufferedIOBase, peer: str, crc: bool = False) -> None:
         self.rfile = rfile
         self.peer = peer
         self.left = 0
@@ -787,7 +788,8 @@ class _Receiver:
                                    crc=INTEGRITY_FRAMES in self.integrity)
             domid, report = server.restore(reader, self.peer,
                                            paused=True,
-                                           on_created=lambda d: server.created(inc, d))
+                                           on_created=lambda d: server.created(inc, d),
+                                           page_check=reader.page_check)
         except Exception as exc:  # noqa: BLE001 - any failed restore: copy gone, peer told
             server.abort(inc, "its restore failed")
             self._fail(exc)
