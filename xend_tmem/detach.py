@@ -10,13 +10,14 @@ terminal and not only a log file.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
+
+from . import fdwait
 
 READY = "ok"
 MAX_ANSWER = 64 << 10          # a child's answer is one line; more is not read
@@ -56,7 +57,7 @@ def spawn_detached(module: str, args: Sequence[str], log_path: str, timeout: flo
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            readable, _, _ = select.select([ready], [], [], min(left, 0.2))
+            readable, _ = fdwait.wait(ready, read=True, timeout=min(left, 0.2))
             if readable:
                 chunk = os.read(ready.fileno(), 4096)
                 if not chunk:

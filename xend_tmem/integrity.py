@@ -33,6 +33,7 @@ from itertools import starmap
 from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional, Protocol,
                     Sequence, Tuple, Union)
 
+from .binio import Buffer as PageBuffer
 from .binio import Sink
 from .crc import crc32 as _crc32
 from .errors import XendTmemError
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
     import io
     from concurrent.futures import Future
 
-Buffer = Union[bytes, bytearray, memoryview, "array[int]"]
+# page data (binio.Buffer) or a packed array of CRC words
+Buffer = Union[PageBuffer, "array[int]"]
 
 RAM = 0
 TMEM = 1

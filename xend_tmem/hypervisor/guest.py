@@ -48,7 +48,6 @@ from __future__ import annotations
 import mmap
 import os
 import random
-import select
 import signal
 import socket
 import struct
@@ -56,6 +55,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
+from .. import fdwait
 from ..xen import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -391,7 +391,7 @@ def run(ram: mmap.mmap, log: GuestLog, sock: socket.socket, seed: int, ppid: int
     timeout = 0.0                      # look at the first command at once
     try:
         while True:
-            readable, _, _ = select.select([sock], [], [], timeout)
+            readable, _ = fdwait.wait(sock, read=True, timeout=timeout)
             if readable:
                 while True:
                     try:

@@ -25,10 +25,10 @@ import zlib
 from array import array
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from ..binio import Buffer
 from ..crc import crc32 as fast_crc32
 
 OID = Tuple[int, int, int]
-Buffer = Union[bytes, bytearray, memoryview]
 Run = Tuple[int, int, int]             # (segment, start byte, end byte)
 
 SEGMENT_BYTES = 2 << 20     # size of one segment: 508 records of 4 KiB, two 1 MiB batches

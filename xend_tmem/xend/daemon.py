@@ -30,7 +30,6 @@ import faulthandler
 import http.client
 import logging
 import os
-import select
 import signal
 import ssl
 import sys
@@ -42,6 +41,7 @@ from ..config import ToolstackConfig, load_toolstack_config
 from ..detach import (READY, process_ended, remove_stale_socket, report_ready, spawn_detached,
                       terminate)
 from ..pidlock import PidLock, lock_holder, read_pid
+from .. import fdwait
 from ..errors import ConfigError, PluginError, XendTmemError
 from ..hypervisor.backends import load_backend
 from ..plugins import CheckpointHooks, get_plugin_manager
@@ -425,7 +425,7 @@ class Daemon:
                         log.error("SIGHUP: configuration not reloaded: %s", exc)
                 continue
             try:
-                select.select([r], [], [], 0.5)
+                fdwait.wait(r, read=True, timeout=0.5)
                 while os.read(r, 512):
                     pass
             except (BlockingIOError, InterruptedError):

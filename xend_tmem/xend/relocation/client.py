@@ -22,7 +22,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import select
 import socket
 import ssl as ssl_mod
 import struct
@@ -33,7 +32,7 @@ import uuid
 import zlib
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-from ... import integrity
+from ... import fdwait, integrity
 from ...codec import sxp
 from ...errors import Cancelled, PeerError, XendTmemError
 from ...hypervisor.interface import Hypervisor
@@ -213,7 +212,7 @@ class _PeerWriter:
                 piece = mv[:limiter.chunk]
                 _pace(limiter, piece.nbytes, self.cancel)
             try:
-                readable, writable, _ = select.select([sock], [sock], [], 0.2)
+                readable, writable = fdwait.wait(sock, read=True, write=True, timeout=0.2)
             except (OSError, ValueError) as exc:
                 self.ch.raise_peer_error(exc if isinstance(exc, OSError) else None)
             if readable:
@@ -404,7 +403,7 @@ def _half_close(sock: socket.socket, timeout: float) -> None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise socket.timeout("timed out ending the TLS stream") from None
-                select.select([], [sock], [], left)
+                fdwait.wait(sock, write=True, timeout=left)
     finally:
         sock.settimeout(saved)
 
