@@ -189,3 +189,29 @@ def test_a_guest_started_before_its_ram_was_restored_counts_on_from_the_ram() ->
         log.close()
         ram.close()
         os.close(fd)
+
+
+def test_a_guest_dead_before_its_first_beat_moves_no_beat_and_is_logged(
+        sim: SimHypervisor, caplog: pytest.LogCaptureFixture) -> None:
+    """Why one grid migration had no guest figure: its source guest process died
+    before it beat (as one importing a half-edited guest.py does), so the
+    domain ran without writes (last round: 0 pages) and its image held no beat
+    for the destination to measure from. The hypervisor must say so."""
+    import os
+    import signal
+
+    d = busy(sim, rate=3)
+    pid = sim.guest_pid(d)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)          # within microseconds of spawn: before any beat
+    deadline = time.monotonic() + 5
+    while sim.guest_pid(d) is not None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    hooks = plugins.get_plugin_manager(["tmem"])
+    f = io.BytesIO()
+    with caplog.at_level("WARNING", logger="xend_tmem.hypervisor.sim"):
+        report = save_domain(sim, d, f, hooks=hooks, live=True)
+    assert report["last_round_pages"] == 0
+    assert sim.guest_heartbeat(d) == (0, 0)                  # no beat to carry
+    assert any(f"guest process {pid} exited on its own" in r.getMessage()
+               for r in caplog.records)

@@ -605,6 +605,12 @@ class SimHypervisor:
             return
         g = d.guest
         if g is not None and not g.alive():
+            # a guest that died (a crash, or a source file edited under a starting
+            # guest) ran with no writes and no heartbeat: said here, or a
+            # migration's missing guest_downtime_ms has no explanation in any log
+            log.warning("domain %d (%s): its guest process %d exited on its own (status "
+                        "%s); a new one starts when the domain runs", d.domid, d.name,
+                        g.pid, g.proc.returncode)
             self._stop_guest(d)                  # died on its own: reap it, start afresh
             g = None
         if d.workload is None:
