@@ -89,3 +89,18 @@ def new_hv(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
             stack.callback(gen.close)
             return hv
         yield make
+
+
+def write_tmem_stream(hv: Any, domid: int, out: Any) -> None:
+    """A non-live save of ``domid``'s tmem as a ``-5`` chunk into ``out``
+    (SAVE_END on every path): the stream the restore tests read back."""
+    from xend_tmem.binio import StreamWriter
+    from xend_tmem.tmem.save import TmemWriter
+    w = StreamWriter(out)
+    writer = TmemWriter(hv, domid, live=False)
+    writer.begin()
+    try:
+        writer.write_tmem(w)
+        w.flush()
+    finally:
+        writer.end()

@@ -9,15 +9,15 @@ import struct
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import pytest
+from hvfixtures import write_tmem_stream
 
-from xend_tmem.binio import StreamReader, StreamWriter
+from xend_tmem.binio import StreamReader
 from xend_tmem.codec import tmemchunk as tc
 from xend_tmem.domconfig import BULK_OID_BASE, parse_domain_config
 from xend_tmem.errors import HypervisorError, StreamError
 from xend_tmem.hypervisor.pagestore import PageStore, SegmentHeap
 from xend_tmem.hypervisor.sim import SimHypervisor
 from xend_tmem.tmem.restore import TmemRestorer
-from xend_tmem.tmem.save import TmemWriter
 
 PAGES = 1300                       # a buffered MiB, then two and a half segments in place
 REC = tc.record_size(1, 4096)
@@ -65,14 +65,7 @@ def _source(pages: int = PAGES, objects: int = 5) -> Tuple[SimHypervisor, int]:
 
 def _stream(hv: SimHypervisor, domid: int, f: Optional[Any] = None) -> bytes:
     out = f if f is not None else io.BytesIO()
-    w = StreamWriter(out)
-    writer = TmemWriter(hv, domid, live=False)
-    writer.begin()
-    try:
-        writer.write_tmem(w)
-        w.flush()
-    finally:
-        writer.end()
+    write_tmem_stream(hv, domid, out)
     return bytes(out.out) if isinstance(out, Trickle) else out.getvalue()
 
 

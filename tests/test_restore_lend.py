@@ -9,13 +9,13 @@ import struct
 from typing import Dict, Tuple
 
 import pytest
+from hvfixtures import write_tmem_stream
 
-from xend_tmem.binio import StreamReader, StreamWriter
+from xend_tmem.binio import StreamReader
 from xend_tmem.codec import tmemchunk as tc
 from xend_tmem.domconfig import BULK_OID_BASE, parse_domain_config
 from xend_tmem.hypervisor.sim import SimHypervisor
 from xend_tmem.tmem.restore import TmemRestorer
-from xend_tmem.tmem.save import TmemWriter
 
 PAGES = 1500          # six 1 MiB batches
 
@@ -32,14 +32,7 @@ def _source(pages: int) -> Tuple[SimHypervisor, int]:
 
 def _stream(hv: SimHypervisor, domid: int) -> bytes:
     out = io.BytesIO()
-    w = StreamWriter(out)
-    writer = TmemWriter(hv, domid, live=False)
-    writer.begin()
-    try:
-        writer.write_tmem(w)
-        w.flush()
-    finally:
-        writer.end()
+    write_tmem_stream(hv, domid, out)
     return out.getvalue()
 
 
