@@ -24,6 +24,7 @@ domain is ever unpaused (the restore removes it).
 """
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import zlib
@@ -85,16 +86,10 @@ def decode(data: Buffer) -> List[Record]:
     return list(_RECORD.iter_unpack(data))
 
 
-_HEADS: Dict[Tuple[int, int], struct.Struct] = {}
-
-
+@functools.cache
 def _heads(version: int, page_size: int) -> struct.Struct:
     """A tmem record's oid and index, its page skipped: one C call per batch."""
-    key = (version, page_size)
-    st = _HEADS.get(key)
-    if st is None:
-        st = _HEADS[key] = struct.Struct(f"<{'Q' if version == 0 else '3Q'}I{page_size}x")
-    return st
+    return struct.Struct(f"<{'Q' if version == 0 else '3Q'}I{page_size}x")
 
 
 def ram_records(pfns: Sequence[int], data: Buffer) -> List[Record]:
@@ -156,16 +151,10 @@ _TMEM_UNITS = {0: "BI8s16x4s4xI",      # kind, pool | oid0 | oid1, oid2 0 | inde
 _CRC_UNIT = "37xI"                     # a record's CRC, the rest skipped
 
 
-_HEAD_BYTES: Dict[Tuple[int, int], struct.Struct] = {}
-
-
+@functools.cache
 def _tmem_head_bytes(version: int, page_size: int) -> struct.Struct:
     """A wire record's oid (and, for v1, the index after it) as raw bytes."""
-    key = (version, page_size)
-    st = _HEAD_BYTES.get(key)
-    if st is None:
-        st = _HEAD_BYTES[key] = struct.Struct(f"<{'8s4s' if version == 0 else '28s'}{page_size}x")
-    return st
+    return struct.Struct(f"<{'8s4s' if version == 0 else '28s'}{page_size}x")
 
 
 def ram_record_bytes(pfns: Sequence[int], crcs: Union[Sequence[int], Buffer]) -> bytes:
