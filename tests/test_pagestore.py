@@ -165,3 +165,43 @@ def test_a_restore_stream_commits_ahead_and_gives_the_rest_back(monkeypatch) -> 
     assert 0 < seen_ahead <= 2 << 20
     assert store.put_records(_big_records(per, per), per, commit_ahead=True) == per
     assert len(store) == 2 * per and store.get(_key(1, 2 * per - 1)) is not None
+
+
+def _runs_by_record(recs: bytes, count: int) -> list:
+    """The reference split: a new run wherever the object changes or the index
+    does not follow on."""
+    runs: list = []
+    for i in range(count):
+        head = recs[i * RS:i * RS + KEY.size]
+        oid, index = head[:-4], int.from_bytes(head[-4:], "little")
+        last = runs[-1] if runs else None
+        if last and last[0] == oid and last[1] + last[3] == index:
+            runs[-1] = (oid, last[1], last[2], last[3] + 1)
+        else:
+            runs.append((oid, index, i, 1))
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_batch_runs_match_a_record_by_record_split(seed: int) -> None:
+    """Bisection finds a batch's runs (and falls back on batches of many runs or
+    runs that look whole at their ends only): the same split either way."""
+    rng = random.Random(seed)
+    keys: List[bytes] = []
+    while len(keys) < rng.choice([1, 7, 60, 200]):
+        shape = rng.random()
+        oid, first = rng.randrange(3), rng.choice([0, 5, (1 << 32) - 3])
+        n = rng.randrange(1, 40)
+        if shape < 0.6:        # a run (u32 indices may wrap: not a run there)
+            keys += [_key(oid, (first + i) & 0xFFFFFFFF) for i in range(n)]
+        elif shape < 0.8:      # a run with one record of another object (or index) inside
+            run = [_key(oid, (first + i) & 0xFFFFFFFF) for i in range(n)]
+            at = rng.randrange(n)    # ... at its own index or at the run's
+            run[at] = rng.choice([_key(oid + 1, first), _key(oid + 1, (first + at) & 0xFFFFFFFF),
+                                  _key(oid, (first + at + 9) & 0xFFFFFFFF)])
+            keys += run
+        else:                  # scattered
+            keys += [_key(rng.randrange(3), rng.randrange(50)) for _ in range(n)]
+    recs = bytes(_records(keys, seed))
+    store = PageStore(1, PAGE)
+    assert store._runs_of(memoryview(recs), len(keys)) == _runs_by_record(recs, len(keys))

@@ -50,7 +50,7 @@ def test_collect_into_gives_what_collect_gives(seed):
             break
 
 
-def test_writer_starts_writeback_of_a_regular_file_only(monkeypatch, tmp_path):
+def test_writer_streams_a_regular_file_to_the_disk_only(monkeypatch, tmp_path):
     calls: List[tuple] = []
     monkeypatch.setattr(binio, "_sync_file_range", lambda *a: calls.append(a) or 0)
     monkeypatch.setattr(binio, "WRITEBACK_BYTES", 256 << 10)
@@ -59,7 +59,10 @@ def test_writer_starts_writeback_of_a_regular_file_only(monkeypatch, tmp_path):
         for _ in range(8):
             w.write(bytes(128 << 10))
         w.flush()
-        assert [c[0] for c in calls] == [f.fileno()] * 4 and all(c[1:] == (0, 0, 2) for c in calls)
+        fd, r = f.fileno(), 256 << 10
+        # each range is started, and the one two ranges back is waited for
+        assert calls == [(fd, 0, r, 2), (fd, r, r, 2), (fd, 2 * r, r, 2), (fd, 0, r, 7),
+                         (fd, 3 * r, r, 2), (fd, r, r, 7)]
     assert (tmp_path / "img").stat().st_size == 1 << 20
     calls.clear()
     r, wfd = os.pipe()
@@ -131,3 +134,16 @@ def test_two_batches_in_flight_make_the_plain_loops_calls(mocker, n_pages, walk)
     assert body[:walk * RS] == _records(0, walk)
     assert body[walk * RS:] == (tc.terminator(1) if walk < n_pages else b"")
     assert w.pages == walk
+
+
+def test_writer_streams_from_where_the_file_stands(monkeypatch, tmp_path):
+    """A file with bytes before the stream (a header written first): the ranges
+    are the file's, not the stream's."""
+    calls: List[tuple] = []
+    monkeypatch.setattr(binio, "_sync_file_range", lambda *a: calls.append(a) or 0)
+    monkeypatch.setattr(binio, "WRITEBACK_BYTES", 64 << 10)
+    with open(tmp_path / "img", "wb", buffering=0) as f:
+        f.write(b"head")
+        w = StreamWriter(f)
+        w.write(bytes(64 << 10))
+        assert calls == [(f.fileno(), 4, 64 << 10, 2)]

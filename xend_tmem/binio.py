@@ -10,13 +10,18 @@ import ctypes
 import os
 import stat
 import struct
-from typing import Callable, List, Optional, Protocol, Union
+from typing import Callable, List, Optional, Protocol, Tuple, Union
 
 from .errors import StreamError
 
 CHUNK = 1 << 20          # largest single read from the underlying file
 WRITEBACK_BYTES = 32 << 20   # a regular file's dirty pages are sent to the disk this often
+WRITEBACK_RANGES = 2         # ranges on their way to the disk before the oldest is waited for
+_SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_AFTER = 4
+_SYNC_FILE_RANGE_WAIT = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | \
+    _SYNC_FILE_RANGE_WAIT_AFTER
 
 
 def _load_sync_file_range() -> Optional[Callable[..., int]]:
@@ -273,11 +278,18 @@ class StreamWriter:
 
     Tracks the offset so a writer can say where a chunk went.
 
-    Writing a regular file, it asks the kernel every ``WRITEBACK_BYTES`` to
-    start writing the dirty pages out (``sync_file_range(SYNC_FILE_RANGE_WRITE)``,
-    which does not wait): the disk then works while the image is still being
-    produced, and the fsync a save ends with waits only for the last pieces
-    instead of the whole image. Durability is unchanged (the fsync still
+    Writing a regular file, it streams the image to the disk: every
+    ``WRITEBACK_BYTES`` it starts writing the new range out
+    (``sync_file_range``, no wait) and waits for the range
+    ``WRITEBACK_RANGES`` before it, which has had that long to reach the disk.
+    The disk then works while the image is produced, with a bounded amount in
+    flight, and the fsync a save ends with waits for the last ranges only.
+    Measured in this VM through xend (1.5 GiB image, 4 saves each, alternated):
+    0.84-1.04 s (one 2.5 s), where starting writeback of the whole file
+    without waiting took 0.88-1.52 s (one 2.7 s); dropping the written ranges
+    from the page cache as Xen's ``discard_file_cache`` did made the save no
+    faster and an ``xm restore`` that follows read the image from the disk
+    (1.8-3.1 s instead of about 1 s). Durability is unchanged (the fsync still
     decides); pipes and sockets are left alone.
     """
 
@@ -288,10 +300,12 @@ class StreamWriter:
         self.offset = offset
         self._wb_fd = self._writeback_fd(f)
         self._wb_pending = 0
+        self._wb_start = os.lseek(self._wb_fd, 0, os.SEEK_CUR) if self._wb_fd >= 0 else 0
+        self._wb_sent: List[Tuple[int, int]] = []   # ranges on their way to the disk
 
     @staticmethod
     def _writeback_fd(f: Sink) -> int:
-        """The descriptor of a regular file to start writeback on, else -1."""
+        """The descriptor of a regular file to stream to the disk, else -1."""
         fileno: Optional[Callable[[], int]] = getattr(f, "fileno", None)
         if _sync_file_range is None or fileno is None:
             return -1
@@ -305,12 +319,19 @@ class StreamWriter:
         self._wb_pending += n
         if self._wb_pending < WRITEBACK_BYTES:
             return
+        start, length = self._wb_start, self._wb_pending
+        self._wb_start += length
         self._wb_pending = 0
-        # offset 0, length 0: every dirty page of the file; pages already being
-        # written are skipped, so this costs a walk of the dirty ones only
         fn = _sync_file_range                # not None: _writeback_fd gave a descriptor
-        if fn is None or fn(self._wb_fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
+        fd = self._wb_fd
+        if fn is None or fn(fd, start, length, _SYNC_FILE_RANGE_WRITE) != 0:
             self._wb_fd = -1             # e.g. a filesystem that refuses it: the fsync does all
+            return
+        self._wb_sent.append((start, length))
+        if len(self._wb_sent) > WRITEBACK_RANGES:
+            at, size = self._wb_sent.pop(0)
+            if fn(fd, at, size, _SYNC_FILE_RANGE_WAIT) != 0:
+                self._wb_fd = -1
 
     def write(self, data: Buffer) -> None:
         n = len(data) if not isinstance(data, memoryview) else data.nbytes

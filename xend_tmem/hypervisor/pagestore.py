@@ -45,6 +45,7 @@ _LINGER_S = 0.05            # the committing thread waits this long for more wor
 _SEGMENT_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _LITTLE = sys.byteorder == "little"
+_FEW_RUNS = 8               # runs per batch found by bisection before going record by record
 
 
 def _new_segment(size: int, commit: bool) -> mmap.mmap:
@@ -88,11 +89,11 @@ class SegmentHeap:
         with self._cond:
             if ahead:
                 self._commit_ahead(1 + self._ahead - len(self._free) - self._owed)
-            while not self._free and self._owed:
-                self._cond.wait()
             if self._free:
                 return self._free.pop()
-        return _new_segment(self.segment_bytes, commit=False)
+            if ahead and self._owed > 1:
+                self._owed -= 1       # the helper is behind: commit one here, beside it
+        return _new_segment(self.segment_bytes, commit=ahead)
 
     def _commit_ahead(self, n: int) -> None:
         """Owe ``n`` more committed segments (caller holds the lock)."""
@@ -148,6 +149,22 @@ class SegmentHeap:
 
 def _holes(n: int) -> "array[int]":
     return array("i", [-1]) * n
+
+
+_IOTA = array("i")
+
+
+def _iota(lo: int, hi: int) -> "array[int]":
+    """``array("i", range(lo, hi))`` for slot numbers (0 <= lo <= hi), sliced
+    from a table that grows to the largest slot asked for: a batch's slots are
+    indexed with a few slices instead of building each range item by item."""
+    global _IOTA
+    table = _IOTA
+    if hi > len(table):
+        table = array("i", table)
+        table.extend(range(len(table), max(hi, 2 * len(table), 4096)))
+        _IOTA = table
+    return table[lo:hi]
 
 
 class _Object:
@@ -444,17 +461,20 @@ class PageStore:
         """The batch as runs ``(oid, first index, first record, records)`` of one
         object's consecutive indices, or None when the header words cannot be
         read in place (a big-endian host). The header fields are read as
-        strided columns of u32 words (a record is a whole number of words)."""
+        strided columns of u32 words (a record is a whole number of words).
+        A stream's batch is a few runs: each run's end is found by bisection
+        and then checked whole, column by column (no Python step per record);
+        a batch that is not (or has many runs) is split record by record."""
         rs, hl = self.record_size, self.header_len
         if not _LITTLE or rs % 4:
             return None
         step, w = rs // 4, hl // 4
         with src[:count * rs] as body, body.cast("I") as words:
+            runs = self._few_runs(src, words, count, step, w)
+            if runs is not None:
+                return runs
             cols = [words[j::step].tolist() for j in range(w)]
         idx = cols.pop()
-        if all(c.count(c[0]) == count for c in cols) \
-                and idx == list(range(idx[0], idx[0] + count)):
-            return [(bytes(src[:hl - 4]), idx[0], 0, count)]
         oids = list(zip(*cols))
         runs = []
         start = 0
@@ -465,6 +485,44 @@ class PageStore:
                 start = i
         runs.append((bytes(src[start * rs:start * rs + hl - 4]), idx[start], start,
                      count - start))
+        return runs
+
+    def _few_runs(self, src: memoryview, words: memoryview, count: int, step: int,
+                  w: int) -> Optional[List[Tuple[bytes, int, int, int]]]:
+        """:meth:`_runs_of` for a batch of at most ``_FEW_RUNS`` runs, else None."""
+        rs, klen = self.record_size, self.header_len - 4
+        runs: List[Tuple[bytes, int, int, int]] = []
+
+        def continues(k: int, s: int, first: int, oid: List[int]) -> bool:
+            """Record k continues the run of ``oid`` from index ``first`` at record s."""
+            o = k * step
+            return words[o + w - 1] == first + k - s and words[o:o + w - 1].tolist() == oid
+
+        s = 0
+        while s < count:
+            if len(runs) == _FEW_RUNS:
+                return None
+            at = s * step
+            oid = words[at:at + w - 1].tolist()
+            first = words[at + w - 1]
+            lo, hi = s, count - 1         # record lo is in the run; find its last
+            if continues(hi, s, first, oid):
+                lo = hi
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if continues(mid, s, first, oid):
+                    lo = mid
+                else:
+                    hi = mid
+            e = lo + 1
+            end = e * step
+            for j in range(w - 1):
+                if words[at + j:end:step].tolist().count(oid[j]) != e - s:
+                    return None
+            if words[at + w - 1:end:step].tolist() != list(range(first, first + e - s)):
+                return None
+            runs.append((bytes(src[s * rs:s * rs + klen]), first, s, e - s))
+            s = e
         return runs
 
     def _all_new(self, runs: List[Tuple[bytes, int, int, int]]) -> bool:
@@ -527,12 +585,12 @@ class PageStore:
             obj = objs.get(oid)
             if obj is None:
                 obj = objs[oid] = _Object()
-            obj.add_run(first, array("i", range(start + at, start + at + m)))
+            obj.add_run(first, _iota(start + at, start + at + m))
         if len(self._order) >= 2 * self._count + 1024:
             self._compact()
         base = len(self._order)
-        self._seq.extend(range(base, base + count))
-        self._order.extend(range(start, start + count))
+        self._seq.extend(_iota(base, base + count))
+        self._order.extend(_iota(start, start + count))
         self._next = start + count
         self._count += count
 
