@@ -27,7 +27,7 @@ from typing import Any, Dict, List
 
 import yaml
 
-from .codec.legacy import LAYOUTS
+from .xen import LAYOUTS
 from .tmem.settings import PLANS
 from .xend.progress import plural, shown_lines
 

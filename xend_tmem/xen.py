@@ -20,6 +20,9 @@ PAGES_PER_MIB = (1 << 20) // PAGE_SIZE
 # ---------------------------------------------------------------------------
 # The legacy stream (SPEC §2)
 
+LAYOUTS = ("released", "seed")    # §2 the tmem chunks as Xen 4.0.x wrote them, or as the
+                                  # 2009 proposal did
+
 MAX_BATCH = 1024                  # §2.2 MAX_BATCH_SIZE in xc_domain_save: pages per batch
 PFN_MASK = 0x0FFFFFFF             # §2.2 a batch entry: bits 0-27 pfn ...
 TYPE_SHIFT = 28                   # ... bits 28-31 type

@@ -36,7 +36,8 @@ from ..xen import (PAGE_SIZE, MAX_BATCH, PFN_MASK, TYPE_SHIFT, TYPE_BROKEN, TYPE
                    TYPE_XTAB, NO_DATA_TYPES, MAX_UNMAPPED, MAX_VCPUS, VCPU_CTX_X64, VCPU_CTX_X32,
                    VCPU_CTX_SIZES, EXTV_SIZE, MAX_XSAVE, END, ENABLE_VERIFY_MODE, VCPU_INFO, TMEM,
                    TMEM_EXTRA, TSC_INFO, LAST_CHECKPOINT, COMPRESSED_DATA, ENABLE_COMPRESSION,
-                   TOOLSTACK, TMEM_MARKERS, HVM_PARAM_IDS, CHUNK_NAMES, XEN_PLUGIN_MARKERS)
+                   TOOLSTACK, TMEM_MARKERS, HVM_PARAM_IDS, CHUNK_NAMES, XEN_PLUGIN_MARKERS,
+                   LAYOUTS)
 
 MAX_P2M_SIZE = 1 << 40           # 52-bit guest-physical space in 4 KiB frames
 MAX_EXT_INFO = 1 << 20           # extended-info block; Xen's is a few KiB
@@ -50,8 +51,6 @@ HOST_CHUNK_IDS = frozenset(CHUNK_NAMES) - frozenset(TMEM_MARKERS)
 DM_RECORD_0002 = b"DeviceModelRecord0002"
 REMUS_DM_STATE = b"RemusDeviceModelState"
 DM_SIGNATURES = (QEMU_SIGNATURE, DM_RECORD_0002, REMUS_DM_STATE)
-
-LAYOUTS = ("released", "seed")
 
 _BIG_ENDIAN = sys.byteorder == "big"
 _TYPECODE = {4: "I", 8: "Q"}

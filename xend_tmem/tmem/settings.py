@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
-from ..codec.legacy import LAYOUTS
+from ..xen import LAYOUTS
 from ..errors import ConfigError
 
 PLANS = ("auto", "precopy", "late-freeze", "after-suspend")
