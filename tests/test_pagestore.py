@@ -167,6 +167,36 @@ def test_a_restore_stream_commits_ahead_and_gives_the_rest_back(monkeypatch) -> 
     assert len(store) == 2 * per and store.get(_key(1, 2 * per - 1)) is not None
 
 
+def test_a_writer_commits_beside_a_helper_that_is_behind(monkeypatch) -> None:
+    """A stream's writer does not wait for a helper that is still committing: it
+    commits the segment it needs itself, and the helper owes one fewer."""
+    import threading
+    release = threading.Event()
+    calls: List[tuple] = []
+    real = pagestore._new_segment
+
+    def new_segment(size: int, commit: bool):
+        calls.append((threading.current_thread().name, commit))
+        if threading.current_thread().name == "tmem-commit":
+            release.wait(10)                    # the helper is slow
+        return real(size, commit)
+
+    monkeypatch.setattr(pagestore, "_new_segment", new_segment)
+    heap = SegmentHeap(segment_bytes=1 << 20, ahead=2)
+    try:
+        t0 = time.monotonic()
+        seg = heap.take(ahead=True)
+        assert time.monotonic() - t0 < 5 and len(seg) == 1 << 20
+        assert (threading.current_thread().name, True) in calls
+        assert heap._owed == 2                  # three owed, one taken over
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while heap._running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not heap._running
+
+
 def _runs_by_record(recs: bytes, count: int) -> list:
     """The reference split: a new run wherever the object changes or the index
     does not follow on."""
