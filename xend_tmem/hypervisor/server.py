@@ -492,6 +492,8 @@ def serve(opts: ServeOptions, ready: Optional[Callable[[Optional[str]], None]] =
         report(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         _finish(server, hv, lock, handler)
         return 1
+    # Event.set takes the event's lock: safe in a handler here because the main
+    # thread (where handlers run) only ever calls is_set, which takes no lock
     stop = server.stop_event.set
     signal.signal(signal.SIGTERM, lambda *_: stop())
     signal.signal(signal.SIGINT, lambda *_: stop())
