@@ -164,3 +164,31 @@ def test_ctrl_c_during_cleanup_propagates_after_the_other_cleanups() -> None:
     errors = hooks.save_done(object(), Outcome())
     assert [n for n, _ in errors] and isinstance(errors[0][1], RuntimeError)
     assert sorted(ran) == ["failing", "later"]
+
+
+def test_a_restore_that_fails_reading_the_sidecar_closes_the_image(tmp_path, image,
+                                                                    monkeypatch) -> None:
+    """An I/O error before the job starts (reading the checksum file) reaches the
+    caller as the OS's error, and the image it had opened is closed."""
+    from xend_tmem import integrity
+    opened = []
+    real_open = open
+
+    def tracking_open(path, *a, **kw):
+        f = real_open(path, *a, **kw)
+        if str(path) == str(image):
+            opened.append(f)
+        return f
+
+    def broken(*_a):
+        raise OSError(errno.EIO, "Input/output error", str(image) + ".crc")
+
+    monkeypatch.setattr("builtins.open", tracking_open)
+    monkeypatch.setattr(integrity, "load_sidecar", broken)
+    s = make_service(tmp_path / "st")
+    try:
+        with pytest.raises(OSError, match="Input/output error"):
+            s.job_restore(str(image))
+    finally:
+        s.stop(5)
+    assert len(opened) == 1 and opened[0].closed
