@@ -235,3 +235,29 @@ def test_batch_runs_match_a_record_by_record_split(seed: int) -> None:
     recs = bytes(_records(keys, seed))
     store = PageStore(1, PAGE)
     assert store._runs_of(memoryview(recs), len(keys)) == _runs_by_record(recs, len(keys))
+
+
+@pytest.mark.parametrize("word", range(6))
+@pytest.mark.parametrize("second_run", ["index-restarts", "index-follows-on", "same-object"])
+def test_a_batch_of_two_runs_splits_where_the_second_begins(word: int, second_run: str) -> None:
+    """Every split point of a two-run batch, the two objects differing in one
+    u32 word of their id (the high ones included), with indices inside and far
+    beyond the table the run finder compares against; the second object's
+    indices restart, or follow on from the first's (then only the object
+    tells the runs apart), or the second run is the same object's from an
+    index further on (then only the index does)."""
+    def head(obj: int, index: int) -> bytes:
+        words = [3, 0, 0, 0, 0, 0]
+        words[word] = obj
+        return struct.pack("<7I", *words, index)
+
+    for first in (0, 5, 70_000, (1 << 32) - 80):
+        for cut in range(1, 60):
+            keys = [head(11, first + i) for i in range(cut)]
+            obj, second = {"index-restarts": (12, 0), "index-follows-on": (12, first + cut),
+                           "same-object": (11, first + cut + 7)}[second_run]
+            keys += [head(obj, second + i) for i in range(60 - cut)]
+            recs = bytes(_records(keys, cut))
+            want = _runs_by_record(recs, len(keys))
+            assert len(want) == 2
+            assert PageStore(1, PAGE)._runs_of(memoryview(recs), len(keys)) == want

@@ -167,6 +167,27 @@ def _iota(lo: int, hi: int) -> "array[int]":
     return table[lo:hi]
 
 
+def _u32_run(first: int, n: int) -> memoryview:
+    """``first, first+1, ...`` (n of them, below 2**32) as u32s: a slice of the
+    slot table where it reaches that far (a stream's indices mostly do), else
+    built."""
+    table = _IOTA
+    if first + n <= len(table):
+        return memoryview(table).cast("B").cast("I")[first:first + n]
+    return memoryview(array("I", range(first, first + n)))
+
+
+_ZEROS = memoryview(bytes(4 * 1024)).cast("I")
+
+
+def _u32_same(value: int, n: int) -> memoryview:
+    """``n`` copies of ``value`` as u32s (zeros, the usual high words of an
+    object id, from a table)."""
+    if not value and n <= len(_ZEROS):
+        return _ZEROS[:n]
+    return memoryview(array("I", (value,)) * n)
+
+
 class _Object:
     """One object's pages: page index -> slot. A dense table from ``base`` while
     the indices stay within twice the page count (plus 64), a dict beyond."""
@@ -489,39 +510,39 @@ class PageStore:
 
     def _few_runs(self, src: memoryview, words: memoryview, count: int, step: int,
                   w: int) -> Optional[List[Tuple[bytes, int, int, int]]]:
-        """:meth:`_runs_of` for a batch of at most ``_FEW_RUNS`` runs, else None."""
+        """:meth:`_runs_of` for a batch of at most ``_FEW_RUNS`` runs, else None
+        (also when an object changes inside a run of consecutive indices: the
+        record-by-record split then says where). Each run's end is found by
+        bisection on the index column, compared with the run's expected indices
+        a slice at a time, and its object checked column by column; every
+        comparison is one of memoryviews, in C."""
         rs, klen = self.record_size, self.header_len - 4
+        end = count * step
+        idx = words[w - 1:end:step]             # the records' indices
+        cols = [words[j:end:step] for j in range(w - 1)]     # their object ids, a u32 each
         runs: List[Tuple[bytes, int, int, int]] = []
-
-        def continues(k: int, s: int, first: int, oid: List[int]) -> bool:
-            """Record k continues the run of ``oid`` from index ``first`` at record s."""
-            o = k * step
-            return words[o + w - 1] == first + k - s and words[o:o + w - 1].tolist() == oid
-
         s = 0
         while s < count:
             if len(runs) == _FEW_RUNS:
                 return None
-            at = s * step
-            oid = words[at:at + w - 1].tolist()
-            first = words[at + w - 1]
-            lo, hi = s, count - 1         # record lo is in the run; find its last
-            if continues(hi, s, first, oid):
-                lo = hi
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if continues(mid, s, first, oid):
-                    lo = mid
-                else:
-                    hi = mid
-            e = lo + 1
-            end = e * step
-            for j in range(w - 1):
-                if words[at + j:end:step].tolist().count(oid[j]) != e - s:
+            first = idx[s]
+            span = min(count - s, (1 << 32) - first)   # u32 indices: a run does not wrap
+            want = _u32_run(first, span)
+            if idx[s:s + span] == want:
+                m = span
+            else:                       # idx[s:s+m] == want[:m] holds for m = 1, not for span
+                m, hi = 1, span
+                while hi - m > 1:
+                    mid = (m + hi) // 2
+                    if idx[s + m:s + mid] == want[m:mid]:
+                        m = mid
+                    else:
+                        hi = mid
+            e = s + m
+            for col in cols:
+                if col[s:e] != _u32_same(col[s], m):
                     return None
-            if words[at + w - 1:end:step].tolist() != list(range(first, first + e - s)):
-                return None
-            runs.append((bytes(src[s * rs:s * rs + klen]), first, s, e - s))
+            runs.append((bytes(src[s * rs:s * rs + klen]), first, s, m))
             s = e
         return runs
 
