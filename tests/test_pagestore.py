@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import struct
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -261,3 +261,66 @@ def test_a_batch_of_two_runs_splits_where_the_second_begins(word: int, second_ru
             want = _runs_by_record(recs, len(keys))
             assert len(want) == 2
             assert PageStore(1, PAGE)._runs_of(memoryview(recs), len(keys)) == want
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_lent_batches_indexed_later_behave_as_puts(seed: int, monkeypatch) -> None:
+    """Batches read into lent slots are indexed later, in one pass: on any use
+    of the index, at the batch that fills all its lending asked for, or every
+    ``_PENDING_RUNS`` runs. Meanwhile keys put again (by a later lent batch, a
+    batch put or a single put), deleted or looked up behave as in an ordered
+    dict, exactly as if each batch had been indexed at once."""
+    rng = random.Random(seed)
+    cap = rng.choice([2, 5, 1024])
+    monkeypatch.setattr(pagestore, "_PENDING_RUNS", cap, raising=False)
+    store = PageStore(1, PAGE, segment_bytes=7 * RS)
+    model: Dict[bytes, bytes] = {}
+    last: Optional[Tuple[int, int]] = None
+    for step in range(300):
+        op = rng.random()
+        oid = rng.randrange(3)
+        if op < 0.6:                               # a lent batch: runs, overlaps, repeats
+            first = rng.choice([0, rng.randrange(30), rng.randrange(1 << 32)])
+            if last and rng.random() < 0.3:        # over the last batch (maybe still pending)
+                oid, first = last
+                first = max(0, first + rng.randrange(-3, 4))
+            keys = [_key(oid, (first + i) & 0xFFFFFFFF) for i in range(rng.randrange(1, 9))]
+            last = (oid, first)
+            if rng.random() < 0.3:
+                keys += [_key(oid + 1, i) for i in range(rng.randrange(1, 4))]
+            if rng.random() < 0.1:
+                keys += keys[:1]
+            asked = len(keys) + rng.choice([0, 0, 3])
+            view = store.lend_slots(asked)
+            if view is None:                       # freed slots are reused first
+                n = len(keys)
+                want_new = len({k for k in keys if k not in model})
+                assert store.put_records(_records(keys, step), n) == want_new
+            else:
+                n = min(len(keys), view.nbytes // RS)
+                view[:n * RS] = _records(keys[:n], step)
+                want_new = len({k for k in keys[:n] if k not in model})
+                seen: List[int] = []
+                assert store.put_lent(n, room=seen.append) == want_new
+                assert seen == [want_new]
+                if n == asked:                     # the reader's last batch: indexed now
+                    assert not getattr(store, "_pending", ())
+            for k in keys[:n]:
+                model.pop(k, None)
+                model[k] = bytes([step % 256]) * PAGE
+        elif op < 0.7:                             # a single put
+            k = _key(oid, rng.randrange(30))
+            assert store.put(k, bytes([step % 256]) * PAGE) == (k not in model)
+            model.pop(k, None)
+            model[k] = bytes([step % 256]) * PAGE
+        elif op < 0.78 and model:                  # a delete
+            k = rng.choice(list(model))
+            assert store.delete(k)
+            del model[k]
+        elif op < 0.9:                             # a lookup
+            k = _key(oid, rng.randrange(30))
+            assert store.get(k) == model.get(k)
+        else:
+            _check(store, model)
+        assert len(getattr(store, "_pending", ())) < cap and len(store) == len(model)
+    _check(store, model)

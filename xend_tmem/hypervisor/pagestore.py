@@ -45,6 +45,7 @@ _LINGER_S = 0.05            # the committing thread waits this long for more wor
 _SEGMENT_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _LITTLE = sys.byteorder == "little"
+_PENDING_RUNS = 1024        # runs of lent batches indexed in one pass, at most
 _FEW_RUNS = 8               # runs per batch found by bisection before going record by record
 
 
@@ -314,8 +315,9 @@ class PageStore:
     """
 
     __slots__ = ("version", "page_size", "header_len", "record_size", "slots_per_segment",
-                 "_segments", "_objs", "_count", "_seq", "_order", "_free", "_next", "_heap",
-                 "_snaps", "_lent")
+                 "_segments", "_objs_", "_count", "_seq_", "_order_", "_free", "_next", "_heap",
+                 "_snaps", "_lent", "_lent_asked", "_pending", "_pending_from", "_pending_to",
+                 "_pending_spans")
 
     def __init__(self, version: int, page_size: int, segment_bytes: int = SEGMENT_BYTES,
                  heap: Optional[SegmentHeap] = None) -> None:
@@ -327,14 +329,72 @@ class PageStore:
         self.record_size = self.header_len + page_size
         self.slots_per_segment = max(1, segment_bytes // self.record_size)
         self._segments: List[mmap.mmap] = []
-        self._objs: Dict[bytes, _Object] = {}
+        self._objs_: Dict[bytes, _Object] = {}
         self._count = 0
-        self._seq = array("i")          # slot -> its position in _order, -1 when free
-        self._order = array("i")        # slots in put order (stale entries included)
+        self._seq_ = array("i")         # slot -> its position in _order, -1 when free
+        self._order_ = array("i")       # slots in put order (stale entries included)
+        # runs of a lent batch stored but not indexed yet (oid, first index,
+        # first slot, records), their slots ``_pending_from.._pending_to``; each
+        # object's pending index spans, merged, for telling a new key
+        self._pending: List[Tuple[bytes, int, int, int]] = []
+        self._pending_from = self._pending_to = 0
+        self._pending_spans: Dict[bytes, List[List[int]]] = {}
         self._free = array("i")         # freed slots, reused last-freed first
         self._next = 0
         self._snaps: "weakref.WeakSet[Snapshot]" = weakref.WeakSet()
         self._lent: Optional[Tuple[int, memoryview]] = None   # slots a reader fills in place
+        self._lent_asked = 0            # how many slots that lending asked for
+
+    # -- the index -------------------------------------------------------------
+    # Batches read into lent slots (a restore stream) are indexed later, in one
+    # pass: any use of the index below settles them first, and so does the
+    # batch that fills what its lending asked for (the reader's last). The
+    # stream's reader then spends its time reading, not indexing between reads.
+    @property
+    def _objs(self) -> Dict[bytes, _Object]:
+        if self._pending:
+            self._settle()
+        return self._objs_
+
+    @property
+    def _seq(self) -> "array[int]":
+        if self._pending:
+            self._settle()
+        return self._seq_
+
+    @_seq.setter
+    def _seq(self, value: "array[int]") -> None:
+        self._seq_ = value
+
+    @property
+    def _order(self) -> "array[int]":
+        if self._pending:
+            self._settle()
+        return self._order_
+
+    @_order.setter
+    def _order(self, value: "array[int]") -> None:
+        self._order_ = value
+
+    def _settle(self) -> None:
+        """Index the pending runs: each object's table, then the put order of
+        their slots (consecutive fresh ones, in stream order) in two slices."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        self._pending_spans = {}
+        objs = self._objs_
+        for oid, first, slot, m in pending:
+            obj = objs.get(oid)
+            if obj is None:
+                obj = objs[oid] = _Object()
+            obj.add_run(first, _iota(slot, slot + m))
+        start, n = self._pending_from, self._pending_to - self._pending_from
+        if len(self._order_) >= 2 * self._count + 1024:
+            self._compact()
+        base = len(self._order_)
+        self._seq_.extend(_iota(base, base + n))
+        self._order_.extend(_iota(start, start + n))
 
     # -- keys -----------------------------------------------------------------
     def make_key(self, oid: Sequence[int], index: int) -> bytes:
@@ -547,13 +607,18 @@ class PageStore:
         return runs
 
     def _all_new(self, runs: List[Tuple[bytes, int, int, int]]) -> bool:
+        """No key of the runs is stored, indexed or pending (the pending are not
+        settled for this)."""
         if len({r[0] for r in runs}) != len(runs):
             return False            # one object in two runs: let the general path order them
-        objs = self._objs
+        objs, spans = self._objs_, self._pending_spans
         for oid, first, _, m in runs:
             obj = objs.get(oid)
             if obj is not None and not obj.absent_run(first, m):
                 return False
+            for lo, hi in spans.get(oid, ()):
+                if first < hi and lo < first + m:
+                    return False
         return True
 
     def put_records(self, records: Buffer, count: int,
@@ -590,6 +655,7 @@ class PageStore:
         while (end - 1) // per >= len(self._segments):
             self._segments.append(self._heap.take(ahead=commit_ahead))
         self._index_runs(runs, start, count)
+        self._settle()
         done, slot = 0, start
         while done < count:
             seg, rel = divmod(slot, per)
@@ -600,20 +666,24 @@ class PageStore:
 
     def _index_runs(self, runs: List[Tuple[bytes, int, int, int]], start: int,
                     count: int) -> None:
-        """Index ``count`` all-new records as slots ``start..`` (the next fresh ones)."""
-        objs = self._objs
+        """Take ``count`` all-new records as slots ``start..`` (the next fresh
+        ones), their index pending (at most ``_PENDING_RUNS`` runs of it)."""
+        pending, spans = self._pending, self._pending_spans
+        if not pending:
+            self._pending_from = start
         for oid, first, at, m in runs:
-            obj = objs.get(oid)
-            if obj is None:
-                obj = objs[oid] = _Object()
-            obj.add_run(first, _iota(start + at, start + at + m))
-        if len(self._order) >= 2 * self._count + 1024:
-            self._compact()
-        base = len(self._order)
-        self._seq.extend(_iota(base, base + count))
-        self._order.extend(_iota(start, start + count))
-        self._next = start + count
+            pending.append((oid, first, start + at, m))
+            known = spans.get(oid)
+            if known is None:
+                spans[oid] = [[first, first + m]]
+            elif known[-1][1] == first:
+                known[-1][1] = first + m
+            else:
+                known.append([first, first + m])
+        self._next = self._pending_to = start + count
         self._count += count
+        if len(pending) >= _PENDING_RUNS:
+            self._settle()
 
     # -- records read in place --------------------------------------------------
     def lend_slots(self, max_count: int, commit_ahead: bool = False) -> Optional[memoryview]:
@@ -633,6 +703,7 @@ class PageStore:
             self._segments.append(self._heap.take(ahead=commit_ahead))
         view = memoryview(self._segments[seg])[rel * rs:(rel + n) * rs]
         self._lent = (self._next, view)
+        self._lent_asked = max_count
         return view
 
     @property
@@ -680,6 +751,8 @@ class PageStore:
                 self._lent = None
                 self._index_runs(runs, start, count)
                 view.release()
+                if count == self._lent_asked:
+                    self._settle()      # all that was asked for: the reader's last batch
                 return count
             copy = bytes(view[:count * rs])
         except BaseException:
