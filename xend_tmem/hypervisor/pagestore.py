@@ -23,7 +23,8 @@ import threading
 import weakref
 import zlib
 from array import array
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Generic, Iterator, List, Optional, Sequence, Tuple,
+                    TypeVar, Union, overload)
 
 from ..binio import Buffer
 from ..crc import crc32 as fast_crc32
@@ -189,6 +190,32 @@ def _u32_same(value: int, n: int) -> memoryview:
     return memoryview(array("I", (value,)) * n)
 
 
+_T = TypeVar("_T")
+
+
+class _Settled(Generic[_T]):
+    """An index attribute of :class:`PageStore` (held as ``<name>_``): reading
+    it first indexes the pending runs of lent batches."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.raw = name + "_"
+
+    @overload
+    def __get__(self, store: None, owner: type) -> "_Settled[_T]": ...
+    @overload
+    def __get__(self, store: "PageStore", owner: type) -> _T: ...
+
+    def __get__(self, store: Optional["PageStore"], owner: type) -> Any:
+        if store is None:
+            return self
+        if store._pending:
+            store._settle()
+        return getattr(store, self.raw)
+
+    def __set__(self, store: "PageStore", value: _T) -> None:
+        setattr(store, self.raw, value)
+
+
 class _Object:
     """One object's pages: page index -> slot. A dense table from ``base`` while
     the indices stay within twice the page count (plus 64), a dict beyond."""
@@ -316,8 +343,7 @@ class PageStore:
 
     __slots__ = ("version", "page_size", "header_len", "record_size", "slots_per_segment",
                  "_segments", "_objs_", "_count", "_seq_", "_order_", "_free", "_next", "_heap",
-                 "_snaps", "_lent", "_lent_asked", "_pending", "_pending_from", "_pending_to",
-                 "_pending_spans")
+                 "_snaps", "_lent", "_lent_asked", "_pending", "_pending_spans")
 
     def __init__(self, version: int, page_size: int, segment_bytes: int = SEGMENT_BYTES,
                  heap: Optional[SegmentHeap] = None) -> None:
@@ -334,10 +360,9 @@ class PageStore:
         self._seq_ = array("i")         # slot -> its position in _order, -1 when free
         self._order_ = array("i")       # slots in put order (stale entries included)
         # runs of a lent batch stored but not indexed yet (oid, first index,
-        # first slot, records), their slots ``_pending_from.._pending_to``; each
-        # object's pending index spans, merged, for telling a new key
+        # first slot, records), on consecutive slots; each object's pending
+        # index spans, merged, for telling a new key
         self._pending: List[Tuple[bytes, int, int, int]] = []
-        self._pending_from = self._pending_to = 0
         self._pending_spans: Dict[bytes, List[List[int]]] = {}
         self._free = array("i")         # freed slots, reused last-freed first
         self._next = 0
@@ -350,35 +375,14 @@ class PageStore:
     # pass: any use of the index below settles them first, and so does the
     # batch that fills what its lending asked for (the reader's last). The
     # stream's reader then spends its time reading, not indexing between reads.
-    @property
-    def _objs(self) -> Dict[bytes, _Object]:
-        if self._pending:
-            self._settle()
-        return self._objs_
-
-    @property
-    def _seq(self) -> "array[int]":
-        if self._pending:
-            self._settle()
-        return self._seq_
-
-    @_seq.setter
-    def _seq(self, value: "array[int]") -> None:
-        self._seq_ = value
-
-    @property
-    def _order(self) -> "array[int]":
-        if self._pending:
-            self._settle()
-        return self._order_
-
-    @_order.setter
-    def _order(self, value: "array[int]") -> None:
-        self._order_ = value
+    _objs: "_Settled[Dict[bytes, _Object]]" = _Settled()
+    _seq: "_Settled[array[int]]" = _Settled()
+    _order: "_Settled[array[int]]" = _Settled()
 
     def _settle(self) -> None:
         """Index the pending runs: each object's table, then the put order of
-        their slots (consecutive fresh ones, in stream order) in two slices."""
+        their slots (consecutive fresh ones from the first run's, in stream
+        order) in two slices."""
         pending, self._pending = self._pending, []
         if not pending:
             return
@@ -389,7 +393,7 @@ class PageStore:
             if obj is None:
                 obj = objs[oid] = _Object()
             obj.add_run(first, _iota(slot, slot + m))
-        start, n = self._pending_from, self._pending_to - self._pending_from
+        start, n = pending[0][2], sum(run[3] for run in pending)
         if len(self._order_) >= 2 * self._count + 1024:
             self._compact()
         base = len(self._order_)
@@ -669,8 +673,6 @@ class PageStore:
         """Take ``count`` all-new records as slots ``start..`` (the next fresh
         ones), their index pending (at most ``_PENDING_RUNS`` runs of it)."""
         pending, spans = self._pending, self._pending_spans
-        if not pending:
-            self._pending_from = start
         for oid, first, at, m in runs:
             pending.append((oid, first, start + at, m))
             known = spans.get(oid)
@@ -680,7 +682,7 @@ class PageStore:
                 known[-1][1] = first + m
             else:
                 known.append([first, first + m])
-        self._next = self._pending_to = start + count
+        self._next = start + count
         self._count += count
         if len(pending) >= _PENDING_RUNS:
             self._settle()
