@@ -9,8 +9,10 @@ saves a simulated domain's persistent tmem (``--mib`` of 4 KiB pages) as a
 simulated hypervisor. Setup (generating the pages) is outside the timing.
 Reported per run and as the median: throughput of both, the ratio
 tmem/raw, the time a fresh process takes to commit the same number of bytes and
-nothing else (``commit_s``; ``ratio_commit_floor`` = raw / max(raw, commit): what
-a cold receiver could reach if committing were all it did), and each side's
+nothing else, started where the cold receiver starts (``commit_s``;
+``ratio_commit_floor`` = raw / max(raw, commit): what a cold receiver could reach
+if committing were all it did), both again on recycled memory (``*_recycled*``:
+see ``_recycle``), and each side's
 memory: ``*_held_mib`` is the whole resident size (VmRSS, interpreter
 included) of the process holding the pages (the sender after setup, the
 receiver after the restore), ``*_peak_over_held_mib`` how far its peak during
@@ -155,6 +157,16 @@ def role_restore(fd: int, pages: int, prealloc: bool) -> None:
              "rss_end_kib": end_rss, "peak_kib": _rss_kib("VmHWM")})
 
 
+def role_hold(fd: int, pages: int) -> None:
+    """The sender's setup and nothing else: it takes the memory the sender
+    takes, in the same order, and holds it until told to go."""
+    from xend_tmem.hypervisor.sim import SimHypervisor
+    hv = SimHypervisor(tmem_version=1, tmem_capacity_pages=pages + 1024)
+    hv.suspend(hv.create_domain(_domain_config(pages)))
+    _ready_and_wait({})
+    _report({"t0": time.monotonic(), "t1": time.monotonic()})
+
+
 def role_commit(nbytes: int) -> None:
     """The floor under a cold receiver: a fresh process committing ``nbytes`` of
     memory (MAP_POPULATE, in the store's segment size) and nothing else."""
@@ -173,28 +185,59 @@ def role_commit(nbytes: int) -> None:
 def _spawn(role: str, fd: int, arg: int):
     return subprocess.Popen([sys.executable, __file__, "--role", role, "--fd", str(fd),
                              "--arg", str(arg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            pass_fds=(fd,), text=True)
+                            pass_fds=(fd,) if fd >= 0 else (), text=True)
 
 
-F_SETPIPE_SZ = 1031
+def _recycle(nbytes: int) -> None:
+    """Touch ``nbytes`` and free them: the next process to commit memory gets
+    pages the guest kernel used a moment ago. Left free a while, memory on this
+    VM goes back to the host (free page reporting) and its next first touch
+    costs a fault in the host too, several times the kernel's own commit; a
+    bare-metal dom0 never pays that."""
+    import mmap
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                  | getattr(mmap, "MAP_POPULATE", 0))
+    m.close()
 
 
-def _alone(role: str, arg: int) -> dict:
-    p = subprocess.Popen([sys.executable, __file__, "--role", role, "--fd", "-1",
-                          "--arg", str(arg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
+def _ready(p) -> None:
     if not p.stdout.readline():
-        raise SystemExit(f"benchmark child {role} died during setup")
+        raise SystemExit(f"benchmark child {p.args[3]} died during setup")
+
+
+def _result(p) -> dict:
     p.stdin.write("go\n")
     p.stdin.flush()
     line = p.stdout.readline()
     p.wait()
     if p.returncode or not line:
-        raise SystemExit(f"benchmark child {role} failed (exit {p.returncode})")
+        raise SystemExit(f"benchmark child {p.args[3]} failed (exit {p.returncode})")
     return json.loads(line)
 
 
-def _pair(send_role: str, recv_role: str, arg: int):
+F_SETPIPE_SZ = 1031
+
+
+def _alone(role: str, arg: int, recycle: int = 0, after_hold: int = 0) -> dict:
+    """One child alone. ``after_hold``: first a child takes the memory a
+    sender of that many pages takes (``role_hold``) and keeps it meanwhile, so
+    the child starts where a cold receiver starts; ``recycle``: that many bytes
+    are touched and freed just before its timing (``_recycle``)."""
+    holder = _spawn("hold", -1, after_hold) if after_hold else None
+    try:
+        if holder is not None:
+            _ready(holder)
+        p = _spawn(role, -1, arg)
+        _ready(p)
+        if recycle:
+            _recycle(recycle)
+        return _result(p)
+    finally:
+        if holder is not None:
+            _result(holder)
+
+
+def _pair(send_role: str, recv_role: str, arg: int, recycle: int = 0):
     r, w = os.pipe()
     try:   # both the baseline and tmem get the same 1 MiB pipe (the default is 64 KiB)
         import fcntl
@@ -206,9 +249,9 @@ def _pair(send_role: str, recv_role: str, arg: int):
     os.close(r)
     os.close(w)
     for p in (sender, receiver):
-        line = p.stdout.readline()
-        if not line:
-            raise SystemExit(f"benchmark child {p.args[3]} died during setup")
+        _ready(p)
+    if recycle:
+        _recycle(recycle)
     for p in (receiver, sender):
         p.stdin.write("go\n")
         p.stdin.flush()
@@ -230,6 +273,7 @@ ROLES = {
     "restore": lambda fd, arg: role_restore(fd, arg, prealloc=False),
     "restore-prealloc": lambda fd, arg: role_restore(fd, arg, prealloc=True),
     "commit": lambda fd, arg: role_commit(arg),
+    "hold": lambda fd, arg: role_hold(fd, arg),
 }
 
 
@@ -268,8 +312,8 @@ def _run_role(args) -> None:
     ROLES[args.role](args.fd, args.arg)
 
 
-def _tmem_run(pages: int, restore_role: str) -> dict:
-    t_tmem, save, restore = _pair("save", restore_role, pages)
+def _tmem_run(pages: int, restore_role: str, recycle: int = 0) -> dict:
+    t_tmem, save, restore = _pair("save", restore_role, pages, recycle)
     if restore["pages"] != pages or save["pages"] != pages:
         raise SystemExit(f"moved {save['pages']}/{restore['pages']} of {pages} pages")
     return {"s": t_tmem, "bytes": save["bytes"], "save": save, "restore": restore}
@@ -299,9 +343,14 @@ def main(argv=None) -> int:
         cold = _tmem_run(pages, "restore")
         warm = _tmem_run(pages, "restore-prealloc")
         nbytes = cold["bytes"]
+        recycle = nbytes * 5 // 4
+        recycled = _tmem_run(pages, "restore", recycle)
         t_raw, _, raw_recv = _pair("raw-send", "raw-recv", nbytes)
         assert raw_recv["bytes"] == nbytes
-        commit = _alone("commit", nbytes)
+        commit = _alone("commit", nbytes, after_hold=pages)
+        commit_recycled = _alone("commit", nbytes, recycle=recycle)
+        t_commit = commit["t1"] - commit["t0"]
+        t_commit_recycled = commit_recycled["t1"] - commit_recycled["t0"]
         save, restore = cold["save"], cold["restore"]
         run = {
             "bytes": nbytes, "raw_s": t_raw, "tmem_s": cold["s"], "tmem_prealloc_s": warm["s"],
@@ -316,8 +365,12 @@ def main(argv=None) -> int:
             "save_peak_over_held_mib": (save["peak_kib"] - save["rss_before_kib"]) / 1024,
             "restore_held_mib": restore["held_kib"] / 1024,
             "restore_peak_over_held_mib": (restore["peak_kib"] - restore["rss_end_kib"]) / 1024,
-            "commit_s": commit["t1"] - commit["t0"],
-            "ratio_commit_floor": t_raw / max(t_raw, commit["t1"] - commit["t0"]),
+            "commit_s": t_commit,
+            "ratio_commit_floor": t_raw / max(t_raw, t_commit),
+            "tmem_recycled_s": recycled["s"],
+            "ratio_recycled": t_raw / recycled["s"],
+            "commit_recycled_s": t_commit_recycled,
+            "ratio_commit_floor_recycled": t_raw / max(t_raw, t_commit_recycled),
             "page_data_mib": pages * 4096 / MiB,
             "memory_limit_mib": pages * 4096 / MiB * 1.02 + 32,
             "save_total_mib": save["peak_kib"] / 1024,
@@ -330,7 +383,9 @@ def main(argv=None) -> int:
             print(f"run {i + 1}: {nbytes / MiB:.0f} MiB  raw pipe {run['raw_mib_s']:.0f} MiB/s  "
                   f"tmem {run['tmem_mib_s']:.0f} MiB/s (ratio {run['ratio']:.2f}), with a "
                   f"preallocated tmem heap {run['tmem_prealloc_mib_s']:.0f} MiB/s (ratio "
-                  f"{run['ratio_prealloc']:.2f}); peak over held: save "
+                  f"{run['ratio_prealloc']:.2f}), cold on recycled memory ratio "
+                  f"{run['ratio_recycled']:.2f}; commit alone {run['commit_s']:.2f} s "
+                  f"({run['commit_recycled_s']:.2f} s recycled); peak over held: save "
                   f"+{run['save_peak_over_held_mib']:.1f} of {run['save_held_mib']:.0f} MiB, "
                   f"restore +{run['restore_peak_over_held_mib']:.1f} of "
                   f"{run['restore_held_mib']:.0f} MiB", flush=True)
@@ -342,7 +397,9 @@ def main(argv=None) -> int:
         print(f"median of {len(runs)}: raw pipe {summary['raw_mib_s']:.0f} MiB/s; tmem "
               f"{summary['tmem_mib_s']:.0f} MiB/s = ratio {summary['ratio']:.2f}; with a "
               f"preallocated tmem heap {summary['tmem_prealloc_mib_s']:.0f} MiB/s = ratio "
-              f"{summary['ratio_prealloc']:.2f}; commit alone {summary['commit_s']:.2f} s; "
+              f"{summary['ratio_prealloc']:.2f}; cold on recycled memory ratio "
+              f"{summary['ratio_recycled']:.2f}; commit alone {summary['commit_s']:.2f} s "
+              f"({summary['commit_recycled_s']:.2f} s recycled); "
               f"memory, whole process at its peak: save {summary['save_total_mib']:.0f} MiB, "
               f"restore {summary['restore_total_mib']:.0f} MiB (limit "
               f"{summary['memory_limit_mib']:.0f} MiB)")

@@ -82,7 +82,7 @@ def test_many_batches_arrive_intact_and_the_reader_keeps_two_buffers(monkeypatch
         assert not direct
     assert digest == src.tmem_digest(domid)
     assert digest[0][0] == PAGES
-    assert len(r._spare) <= 1 and len(r.buf) <= 2 * (1 << 20)    # white-box: the pair
+    assert len(r._spare) <= 1 and len(r.buf) <= 2 * tc.BATCH_BYTES    # white-box: the pair
 
 
 @pytest.mark.parametrize("cut", [1, 300, 254 * 3])
