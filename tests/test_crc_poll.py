@@ -48,7 +48,14 @@ def test_hypervisor_record_crcs_and_sidecar_records_agree_with_zlib() -> None:
     assert out.tolist() == want
     assert pagestore.first_crc_mismatch(records, count, head + page, page, out) is None
     out[3] ^= 1
-    assert pagestore.first_crc_mismatch(records, count, head + page, page, out)[0] == 3
+    assert pagestore.first_crc_mismatch(records, count, head + page, page, out) == \
+        (3, want[3], want[3] ^ 1)
+    # the page offsets are kept per batch shape: other shapes get their own
+    assert pagestore.first_crc_mismatch(records, 3, head + page, page, out) is None
+    big = bytearray(os.urandom(2 * (20 + 8192)))
+    big_out = array("I", bytes(8))
+    pagestore.record_crcs(big, 2, 20 + 8192, 8192, big_out)
+    assert big_out.tolist() == [zlib.crc32(big[20:8212]), zlib.crc32(big[8232:])]
     pages = os.urandom(3 * page)
     assert [r[6] for r in integrity.ram_records([7, 8, 9], pages)] == \
         [zlib.crc32(pages[i * page:(i + 1) * page]) for i in range(3)]

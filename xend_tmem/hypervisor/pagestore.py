@@ -14,6 +14,7 @@ save stream carries) are indexed a run at a time.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import random
@@ -942,32 +943,39 @@ class PageStore:
         return len(order), h.hexdigest()
 
 
+@functools.lru_cache(maxsize=16)
+def _page_slices(count: int, record_size: int, page_size: int) -> Tuple[slice, ...]:
+    """Where the pages of ``count`` wire-layout records lie: made once per batch
+    shape (a restore's batches are all one shape but the last), not per page."""
+    head = record_size - page_size
+    return tuple(slice(o, o + page_size) for o in range(head, count * record_size, record_size))
+
+
+def _page_crcs(records: Buffer, count: int, record_size: int, page_size: int) -> "array[int]":
+    mv = memoryview(records).cast("B")
+    return array("I", map(fast_crc32, map(mv.__getitem__,
+                                           _page_slices(count, record_size, page_size))))
+
+
 def record_crcs(records: Buffer, count: int, record_size: int, page_size: int,
                 out: Union[bytearray, memoryview, array[int]]) -> None:
     """Store the CRC32 of each of ``count`` wire-layout records' pages in
     ``out`` (a writable buffer of native u32): the sidecar's page checksums."""
-    mv = memoryview(records).cast("B")
-    head = record_size - page_size
-    crc32 = fast_crc32
     with memoryview(out) as raw, raw.cast("B") as flat, flat.cast("I") as dst:
         if dst.nbytes < 4 * count:
             raise ValueError(f"a CRC buffer of {dst.nbytes} bytes cannot hold {count} CRCs")
-        dst[:count] = array("I", [crc32(mv[o:o + page_size])
-                                  for o in range(head, count * record_size, record_size)])
+        dst[:count] = _page_crcs(records, count, record_size, page_size)
 
 
 def first_crc_mismatch(records: Buffer, count: int, record_size: int, page_size: int,
                        crcs: Union[Buffer, array[int]]) -> Optional[Tuple[int, int, int]]:
     """``(index, got, want)`` of the first record whose page's CRC32 is not
     ``crcs[index]``, else None."""
-    mv = memoryview(records).cast("B")
-    head = record_size - page_size
     with memoryview(crcs) as raw, raw.cast("B") as flat, flat.cast("I") as want:
         if want.nbytes < 4 * count:
             raise ValueError(f"{want.nbytes // 4} CRCs for {count} records")
-        crc32 = fast_crc32
-        got = [crc32(mv[o:o + page_size]) for o in range(head, count * record_size, record_size)]
-        if got == want[:count].tolist():
+        got = _page_crcs(records, count, record_size, page_size)
+        if got.tobytes() == want[:count].tobytes():
             return None
         for i, (g, w) in enumerate(zip(got, want[:count].tolist())):
             if g != w:
