@@ -159,12 +159,11 @@ def role_restore(fd: int, pages: int, prealloc: bool) -> None:
 
 def role_hold(fd: int, pages: int) -> None:
     """The sender's setup and nothing else: it takes the memory the sender
-    takes, in the same order, and holds it until told to go."""
+    takes, in the same order, and holds it until killed."""
     from xend_tmem.hypervisor.sim import SimHypervisor
     hv = SimHypervisor(tmem_version=1, tmem_capacity_pages=pages + 1024)
     hv.suspend(hv.create_domain(_domain_config(pages)))
     _ready_and_wait({})
-    _report({"t0": time.monotonic(), "t1": time.monotonic()})
 
 
 def role_commit(nbytes: int) -> None:
@@ -233,8 +232,9 @@ def _alone(role: str, arg: int, recycle: int = 0, after_hold: int = 0) -> dict:
             _recycle(recycle)
         return _result(p)
     finally:
-        if holder is not None:
-            _result(holder)
+        if holder is not None:      # it holds memory and nothing else: no result to wait for
+            holder.kill()
+            holder.wait()
 
 
 def _pair(send_role: str, recv_role: str, arg: int, recycle: int = 0):

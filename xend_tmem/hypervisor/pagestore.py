@@ -943,7 +943,7 @@ class PageStore:
         return len(order), h.hexdigest()
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)
 def _page_slices(count: int, record_size: int, page_size: int) -> Tuple[slice, ...]:
     """Where the pages of ``count`` wire-layout records lie: made once per batch
     shape (a restore's batches are all one shape but the last), not per page."""
