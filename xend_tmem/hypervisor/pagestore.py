@@ -952,9 +952,10 @@ def _page_slices(count: int, record_size: int, page_size: int) -> Tuple[slice, .
 
 
 def _page_crcs(records: Buffer, count: int, record_size: int, page_size: int) -> "array[int]":
-    mv = memoryview(records).cast("B")
-    return array("I", map(fast_crc32, map(mv.__getitem__,
-                                           _page_slices(count, record_size, page_size))))
+    # views released on return: ``records`` may be a shared buffer about to be reused or closed
+    with memoryview(records) as raw, raw.cast("B") as mv:
+        return array("I", map(fast_crc32, map(mv.__getitem__,
+                                               _page_slices(count, record_size, page_size))))
 
 
 def record_crcs(records: Buffer, count: int, record_size: int, page_size: int,
