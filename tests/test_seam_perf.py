@@ -90,6 +90,93 @@ def test_writer_stops_asking_when_the_filesystem_refuses(monkeypatch, tmp_path):
     assert len(calls) == 1
 
 
+class _SpyPipe:
+    """A pipe's write end that records which object each write's bytes lived in."""
+
+    def __init__(self, fd: int) -> None:
+        self._f = open(fd, "wb", buffering=0)  # noqa: SIM115 - closed by close()
+        self.sources: List[object] = []
+        self.sizes: List[int] = []
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def write(self, mv: memoryview) -> int:
+        self.sources.append(mv.obj)
+        self.sizes.append(mv.nbytes)
+        return self._f.write(mv)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def test_writer_bounces_large_writes_into_a_pipe_and_only_those(tmp_path):
+    """A large buffer reaches a pipe through the writer's own small buffer, in
+    pieces no larger than it, byte for byte; coalesced small writes, files and
+    sockets get the caller's buffer itself."""
+    import threading
+    big = bytes(random.Random(7).getrandbits(8) for _ in range(1000)) * 700   # 700,000 bytes
+    big_view = memoryview(big).cast("I")
+    r, wfd = os.pipe()
+    got = bytearray()
+    reader = threading.Thread(target=lambda: got.extend(_drain(r)))
+    reader.start()
+    spy = _SpyPipe(wfd)
+    try:
+        w = StreamWriter(spy)
+        w.write(b"hdr")                          # coalesced
+        w.write(big_view)                        # not bytes: any buffer, any format
+        w.write(b"tail" * 10)
+        w.flush()
+    finally:
+        spy.close()
+        reader.join()
+    assert bytes(got) == b"hdr" + big + b"tail" * 10
+    assert max(spy.sizes) <= binio.PIPE_BOUNCE
+    assert big not in spy.sources and big_view.obj not in spy.sources
+    bounced = [s for s in spy.sources if isinstance(s, bytearray) and len(s) == binio.PIPE_BOUNCE]
+    assert sum(n for s, n in zip(spy.sources, spy.sizes) if s in bounced) == len(big)
+
+    with open(tmp_path / "img", "wb", buffering=0) as f:        # a file: written straight
+        seen: List[object] = []
+        real = f.write
+        f_spy = type("F", (), {"fileno": f.fileno,
+                               "write": lambda self, mv: seen.append(mv.obj) or real(mv)})()
+        w = StreamWriter(f_spy)
+        w.write(big)
+        assert seen and all(o is big for o in seen)
+    assert (tmp_path / "img").read_bytes() == big
+
+
+def test_both_ends_widen_a_pipe_to_a_chunk():
+    import fcntl
+    from xend_tmem.binio import CHUNK, StreamReader
+    for end in ("reader", "writer"):
+        r, w = os.pipe()
+        try:
+            assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) < CHUNK      # Linux's 64 KiB
+            if end == "reader":
+                with open(r, "rb", buffering=0, closefd=False) as f:
+                    StreamReader(f)
+            else:
+                with open(w, "wb", buffering=0, closefd=False) as f:
+                    StreamWriter(f)
+            assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) == CHUNK
+        finally:
+            os.close(r)
+            os.close(w)
+
+
+def _drain(fd: int) -> bytes:
+    out = bytearray()
+    with open(fd, "rb", buffering=0) as f:
+        while True:
+            b = f.read(1 << 16)
+            if not b:
+                return bytes(out)
+            out += b
+
+
 def _records(start: int, n: int) -> bytes:
     return b"".join(struct.pack("<QQQI", 1, 2, 3, start + i) + bytes(4096) for i in range(n))
 
