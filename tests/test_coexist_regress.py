@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from xend_tmem.config import parse_toolstack_config
-from xend_tmem.xend import rpc, xm
+from xend_tmem.xend import rpc, rpcserver, xm
 from xend_tmem.xend.daemon import Daemon, StartError
 
 
@@ -31,9 +31,9 @@ def config(tmp_path: Path, **overrides):
 def stock_xend(tmp_path: Path):
     """An XML-RPC server on the socket that answers as a stock xend would: its
     own methods, and a fault for any other."""
-    server = rpc.UnixXMLRPCServer(str(tmp_path / "xmlrpc.sock"))
+    server = rpcserver.UnixXMLRPCServer(str(tmp_path / "xmlrpc.sock"))
     server.register_function(lambda *a: [], "xend.domains")
-    thread = rpc.serve_in_thread(server)
+    thread = rpcserver.serve_in_thread(server)
     yield server
     server.shutdown()
     server.server_close()

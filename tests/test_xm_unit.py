@@ -12,7 +12,7 @@ import pytest
 
 from xend_tmem.errors import ConfigError, NoSuchDomain
 from xend_tmem.plugins import get_plugin_manager
-from xend_tmem.xend import progress, rpc, xm
+from xend_tmem.xend import progress, rpc, rpcserver, xm
 
 
 @pytest.fixture
@@ -342,7 +342,7 @@ def test_report_lines_for_each_operation() -> None:
 
 def test_rpc_over_a_unix_socket_with_faults_and_big_ints(tmp_path) -> None:
     path = str(tmp_path / "run" / "x.sock")
-    server = rpc.UnixXMLRPCServer(path)
+    server = rpcserver.UnixXMLRPCServer(path)
 
     def nosuch(dom):
         raise NoSuchDomain(dom)
@@ -354,7 +354,7 @@ def test_rpc_over_a_unix_socket_with_faults_and_big_ints(tmp_path) -> None:
     server.register_function(nosuch, "xend.nosuch")
     server.register_function(bad_config, "xend.bad")
     server.register_function(lambda: 1 // 0, "xend.bug")
-    rpc.serve_in_thread(server)
+    rpcserver.serve_in_thread(server)
     try:
         assert oct(os.stat(path).st_mode & 0o777) == "0o600"
         client = rpc.connect(path)

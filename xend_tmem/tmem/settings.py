@@ -10,8 +10,7 @@ For one migration the host hands the plugin its own limit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 from ..xen import LAYOUTS
 from ..errors import ConfigError
@@ -26,8 +25,10 @@ DEFAULTS = {
 }
 
 
-@dataclass(frozen=True)
-class TmemSettings:
+class TmemSettings(NamedTuple):
+    """(A named tuple, not a dataclass: ``xm`` imports this module for
+    :data:`PLANS` on every command, and dataclasses costs it 10 ms.)"""
+
     layout: str = "released"          # where -5 goes: after the header, or before p2m_size
     plan: str = "auto"                # live-migration plan, or auto (policy.py)
     bandwidth_bps: Optional[float] = None   # None: measure during the rounds

@@ -48,7 +48,7 @@ from ..plugins import CheckpointHooks, get_plugin_manager
 from .relocation.protocol import server_context
 from .relocation.server import RelocationServer
 from . import rpc
-from .rpc import UnixXMLRPCServer, serve_in_thread
+from .rpcserver import UnixXMLRPCServer, serve_in_thread
 from .service import XendService
 
 if TYPE_CHECKING:

@@ -8,22 +8,19 @@ Two details xend did not need: integers beyond XML-RPC's 32-bit ``<int>`` are se
 as ``<i8>`` (Python's client reads them; byte counts of gigabyte-scale tmem do not
 fit 32 bits), and each connection is served in its own thread so a client polling
 a long operation's progress is never stuck behind it.
+
+This module is what both ends share and the client (``xm`` imports it for
+every command); the daemon's server is :mod:`.rpcserver`.
 """
 from __future__ import annotations
 
 import http.client
-import logging
 import os
 import socket
-import socketserver
-import threading
 import xmlrpc.client
-from typing import Any, Callable, Optional
-from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
+from typing import Any, Optional
 
 from ..errors import NoSuchDomain, XendTmemError, os_error_message
-
-log = logging.getLogger("xend_tmem.xend.rpc")
 
 DEFAULT_SOCKET = "/var/run/xend/xmlrpc.sock"
 ENV_SERVER = "XM_SERVER"
@@ -32,26 +29,6 @@ RPC_PATH = "/RPC2"
 FAULT_INTERNAL = 1
 FAULT_GENERIC = 2
 FAULT_NO_SUCH_DOMAIN = 3
-
-
-class _Marshaller(xmlrpc.client.Marshaller):
-    """xmlrpc's marshaller, but ints outside 32 bits go out as ``<i8>``."""
-
-    # xmlrpc's class-level table, copied so the override stays in this class
-    dispatch = dict(xmlrpc.client.Marshaller.dispatch)  # noqa: RUF012
-
-    # self typed as the base class: dispatch entries are called with any Marshaller
-    def _dump_int(self: xmlrpc.client.Marshaller, value: int,
-                  write: Callable[[str], Any]) -> None:
-        tag = "int" if -2 ** 31 <= value < 2 ** 31 else "i8"
-        write(f"<value><{tag}>{int(value)}</{tag}></value>\n")
-
-    dispatch[int] = _dump_int
-
-
-def _dumps_response(result: Any) -> str:
-    body = _Marshaller("utf-8", allow_none=True).dumps(result)
-    return "<?xml version='1.0'?>\n<methodResponse>\n" + body + "</methodResponse>\n"
 
 
 def fault_for(exc: BaseException) -> xmlrpc.client.Fault:
@@ -67,87 +44,6 @@ def fault_for(exc: BaseException) -> xmlrpc.client.Fault:
     if isinstance(exc, ValueError):     # a request's value the method could not take
         return xmlrpc.client.Fault(FAULT_GENERIC, f"invalid value: {exc}")
     return xmlrpc.client.Fault(FAULT_INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-
-
-class _Handler(SimpleXMLRPCRequestHandler):
-    rpc_paths = (RPC_PATH,)
-    disable_nagle_algorithm = False     # TCP_NODELAY does not apply to unix sockets
-
-    def address_string(self) -> str:        # unix sockets have no peer address
-        return "local"
-
-    def log_request(self, code: Any = "-", size: Any = "-") -> None:
-        return None          # xm polls jobs several times a second: no line per request
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.warning("rpc: " + format, *args)
-
-
-class UnixXMLRPCServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer,
-                       SimpleXMLRPCDispatcher):
-    """Threaded XML-RPC server on a unix socket; exceptions become xend's faults."""
-
-    daemon_threads = True
-    allow_reuse_address = False
-    logRequests = False       # read by SimpleXMLRPCRequestHandler
-
-    def __init__(self, path: str, mode: int = 0o600) -> None:
-        SimpleXMLRPCDispatcher.__init__(self, allow_none=True, encoding="utf-8",
-                                        use_builtin_types=False)
-        self.socket_path = path
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        socketserver.UnixStreamServer.__init__(self, path, _Handler, bind_and_activate=False)
-        try:
-            old_umask = os.umask(0o177)
-            try:
-                self.server_bind()
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, mode)
-            self.server_activate()
-        except BaseException:
-            self.server_close()
-            raise
-
-    # typeshed declares str, but CPython's SimpleXMLRPCDispatcher returns (and
-    # SimpleXMLRPCRequestHandler writes) bytes, as this does
-    def _marshaled_dispatch(  # type: ignore[override]
-            self, data: bytes, dispatch_method: Optional[Callable[..., Any]] = None,
-            path: Optional[str] = None) -> bytes:
-        try:
-            params, method = xmlrpc.client.loads(data, use_builtin_types=False)
-        except Exception as exc:  # noqa: BLE001 - any unreadable request gets a fault
-            response = _dumps_response(xmlrpc.client.Fault(FAULT_INTERNAL, f"bad request: {exc}"))
-            return response.encode("utf-8", "xmlcharrefreplace")
-        if method not in self.funcs:
-            fault = xmlrpc.client.Fault(FAULT_GENERIC, f"xend does not know the method {method!r} "
-                                                       "(is it an older or newer xend?)")
-            return _dumps_response(fault).encode("utf-8", "xmlcharrefreplace")
-        try:
-            result = self._dispatch(method, params)
-            response = _dumps_response((result,))
-        except Exception as exc:   # every failure must reach the client as a fault
-            fault = fault_for(exc)
-            if fault.faultCode == FAULT_INTERNAL and not isinstance(exc, xmlrpc.client.Fault):
-                log.exception("internal error in %s", method)
-            elif isinstance(exc, ValueError):   # the user's value, or a bug: keep the trace
-                log.warning("%s refused: %s", method, fault.faultString, exc_info=exc)
-            else:
-                log.info("%s refused: %s", method, fault.faultString)
-            response = _dumps_response(fault)
-        return response.encode("utf-8", "xmlcharrefreplace")
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.exception("rpc connection failed")
-
-    def server_close(self) -> None:
-        super().server_close()
-        try:
-            os.unlink(self.socket_path)
-        except OSError:
-            pass
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -197,13 +93,5 @@ def connect(path: Optional[str] = None,
                                      allow_none=True)
 
 
-def serve_in_thread(server: UnixXMLRPCServer) -> threading.Thread:
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                              name="xmlrpc", daemon=True)
-    thread.start()
-    return thread
-
-
-__all__ = ["UnixXMLRPCServer", "connect", "server_path", "fault_for", "serve_in_thread",
-           "FAULT_INTERNAL", "FAULT_GENERIC", "FAULT_NO_SUCH_DOMAIN", "DEFAULT_SOCKET",
-           "ENV_SERVER"]
+__all__ = ["connect", "server_path", "fault_for", "FAULT_INTERNAL", "FAULT_GENERIC",
+           "FAULT_NO_SUCH_DOMAIN", "DEFAULT_SOCKET", "ENV_SERVER", "RPC_PATH"]

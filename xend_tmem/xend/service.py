@@ -50,7 +50,7 @@ from .relocation import protocol as relocation_protocol
 from .relocation.server import RelocationServer
 from .jobs import Job, JobTable
 from .progress import report_lines
-from .rpc import UnixXMLRPCServer
+from .rpcserver import UnixXMLRPCServer
 
 log = logging.getLogger("xend_tmem.xend")
 
