@@ -167,6 +167,41 @@ def test_a_restore_stream_commits_ahead_and_gives_the_rest_back(monkeypatch) -> 
     assert len(store) == 2 * per and store.get(_key(1, 2 * per - 1)) is not None
 
 
+@pytest.mark.parametrize("path", ["records", "lent"])
+def test_a_scattered_restore_batch_commits_ahead_too(mocker, path: str) -> None:
+    """A batch that is not all-new runs (a busy guest's pages come in put
+    order: one object in several runs) is stored page by page; its new
+    segments still come committed ahead, not faulted in under the copy."""
+    heap = SegmentHeap(segment_bytes=1 << 20, ahead=2)
+    store = PageStore(1, 4096, heap=heap)
+    take = mocker.spy(heap, "take")
+    n = 2 * store.slots_per_segment + 3
+    keys = [_key(1 + i % 3, i // 3 * 2) for i in range(n)]      # objects interleaved
+    recs = bytearray()
+    for i, k in enumerate(keys):
+        recs += k + bytes([i % 251]) * 4096
+    if path == "records":
+        assert store.put_records(recs, n, commit_ahead=True) == n
+    else:
+        done = 0
+        while done < n:
+            view = store.lend_slots(n - done, commit_ahead=True)
+            assert view is not None
+            m = min(n - done, view.nbytes // RS_4K)
+            view[:m * RS_4K] = recs[done * RS_4K:(done + m) * RS_4K]
+            assert store.put_lent(m) == m
+            done += m
+    assert take.call_count >= 3
+    assert all(call.kwargs.get("ahead") for call in take.call_args_list)
+    assert len(store) == n
+    for i in (0, n // 2, n - 1):
+        assert store.get(keys[i]) == bytes([i % 251]) * 4096
+    store.clear()
+
+
+RS_4K = KEY.size + 4096
+
+
 def test_a_writer_commits_beside_a_helper_that_is_behind(monkeypatch) -> None:
     """A stream's writer does not wait for a helper that is still committing: it
     commits the segment it needs itself, and the helper owes one fewer."""

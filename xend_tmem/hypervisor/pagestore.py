@@ -344,7 +344,7 @@ class PageStore:
 
     __slots__ = ("version", "page_size", "header_len", "record_size", "slots_per_segment",
                  "_segments", "_objs_", "_count", "_seq_", "_order_", "_free", "_next", "_heap",
-                 "_snaps", "_lent", "_lent_asked", "_pending", "_pending_spans")
+                 "_snaps", "_lent", "_lent_asked", "_lent_ahead", "_pending", "_pending_spans")
 
     def __init__(self, version: int, page_size: int, segment_bytes: int = SEGMENT_BYTES,
                  heap: Optional[SegmentHeap] = None) -> None:
@@ -370,6 +370,7 @@ class PageStore:
         self._snaps: "weakref.WeakSet[Snapshot]" = weakref.WeakSet()
         self._lent: Optional[Tuple[int, memoryview]] = None   # slots a reader fills in place
         self._lent_asked = 0            # how many slots that lending asked for
+        self._lent_ahead = False        # and whether it had the heap commit ahead
 
     # -- the index -------------------------------------------------------------
     # Batches read into lent slots (a restore stream) are indexed later, in one
@@ -440,7 +441,9 @@ class PageStore:
         return tuple(self._segments)
 
     # -- slots and order --------------------------------------------------------
-    def _alloc(self) -> int:
+    def _alloc(self, ahead: bool = False) -> int:
+        """A slot for one put; ``ahead``: a stream's put, whose new segment the
+        heap commits ahead (see :meth:`SegmentHeap.take`)."""
         if self._lent is not None:
             self.drop_lent()
         if self._free:
@@ -449,7 +452,7 @@ class PageStore:
         self._next += 1
         self._seq.append(-1)
         if slot // self.slots_per_segment >= len(self._segments):
-            self._segments.append(self._heap.take())
+            self._segments.append(self._heap.take(ahead=ahead))
         return slot
 
     def _where(self, slot: int) -> Tuple[mmap.mmap, int]:
@@ -646,7 +649,7 @@ class PageStore:
                     room(count)
                 self._append_runs(src, runs, count, commit_ahead)
                 return count
-            return self._put_each(src, count, room)
+            return self._put_each(src, count, room, commit_ahead)
 
     def _append_runs(self, src: memoryview, runs: List[Tuple[bytes, int, int, int]],
                      count: int, commit_ahead: bool) -> None:
@@ -707,6 +710,7 @@ class PageStore:
         view = memoryview(self._segments[seg])[rel * rs:(rel + n) * rs]
         self._lent = (self._next, view)
         self._lent_asked = max_count
+        self._lent_ahead = commit_ahead
         return view
 
     @property
@@ -762,10 +766,10 @@ class PageStore:
             self.drop_lent()
             raise
         self.drop_lent()
-        return self.put_records(copy, count, room)
+        return self.put_records(copy, count, room, commit_ahead=self._lent_ahead)
 
     def _put_each(self, src: memoryview, count: int,
-                  room: Optional[Callable[[int], None]]) -> int:
+                  room: Optional[Callable[[int], None]], commit_ahead: bool = False) -> int:
         rs, hl, per = self.record_size, self.header_len, self.slots_per_segment
         keys = [bytes(src[o:o + hl]) for o in range(0, count * rs, rs)]
         if room is not None:
@@ -784,7 +788,7 @@ class PageStore:
             obj = objs.get(oid)
             slot = obj.get(index) if obj is not None else -1
             if slot < 0:
-                slot = self._alloc()
+                slot = self._alloc(commit_ahead)
                 if obj is None:
                     obj = objs[oid] = _Object()
                 obj.add(index, slot)
