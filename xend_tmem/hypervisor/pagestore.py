@@ -616,10 +616,11 @@ class PageStore:
 
     def _all_new(self, runs: List[Tuple[bytes, int, int, int]]) -> bool:
         """No key of the runs is stored, indexed or pending (the pending are not
-        settled for this)."""
-        if len({r[0] for r in runs}) != len(runs):
-            return False            # one object in two runs: let the general path order them
+        settled for this), and none is in two runs. One object may have several
+        runs: a busy guest's pool, saved in put order, has holes where pages
+        were put again later, so an object comes back in pieces."""
         objs, spans = self._objs_, self._pending_spans
+        mine: Dict[bytes, List[Tuple[int, int]]] = {}
         for oid, first, _, m in runs:
             obj = objs.get(oid)
             if obj is not None and not obj.absent_run(first, m):
@@ -627,6 +628,14 @@ class PageStore:
             for lo, hi in spans.get(oid, ()):
                 if first < hi and lo < first + m:
                     return False
+            mine.setdefault(oid, []).append((first, first + m))
+        if len(mine) == len(runs):
+            return True
+        for ranges in mine.values():            # the batch's own runs of one object
+            if len(ranges) > 1:
+                ranges.sort()
+                if any(lo < prev_hi for (_, prev_hi), (lo, _) in zip(ranges, ranges[1:])):
+                    return False                # a key twice: the general path orders them
         return True
 
     def put_records(self, records: Buffer, count: int,
