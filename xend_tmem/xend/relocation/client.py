@@ -29,11 +29,11 @@ import termios
 import threading
 import time
 import uuid
-import zlib
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from ... import fdwait, integrity
 from ...codec import sxp
+from ...crc import crc32
 from ...errors import Cancelled, PeerError, XendTmemError
 from ...hypervisor.interface import Hypervisor
 from ...session import JournalFn
@@ -171,7 +171,7 @@ class _PeerWriter:
         self._send_all(memoryview(FRAME.pack(body.nbytes | flag)))
         self._send_all(body)
         if self.crc:
-            self._send_all(memoryview(FRAME.pack(zlib.crc32(body))))
+            self._send_all(memoryview(FRAME.pack(crc32(body))))
 
     def _send_records(self) -> None:
         """Page checksum records not sent yet, ahead of the pages they cover."""

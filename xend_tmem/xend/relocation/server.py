@@ -34,12 +34,12 @@ import socket
 import ssl as ssl_mod
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Pattern, Sequence, Set, Tuple
 
 from ... import integrity
 from ...codec import sxp
+from ...crc import crc32
 from ...errors import PeerError, XendTmemError
 from ...hypervisor.interface import Hypervisor
 from .. import journal as jrn
@@ -187,13 +187,13 @@ class _FramedReader:
             self._frames += 1
             assert self.page_check is not None
             if records:
-                if zlib.crc32(body) != want:
+                if crc32(body) != want:
                     raise integrity.IntegrityError(
                         f"page checksum frame {self._frames} from {self.peer} failed its "
                         "CRC32: the stream was corrupted in transit")
                 self.page_check.add_expected(body)
                 continue
-            if zlib.crc32(body) != want:
+            if crc32(body) != want:
                 self.page_check.frame_bad(
                     f"frame {self._frames}, image bytes {self._offset}..{self._offset + n - 1}, "
                     "failed its CRC32")
