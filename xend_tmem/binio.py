@@ -71,18 +71,23 @@ def _fd_of(f: object, kind: Callable[[int], bool]) -> int:
         return -1
 
 
-def widen_pipe(fd: int) -> None:
-    """Give a pipe room for one ``CHUNK`` (Linux's default is 64 KiB, and a
-    FIFO's two ends then take turns every 16 pages: measured in this VM, 1 GiB
-    through ``cat`` took 1.5 s at 64 KiB and 0.5 s at 1 MiB). Either end may
-    ask; where the kernel refuses (an unprivileged process over
-    ``/proc/sys/fs/pipe-max-size``, a pipe of other users' at its limit) the
-    pipe stays as it was."""
+def widen_pipe(f: object) -> bool:
+    """If ``f`` is a pipe or FIFO, give it room for one ``CHUNK`` and say so.
+
+    Linux's default is 64 KiB, and a FIFO's two ends then take turns every 16
+    pages (measured in this VM, 1 GiB through ``cat`` took 1.5 s at 64 KiB and
+    0.5 s at 1 MiB). Either end may ask; where the kernel refuses (an
+    unprivileged process over ``/proc/sys/fs/pipe-max-size``, a pipe of other
+    users' at its limit) the pipe stays as it was."""
+    fd = _fd_of(f, stat.S_ISFIFO)
+    if fd < 0:
+        return False
     try:
         if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < CHUNK:
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, CHUNK)
     except (OSError, AttributeError):
         pass
+    return True
 
 
 class StreamReader:
@@ -101,9 +106,7 @@ class StreamReader:
         self._base = offset          # stream offset of buf[0]
         self._eof = False
         self._spare: List[bytearray] = []   # buffers given back after a :meth:`lend`
-        pipe = _fd_of(f, stat.S_ISFIFO)
-        if pipe >= 0:
-            widen_pipe(pipe)
+        widen_pipe(f)
 
     # -- position ---------------------------------------------------------
     @property
@@ -349,10 +352,7 @@ class StreamWriter:
         self._wb_start = os.lseek(self._wb_fd, 0, os.SEEK_CUR) if self._wb_fd >= 0 else 0
         self._wb_sent: List[Tuple[int, int]] = []   # ranges on their way to the disk
         self._bounce: Optional[memoryview] = None
-        pipe = _fd_of(f, stat.S_ISFIFO)
-        self._to_pipe = pipe >= 0
-        if self._to_pipe:
-            widen_pipe(pipe)
+        self._to_pipe = widen_pipe(f)
 
     @staticmethod
     def _writeback_fd(f: Sink) -> int:

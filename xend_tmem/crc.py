@@ -1,5 +1,6 @@
 """CRC32 for the page checksums (the integrity sidecar, the hypervisor's
-``save_get_pages(crcs=)`` / ``restore_put_pages(crcs=)`` / ``ram_page_crcs``).
+``save_get_pages(crcs=)`` / ``restore_put_pages(crcs=)`` / ``ram_page_crcs``)
+and for the relocation stream's ``crc32-frames``.
 
 The same function as ``zlib.crc32`` (polynomial, values and the optional
 running ``value`` argument alike), so images and sidecars are unchanged. ISA-L's
