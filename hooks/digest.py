@@ -1,7 +1,7 @@
 """The ``tmem-digest`` checkpoint plugin: proof that tmem arrived intact.
 
 Records a digest of the domain's persistent tmem (per pool: page count and a
-sha256 over pages sorted by key) at the two moments that must agree: on the
+sha256 over pages in (OID, index) order) at the two moments that must agree: on the
 source once the guest is suspended, and on the destination when the restore is
 complete and before the guest runs again. The reports carry it as
 ``plugins["tmem-digest"]``; ``xend-tmem demo`` compares the two. Uses the
@@ -71,11 +71,15 @@ def checkpoint_restore_done(session: RestoreSession, outcome: Outcome) -> None:
 def _sample_per_page_s(n: int) -> float:
     """The page store's own digest (the simulator's ``tmem_digest`` is that
     code, run by the hypervisor process on this host) over ``n`` distinct pages
-    put in an order unlike the key order, as a guest's puts are; the least of
-    a few runs (a preemption is no rate)."""
+    laid out as a restore lays them: in the stream's order, objects in no
+    particular order but each one's pages in runs (a save walks the put order,
+    and a guest puts a swap cluster's pages together); the least of a few runs
+    (a preemption is no rate)."""
     store = PageStore(1, PAGE_SIZE)
-    for i in sorted(range(n), key=lambda i: (i * 7919) % n):
-        store.put(store.make_key((i // 64, 7, 0), i % 64), os.urandom(PAGE_SIZE))
+    objects = -(-n // 64)
+    for o in sorted(range(objects), key=lambda o: (o * 7919) % objects):
+        for i in range(o * 64, min(n, o * 64 + 64)):
+            store.put(store.make_key((o, 7, 0), i % 64), os.urandom(PAGE_SIZE))
     best = float("inf")
     for _ in range(CALIBRATION_RUNS):
         t0 = time.monotonic()

@@ -197,6 +197,12 @@ def _script(hv: Any) -> Dict[str, Any]:
     assert isinstance(e, HypervisorError)
     out["restore_put_lent"] = str(e)
     call("restore_flush_page", r, 0, oid(2), 2)
+    call("restore_flush_pages", r, [(0, oid(3), 3), (0, oid(99), 0), (0, oid(4), 4)])
+    out["after_flush_pages"] = [hv.guest_get(r, 0, oid(n), n) is None for n in (3, 4, 5)]
+    assert out["after_flush_pages"] == [True, True, False]
+    e = _error(lambda: hv.restore_flush_pages(r, [(0, oid(5), 5), (3, oid(6), 6)]))
+    assert isinstance(e, HypervisorError)           # pool 3 does not exist: stops there
+    out["restore_flush_pages refused"] = (str(e), hv.guest_get(r, 0, oid(5), 5) is None)
     # admin
     call("set_weight", r, 7)
     call("set_cap", r, 8)

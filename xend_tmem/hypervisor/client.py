@@ -54,6 +54,7 @@ log = logging.getLogger("xend_tmem.hypervisor")
 
 BUFFER_SIZE = 16 << 20            # per connection: 4000 page records, 16 x tmem's 1 MiB batch
 HELD_BATCH_BYTES = 4 << 20        # a save's lent batch: a quarter of the round trips of 1 MiB
+FLUSH_BATCH = 16384               # invalidations per round trip: well under wire.MAX_MESSAGE
 _MADV_POPULATE_READ = 22          # Linux 5.14+: fault a run about to be read in one call
 _POPULATE_MIN = 64 * PAGE_SIZE    # below this the call costs more than the faults
 START_TIMEOUT_S = 30.0
@@ -746,6 +747,13 @@ class HypervisorClient:
 
     def restore_flush_page(self, domid: int, pool_id: int, oid: OID, index: int) -> None:
         self._call("restore_flush_page", domid, pool_id, tuple(oid), index)
+
+    def restore_flush_pages(self, domid: int, entries: Sequence[Tuple[int, OID, int]]) -> None:
+        """As the interface: one round trip per :data:`FLUSH_BATCH` entries
+        (each a few dozen bytes in the message), not one per page."""
+        for at in range(0, len(entries), FLUSH_BATCH):
+            self._call("restore_flush_pages", domid,
+                       [(p, tuple(o), i) for p, o, i in entries[at:at + FLUSH_BATCH]])
 
     # -- client settings and admin ops -----------------------------------------------
     def set_weight(self, domid: int, weight: int) -> None:

@@ -10,7 +10,8 @@ shaped after Xen's hypercalls:
   log-dirty (``shadow_op``).
 * :class:`TmemControl` -- ``XEN_SYSCTL_TMEM_OP`` control sub-ops, one method
   each, with Xen's argument conventions and results. The batched methods
-  (``save_get_pages``, ``save_get_invs``, ``restore_put_pages``) are each
+  (``save_get_pages``, ``save_get_invs``, ``restore_put_pages``,
+  ``restore_flush_pages``) are each
   documented as the loop of single sub-ops they stand for; a backend on real
   Xen implements them as that loop into a caller-supplied buffer. Where a
   backend has a buffer of its own to lend (a process's shared memory, an
@@ -301,6 +302,12 @@ class TmemControl(Protocol):
         pool are lent."""
     def restore_flush_page(self, domid: int, pool_id: int, oid: OID, index: int) -> None:
         """RESTORE_FLUSH_PAGE: delete one page; a missing page is not an error."""
+    def restore_flush_pages(self, domid: int, entries: Sequence[Tuple[int, OID, int]]) -> None:
+        """A loop of RESTORE_FLUSH_PAGE over ``entries`` ((pool_id, oid, index)
+        each: a ``-6`` chunk's invalidations), in order, in one call rather
+        than one per page (thousands of them arrive while the guest is
+        suspended); stops at the first refusal and raises it as
+        :meth:`restore_flush_page` would, the entries before it flushed."""
 
     # -- client settings and admin ops (domid ALL_CLIENTS = every client) ------
     def set_weight(self, domid: int, weight: int) -> None: ...
@@ -343,8 +350,8 @@ class Inspection(Protocol):
     def tmem_state(self, domid: int) -> Dict[str, Any]:
         """Everything about a domain's tmem, page data as crc32 (small pools)."""
     def tmem_digest(self, domid: int) -> Dict[int, Tuple[int, str]]:
-        """Per persistent pool ``(page count, sha256 hex)`` over pages sorted by
-        key, streaming (GiB-scale). A backend on real Xen computes it from a
+        """Per persistent pool ``(page count, sha256 hex)`` over pages in (OID,
+        index) order, streaming (GiB-scale). A backend on real Xen computes it from a
         non-live save walk."""
     def ram_digest(self, domid: int) -> str:
         """sha256 of the domain's whole RAM."""

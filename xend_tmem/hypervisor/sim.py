@@ -1667,6 +1667,18 @@ class SimHypervisor:
             if self._trace is not None:
                 self._t(f"{line} rc=1")
 
+    def restore_flush_pages(self, domid: int, entries: Sequence[Tuple[int, OID, int]]) -> None:
+        """As the interface: the RESTORE_FLUSH_PAGE loop under one lock, each
+        sub-op checked and traced as its own call."""
+        with self._lock:
+            for entry in entries:
+                try:
+                    pool_id, oid, index = entry
+                except (TypeError, ValueError):
+                    raise HypervisorError("RESTORE_FLUSH_PAGE", f"entry {entry!r} is not "
+                                          "(pool_id, oid, index)") from None
+                self.restore_flush_page(domid, pool_id, oid, index)
+
     # =====================================================================
     # TmemControl: client settings and admin ops (domid -1 = every client)
     # =====================================================================
@@ -1937,7 +1949,7 @@ class SimHypervisor:
             }
 
     def tmem_digest(self, domid: int) -> Dict[int, Tuple[int, str]]:
-        """Per persistent pool ``(count, sha256 hex)`` over pages sorted by key
+        """Per persistent pool ``(count, sha256 hex)`` over pages in (OID, index) order
         (see :meth:`PageStore.digest`), streaming: fit for GiB-scale checks."""
         with self._lock:
             c = self._dom(domid).client
