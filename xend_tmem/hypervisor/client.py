@@ -393,12 +393,15 @@ class HypervisorClient:
         mm = m.mm
         runs = _runs(pfns, m.pages, op)
         try:
-            parts = [mm[s * PAGE_SIZE:(s + n) * PAGE_SIZE] for s, n in runs]
+            if len(runs) == 1:
+                s, n = runs[0]
+                return mm[s * PAGE_SIZE:(s + n) * PAGE_SIZE]
+            # scattered pages (a last round's): one copy, joined from views of
+            # the mapping, not a bytes object per run joined again
+            with memoryview(mm) as whole:
+                return b"".join([whole[s * PAGE_SIZE:(s + n) * PAGE_SIZE] for s, n in runs])
         except ValueError:                   # unmapped meanwhile: destroyed
             raise NoSuchDomain(domid) from None
-        if len(parts) == 1:
-            return parts[0]
-        return b"".join(parts)
 
     def map_foreign_range(self, domid: int, pfns: Sequence[int]) -> Optional[memoryview]:
         """A read-only view of this client's own mapping of ``pfns`` when they are
