@@ -148,6 +148,43 @@ def test_writer_bounces_large_writes_into_a_pipe_and_only_those(tmp_path):
     assert (tmp_path / "img").read_bytes() == big
 
 
+def test_reader_bounces_large_direct_reads_from_a_pipe_and_only_those(tmp_path):
+    """Read in place from a pipe, a large destination is filled through the
+    reader's own small buffer, in pieces no larger than it, byte for byte; a
+    file is read straight into the destination."""
+    import threading
+    from xend_tmem.binio import StreamReader
+    data = bytes(random.Random(8).getrandbits(8) for _ in range(1000)) * 700
+    rfd, w = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(w, data), os.close(w)))
+    writer.start()
+    targets: List[object] = []
+    with open(rfd, "rb", buffering=0) as f:
+        real = f.readinto
+        spy = type("P", (), {"fileno": f.fileno,
+                             "readinto": lambda self, mv: targets.append((mv.obj, mv.nbytes))
+                             or real(mv)})()
+        r = StreamReader(spy)
+        out = bytearray(len(data) + 10)
+        got = r.read_direct(memoryview(out))
+    writer.join()
+    assert got == len(data) and bytes(out[:got]) == data
+    assert max(n for _, n in targets) <= binio.PIPE_BOUNCE
+    bounced = [n for obj, n in targets if obj is not out]
+    assert len(bounced) >= len(data) // binio.PIPE_BOUNCE     # all but a short tail
+
+    (tmp_path / "img").write_bytes(data)
+    targets.clear()
+    with open(tmp_path / "img", "rb", buffering=0) as f:
+        real = f.readinto
+        spy = type("F", (), {"fileno": f.fileno,
+                             "readinto": lambda self, mv: targets.append((mv.obj, mv.nbytes))
+                             or real(mv)})()
+        out = bytearray(len(data))
+        assert StreamReader(spy).read_direct(memoryview(out)) == len(data)
+    assert bytes(out) == data and targets and all(obj is out for obj, _ in targets)
+
+
 def test_both_ends_widen_a_pipe_to_a_chunk():
     import fcntl
     from xend_tmem.binio import CHUNK, StreamReader
