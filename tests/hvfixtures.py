@@ -104,3 +104,17 @@ def write_tmem_stream(hv: Any, domid: int, out: Any) -> None:
         w.flush()
     finally:
         writer.end()
+
+
+def bulk_source(pages: int, objects: int, seed: int) -> Tuple[SimHypervisor, int]:
+    """An in-process simulator holding a suspended domain whose one persistent
+    pool has ``pages`` generated pages in ``objects`` objects: a save's source."""
+    from xend_tmem.domconfig import parse_domain_config
+    hv = SimHypervisor(tmem_version=1)
+    domid = hv.create_domain(parse_domain_config({
+        "name": "src", "memory": 1, "vcpus": 1,
+        "tmem": {"version": 1, "pools": [
+            {"id": 0, "persistent": True,
+             "bulk": {"pages": pages, "objects": objects, "seed": seed}}]}}))
+    hv.suspend(domid)
+    return hv, domid

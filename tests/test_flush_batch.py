@@ -8,12 +8,11 @@ import io
 from typing import Any, List
 
 import pytest
-from hvfixtures import BACKENDS, backend, write_tmem_stream
+from hvfixtures import BACKENDS, backend, bulk_source, write_tmem_stream
 
 from xend_tmem.binio import StreamReader, StreamWriter
 from xend_tmem.codec import tmemchunk as tc
-from xend_tmem.domconfig import BULK_OID_BASE, parse_domain_config
-from xend_tmem.hypervisor.sim import SimHypervisor
+from xend_tmem.domconfig import BULK_OID_BASE
 from xend_tmem.tmem.restore import TmemRestorer
 
 PAGES = 600
@@ -21,12 +20,7 @@ FLUSHED = 5000          # more than one of the reader's 4096-entry batches; most
 
 
 def _stream() -> bytes:
-    src = SimHypervisor(tmem_version=1)
-    domid = src.create_domain(parse_domain_config({
-        "name": "src", "memory": 1, "vcpus": 1,
-        "tmem": {"version": 1, "pools": [
-            {"id": 0, "persistent": True, "bulk": {"pages": PAGES, "objects": 1, "seed": 5}}]}}))
-    src.suspend(domid)
+    src, domid = bulk_source(PAGES, objects=1, seed=5)
     out = io.BytesIO()
     write_tmem_stream(src, domid, out)
     w = StreamWriter(out)

@@ -9,11 +9,11 @@ import struct
 from typing import Dict, Tuple
 
 import pytest
-from hvfixtures import write_tmem_stream
+from hvfixtures import bulk_source, write_tmem_stream
 
 from xend_tmem.binio import StreamReader
 from xend_tmem.codec import tmemchunk as tc
-from xend_tmem.domconfig import BULK_OID_BASE, parse_domain_config
+from xend_tmem.domconfig import BULK_OID_BASE
 from xend_tmem.hypervisor.sim import SimHypervisor
 from xend_tmem.tmem.restore import TmemRestorer
 
@@ -21,13 +21,7 @@ PAGES = 1500          # six 1 MiB batches
 
 
 def _source(pages: int) -> Tuple[SimHypervisor, int]:
-    hv = SimHypervisor(tmem_version=1)
-    domid = hv.create_domain(parse_domain_config({
-        "name": "src", "memory": 1, "vcpus": 1,
-        "tmem": {"version": 1, "pools": [
-            {"id": 0, "persistent": True, "bulk": {"pages": pages, "objects": 7, "seed": 3}}]}}))
-    hv.suspend(domid)
-    return hv, domid
+    return bulk_source(pages, objects=7, seed=3)
 
 
 def _stream(hv: SimHypervisor, domid: int) -> bytes:
