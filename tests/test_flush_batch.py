@@ -71,3 +71,17 @@ def test_a_refused_entry_stops_the_batch_there(kind: str) -> None:
         hv.thaw(domid)
         left = [hv.guest_get(domid, 0, (1, 0, 0), i) is not None for i in range(3)]
         assert left == [False, True, True]               # the first deleted, then stopped
+
+
+@pytest.mark.parametrize("entries", [5, [5], [(0, (1, 0), 0)], [(0, (1, 0, 0), -1)],
+                                     [(0, (1, 0, 0))]])
+def test_malformed_entries_are_refused_by_the_hypervisor(entries: Any) -> None:
+    """What a client of the hypervisor process may send: refused with the
+    interface's error, nothing flushed."""
+    from xend_tmem.errors import HypervisorError
+    for hv in backend("inprocess"):
+        domid = hv.create_domain_shell("dst", 256, 1)
+        hv.restore_begin(domid)
+        hv.restore_new_pool(domid, 0, 1 | 1 << 24, (0, 0))
+        with pytest.raises(HypervisorError):
+            hv.restore_flush_pages(domid, entries)

@@ -1670,6 +1670,9 @@ class SimHypervisor:
     def restore_flush_pages(self, domid: int, entries: Sequence[Tuple[int, OID, int]]) -> None:
         """As the interface: the RESTORE_FLUSH_PAGE loop under one lock, each
         sub-op checked and traced as its own call."""
+        if not isinstance(entries, (list, tuple)):
+            raise HypervisorError("RESTORE_FLUSH_PAGE", f"entries {type(entries).__name__} "
+                                  "is not a sequence of (pool_id, oid, index)")
         with self._lock:
             for entry in entries:
                 try:
