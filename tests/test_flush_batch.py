@@ -13,6 +13,7 @@ from hvfixtures import BACKENDS, backend, bulk_source, write_tmem_stream
 from xend_tmem.binio import StreamReader, StreamWriter
 from xend_tmem.codec import tmemchunk as tc
 from xend_tmem.domconfig import BULK_OID_BASE
+from xend_tmem.hypervisor.sim import SimHypervisor
 from xend_tmem.tmem.restore import TmemRestorer
 
 PAGES = 600
@@ -85,3 +86,30 @@ def test_malformed_entries_are_refused_by_the_hypervisor(entries: Any) -> None:
         hv.restore_new_pool(domid, 0, 1 | 1 << 24, (0, 0))
         with pytest.raises(HypervisorError):
             hv.restore_flush_pages(domid, entries)
+
+
+def test_an_invalidation_of_an_undefined_pool_is_named_at_its_offset() -> None:
+    """Checked before anything is flushed; the error names the entry's own
+    offset, not its batch's."""
+    from xend_tmem.errors import StreamError
+    src, domid = bulk_source(8, objects=1, seed=5)
+    out = io.BytesIO()
+    write_tmem_stream(src, domid, out)
+    chunk_at = out.tell()
+    w = StreamWriter(out)
+    tc.write_extra(w, 1, [(0, (BULK_OID_BASE, 0, 0), 0), (0, (BULK_OID_BASE, 0, 0), 1),
+                          (3, (BULK_OID_BASE, 0, 0), 2)])
+    w.flush()
+    hv = SimHypervisor(tmem_version=1)
+    dst = hv.create_domain_shell("dst", 256, 1)
+    r = StreamReader(io.BytesIO(out.getvalue()))
+    rest = TmemRestorer(hv, dst)
+    off = r.offset
+    rest.read_chunk(r, r.s32("marker"), off)
+    off = r.offset
+    with pytest.raises(StreamError) as exc:
+        rest.read_chunk(r, r.s32("marker"), off)
+    assert exc.value.offset == chunk_at + 4 + 2 * 32
+    assert exc.value.value == 3
+    assert [hv.guest_get(dst, 0, (BULK_OID_BASE, 0, 0), i) is not None for i in range(3)] \
+        == [True, True, True]

@@ -189,11 +189,12 @@ class TmemRestorer(tc.ChunkVisitor):
 
     def invalidations(self, entries: Sequence[Tuple[int, tc.OID, int]], offset: int) -> None:
         self.drain()
-        for pool_id, _, _ in entries:
+        entry_len = 8 + tc.oid_len(self.version or 0)     # pool_id, OID, index
+        for k, (pool_id, _, _) in enumerate(entries):
             if pool_id not in self.pools:
                 raise StreamError(f"invalidation names pool {pool_id}, which the tmem chunk "
-                                  "did not define", offset=offset, field="invalidation pool_id",
-                                  value=pool_id)
+                                  "did not define", offset=offset + k * entry_len,
+                                  field="invalidation pool_id", value=pool_id)
         # one call for the batch: a migration reads this chunk while the guest
         # is suspended, and a round trip per page cost ~1 s per 6000 of them
         self.hv.restore_flush_pages(self.domid, entries)
