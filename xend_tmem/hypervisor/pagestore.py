@@ -313,6 +313,18 @@ class _Object:
             out.extend(self.sparse.values())
         return out
 
+    def slots_by_index(self) -> "array[int]":
+        """The slots by ascending page index (a table without holes is that
+        already: copied in C, not slot by slot)."""
+        table = self.table
+        if not self.sparse:
+            return array("i", table) if not table.count(-1) else \
+                array("i", [s for s in table if s >= 0])
+        pairs = [(self.base + j, s) for j, s in enumerate(table) if s >= 0]
+        pairs.extend(self.sparse.items())
+        pairs.sort()
+        return array("i", [s for _, s in pairs])
+
 
 class Snapshot:
     """The put order at SAVE_BEGIN, as slots: Xen's per-pool page list that the
@@ -954,7 +966,7 @@ class PageStore:
         views = [memoryview(seg) for seg in self._segments]
         try:
             for oid in sorted(objs, key=_oid_words):
-                slots = _index_ordered_slots(objs[oid])
+                slots = objs[oid].slots_by_index()
                 count += len(slots)
                 if self.version == 0:
                     self._digest_v0(h, views, slots)
@@ -995,19 +1007,6 @@ def _oid_words(oid: bytes) -> Tuple[int, ...]:
     """An object's key (a record header less its index: 8 or 24 bytes) as
     numbers: v0's one word sorts as v1's (word, 0, 0)."""
     return struct.unpack(f"<{len(oid) // 8}Q", oid) + (0,) * (3 - len(oid) // 8)
-
-
-def _index_ordered_slots(obj: _Object) -> "array[int]":
-    """An object's slots by ascending page index."""
-    dense = array("i", [s for s in obj.table if s >= 0]) if obj.table.count(-1) \
-        else array("i", obj.table)
-    if not obj.sparse:
-        return dense
-    base = obj.base
-    pairs = [(base + j, s) for j, s in enumerate(obj.table) if s >= 0]
-    pairs.extend(obj.sparse.items())
-    pairs.sort()
-    return array("i", [s for _, s in pairs])
 
 
 @functools.lru_cache(maxsize=8)

@@ -189,7 +189,8 @@ class TmemRestorer(tc.ChunkVisitor):
 
     def invalidations(self, entries: Sequence[Tuple[int, tc.OID, int]], offset: int) -> None:
         self.drain()
-        entry_len = 8 + tc.oid_len(self.version or 0)     # pool_id, OID, index
+        assert self.version is not None           # ChunkOrder.see: -6 follows a -5
+        entry_len = 8 + tc.oid_len(self.version)  # pool_id, OID, index
         for k, (pool_id, _, _) in enumerate(entries):
             if pool_id not in self.pools:
                 raise StreamError(f"invalidation names pool {pool_id}, which the tmem chunk "
