@@ -218,3 +218,36 @@ def test_a_guest_dead_before_its_first_beat_moves_no_beat_and_is_logged(
     assert sim.guest_heartbeat(d) == (0, 0)                  # no beat to carry
     assert any(f"guest process {pid} exited on its own" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_beat_read_waits_out_a_writer_descheduled_mid_beat() -> None:
+    """A guest preempted between its two seq stores (a loaded host) must not
+    read as "no beat": the old reader gave up after 1000 tight retries (~0.1 ms)
+    and returned (0, 0), which broke the strictly-increasing beats above now
+    and then. A writer that never finishes (killed mid-beat) still reads as no
+    beat, within the reader's time bound."""
+    import mmap
+    import threading
+
+    from xend_tmem.hypervisor import guest
+    p2m = 4
+    ram = mmap.mmap(-1, p2m * 4096)
+    off = guest.heartbeat_pfn(p2m) * 4096 + guest.HEARTBEAT_OFFSET
+    guest.HEARTBEAT.pack_into(ram, off, guest.HEARTBEAT_MAGIC, 7, 1_000, 3)   # seq odd: mid-beat
+
+    def finish() -> None:
+        time.sleep(0.005)                                   # descheduled for 5 ms
+        guest.HEARTBEAT.pack_into(ram, off, guest.HEARTBEAT_MAGIC, 7, 2_000, 4)
+        guest.HEARTBEAT.pack_into(ram, off, guest.HEARTBEAT_MAGIC, 8, 2_000, 4)
+
+    t = threading.Thread(target=finish)
+    t.start()
+    try:
+        assert guest.read_heartbeat(ram, p2m) == (2_000, 4)
+    finally:
+        t.join()
+    guest.HEARTBEAT.pack_into(ram, off, guest.HEARTBEAT_MAGIC, 9, 3_000, 5)   # never finished
+    t0 = time.monotonic()
+    assert guest.read_heartbeat(ram, p2m) == (0, 0)
+    assert time.monotonic() - t0 < 1.0
+    ram.close()

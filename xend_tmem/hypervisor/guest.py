@@ -91,7 +91,8 @@ HEARTBEAT = struct.Struct("<QQQQ")
 HEARTBEAT_MAGIC = 0x3174616562474E58    # "XNGbeat1"
 HEARTBEAT_OFFSET = 64                   # in the last page of RAM
 HEARTBEAT_PERIOD_S = 0.0008             # nominal; at most ~1 ms between beats while running
-_HB_RETRIES = 1000                      # a reader racing a writer: bounded retries
+_HB_SPINS = 200                         # a reader racing a writer: tight retries first,
+_HB_WAIT_S = 0.02                       # then yielding ones, for at most this long
 
 
 def heartbeat_pfn(p2m: int) -> int:
@@ -115,14 +116,25 @@ def read_heartbeat(ram: mmap.mmap, p2m: int) -> Tuple[int, int]:
         return 0, 0
     raw, w = _heartbeat_words(ram, p2m)
     try:
-        for _ in range(_HB_RETRIES):
+        tries, deadline = 0, 0.0
+        while True:
             s1 = w[1]
-            if s1 & 1:
+            if not s1 & 1:
+                magic, ns, count = w[0], w[2], w[3]
+                if w[1] == s1:
+                    return (ns, count) if magic == HEARTBEAT_MAGIC else (0, 0)
+            # a writer mid-beat: on a busy host it can be descheduled between
+            # its two seq stores for longer than any number of tight retries
+            # takes, so after those the reader yields, up to a time bound
+            tries += 1
+            if tries < _HB_SPINS:
                 continue
-            magic, ns, count = w[0], w[2], w[3]
-            if w[1] == s1:
-                return (ns, count) if magic == HEARTBEAT_MAGIC else (0, 0)
-        return 0, 0            # a writer stuck mid-beat (killed): no beat to report
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + _HB_WAIT_S
+            elif now >= deadline:
+                return 0, 0    # a writer stuck mid-beat (killed): no beat to report
+            time.sleep(0)
     finally:
         w.release()
         raw.release()
