@@ -53,6 +53,7 @@ def test_collect_into_gives_what_collect_gives(seed):
 def test_writer_streams_a_regular_file_to_the_disk_only(monkeypatch, tmp_path):
     calls: List[tuple] = []
     monkeypatch.setattr(binio, "_sync_file_range", lambda *a: calls.append(a) or 0)
+    monkeypatch.setattr(binio, "_drop_cached", lambda *a: calls.append(("drop",) + a))
     monkeypatch.setattr(binio, "WRITEBACK_BYTES", 256 << 10)
     with open(tmp_path / "img", "wb", buffering=0) as f:
         w = StreamWriter(f)
@@ -60,9 +61,11 @@ def test_writer_streams_a_regular_file_to_the_disk_only(monkeypatch, tmp_path):
             w.write(bytes(128 << 10))
         w.flush()
         fd, r = f.fileno(), 256 << 10
-        # each range is started, and the one two ranges back is waited for
+        # each range is started, the one two ranges back is waited for and,
+        # on the disk, dropped from the page cache
         assert calls == [(fd, 0, r, 2), (fd, r, r, 2), (fd, 2 * r, r, 2), (fd, 0, r, 7),
-                         (fd, 3 * r, r, 2), (fd, r, r, 7)]
+                         ("drop", fd, 0, r), (fd, 3 * r, r, 2), (fd, r, r, 7),
+                         ("drop", fd, r, r)]
     assert (tmp_path / "img").stat().st_size == 1 << 20
     calls.clear()
     r, wfd = os.pipe()
@@ -271,3 +274,84 @@ def test_writer_streams_from_where_the_file_stands(monkeypatch, tmp_path):
         w = StreamWriter(f)
         w.write(bytes(64 << 10))
         assert calls == [(f.fileno(), 4, 64 << 10, 2)]
+
+
+
+def _resident_pages(path) -> List[int]:
+    """Which of the file's pages are in the page cache (mincore of a mapping)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = os.path.getsize(path)
+    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            pytest.skip("cannot map the file")
+        try:
+            if libc.mincore(addr, size, vec) != 0:
+                pytest.skip(f"mincore: {os.strerror(ctypes.get_errno())}")
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return [b & 1 for b in vec]
+
+
+def _mib_resident(path, lo_mib: int, hi_mib: int) -> float:
+    pages = _resident_pages(path)[lo_mib * 256:hi_mib * 256]
+    return sum(pages) / 256
+
+
+@pytest.mark.skipif(binio._sync_file_range is None, reason="no sync_file_range")
+def test_a_streamed_image_leaves_only_its_tail_in_the_page_cache(tmp_path):
+    """Xen's discard_file_cache, with the kernel's own bookkeeping as the witness:
+    writing 160 MiB keeps about WRITEBACK_RANGES + 1 ranges of it cached (the
+    pages it frees are what the next range takes), and the bytes are all there."""
+    path = tmp_path / "img"
+    block = os.urandom(1 << 20)
+    with open(path, "wb", buffering=0) as f:
+        w = StreamWriter(f)
+        for _ in range(160):
+            w.write(block)
+        w.flush()
+        os.fsync(f.fileno())
+    wb = binio.WRITEBACK_BYTES >> 20
+    assert _mib_resident(path, 0, 160 - (binio.WRITEBACK_RANGES + 1) * wb) < 4
+    with open(path, "rb") as f:
+        assert all(f.read(1 << 20) == block for _ in range(160))
+        assert f.read(1) == b""
+
+
+def test_drop_behind_reads_everything_and_keeps_little_cached(tmp_path):
+    """A restore's read of its image: every byte arrives (read and readinto),
+    what was read more than a range ago leaves the page cache; a plain read of
+    the same file (the control) leaves it cached."""
+    path = tmp_path / "img"
+    data = os.urandom(1 << 20) * 128
+    with open(path, "wb") as f:                     # on the disk, as a saved image is
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, "rb") as f:
+        while f.read(1 << 20):
+            pass
+    assert _mib_resident(path, 0, 64) > 48          # the control: a plain read caches
+    got = bytearray()
+    with open(path, "rb") as raw, binio.DropBehind(raw) as f:
+        assert f.fileno() == raw.fileno()
+        buf = bytearray(3 << 20)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            got += buf[:n]
+            got += f.read(12345)
+    assert got == data
+    assert _mib_resident(path, 0, 128 - 2 * (binio.WRITEBACK_BYTES >> 20)) < 4

@@ -11,7 +11,7 @@ import fcntl
 import os
 import stat
 import struct
-from typing import Callable, List, Optional, Protocol, Tuple, Union
+from typing import Any, Callable, List, Optional, Protocol, Tuple, Union
 
 from .errors import StreamError
 
@@ -88,6 +88,62 @@ def widen_pipe(f: object) -> bool:
     except (OSError, AttributeError):
         pass
     return True
+
+
+def _drop_cached(fd: int, at: int, size: int) -> None:
+    """Drop a file range's clean pages from the page cache (advice: a range
+    still dirty or under writeback stays)."""
+    try:
+        os.posix_fadvise(fd, at, size, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+
+
+class DropBehind:
+    """A read-through regular file that drops what was read from the page cache,
+    ``WRITEBACK_BYTES`` at a time and one such range behind the position.
+
+    A restore reads a multi-gigabyte image once, front to back; cached, it
+    would take that much memory (in this VM memory that has been free a moment
+    costs a host fault per page: an uncached 1.5 GiB image read in 0.65-1.94 s,
+    0.62-0.76 s dropping behind, benchmarks/README.md PERF6h). Data is never
+    at stake: only clean pages are dropped, and a range read again comes from
+    the disk."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self._fd: int = f.fileno()
+        self._pos = os.lseek(self._fd, 0, os.SEEK_CUR)
+        self._dropped = self._pos
+
+    def _advance(self, n: int) -> None:
+        self._pos += n
+        upto = self._pos - WRITEBACK_BYTES
+        if upto - self._dropped >= WRITEBACK_BYTES:
+            _drop_cached(self._fd, self._dropped, upto - self._dropped)
+            self._dropped = upto
+
+    def readinto(self, buf: Buffer) -> int:
+        n: int = self._f.readinto(buf) or 0
+        self._advance(n)
+        return n
+
+    def read(self, n: int = -1, /) -> bytes:
+        data: bytes = self._f.read(n)
+        self._advance(len(data))
+        return data
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "DropBehind":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class StreamReader:
@@ -346,11 +402,20 @@ class StreamWriter:
     flight, and the fsync a save ends with waits for the last ranges only.
     Measured in this VM through xend (1.5 GiB image, 4 saves each, alternated):
     0.84-1.04 s (one 2.5 s), where starting writeback of the whole file
-    without waiting took 0.88-1.52 s (one 2.7 s); dropping the written ranges
-    from the page cache as Xen's ``discard_file_cache`` did made the save no
-    faster and an ``xm restore`` that follows read the image from the disk
-    (1.8-3.1 s instead of about 1 s). Durability is unchanged (the fsync still
-    decides); pipes and sockets are left alone.
+    without waiting took 0.88-1.52 s (one 2.7 s). Durability is unchanged
+    (the fsync still decides); pipes and sockets are left alone.
+
+    A range that has reached the disk is dropped from the page cache, as
+    Xen's ``xc_domain_save`` did (``discard_file_cache`` every 16 MiB): the
+    image then holds about ``WRITEBACK_RANGES + 1`` ranges of page cache
+    instead of its whole size, and the pages it frees are the ones the next
+    range takes. A page cache the size of the image needs that much free
+    memory at once, and in this VM memory left free is soon handed back to
+    the host and costs a host fault per page on its next touch: writing
+    1.5 GiB and fsyncing it took 0.56-2.88 s depending on how long ago the
+    memory was freed, 0.64-0.82 s dropping behind (benchmarks/README.md,
+    PERF6h). A restore reads the image back from the disk then; it drops
+    what it has read too (:class:`DropBehind`).
 
     Writing a pipe, it copies a large buffer into a ``PIPE_BOUNCE`` buffer
     of its own, a piece at a time, and writes that. The kernel copies a pipe
@@ -401,6 +466,8 @@ class StreamWriter:
             at, size = self._wb_sent.pop(0)
             if fn(fd, at, size, _SYNC_FILE_RANGE_WAIT) != 0:
                 self._wb_fd = -1
+                return
+            _drop_cached(fd, at, size)       # on the disk now: its pages serve the next range
 
     def write(self, data: Buffer) -> None:
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
@@ -475,4 +542,4 @@ def ensure_writer(f: Union[Sink, StreamWriter]) -> StreamWriter:
     return f if isinstance(f, StreamWriter) else StreamWriter(f)
 
 
-__all__ = ["StreamReader", "StreamWriter", "ensure_reader", "ensure_writer", "CHUNK"]
+__all__ = ["StreamReader", "StreamWriter", "DropBehind", "ensure_reader", "ensure_writer", "CHUNK"]

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from .. import __version__
 from .. import integrity
-from ..binio import Source
+from ..binio import DropBehind, Source
 from ..checkpoint import domain_sxp, restore_domain, save_domain
 from ..codec import sxp
 from ..config import ToolstackConfig
@@ -475,7 +475,9 @@ class XendService:
                                        phase="restoring")
             try:
                 with inp, self._capacity_refusal(f"restore {path}"):
-                    src = check.reader(inp) if check is not None else inp
+                    # read once: what has been read leaves the page cache (binio.DropBehind)
+                    once: Any = DropBehind(inp) if regular else inp
+                    src = check.reader(once) if check is not None else once
                     domid, report = restore_domain(
                         self.hv, jrn.killpoint_stream(src, "restore-stream"), hooks=self.hooks,
                         paused=True, progress=job.progress, cancel=job.cancel,
