@@ -53,7 +53,6 @@ def test_collect_into_gives_what_collect_gives(seed):
 def test_writer_streams_a_regular_file_to_the_disk_only(monkeypatch, tmp_path):
     calls: List[tuple] = []
     monkeypatch.setattr(binio, "_sync_file_range", lambda *a: calls.append(a) or 0)
-    monkeypatch.setattr(binio, "_drop_cached", lambda *a: calls.append(("drop",) + a))
     monkeypatch.setattr(binio, "WRITEBACK_BYTES", 256 << 10)
     with open(tmp_path / "img", "wb", buffering=0) as f:
         w = StreamWriter(f)
@@ -61,11 +60,9 @@ def test_writer_streams_a_regular_file_to_the_disk_only(monkeypatch, tmp_path):
             w.write(bytes(128 << 10))
         w.flush()
         fd, r = f.fileno(), 256 << 10
-        # each range is started, the one two ranges back is waited for and,
-        # on the disk, dropped from the page cache
+        # each range is started, and the one two ranges back is waited for
         assert calls == [(fd, 0, r, 2), (fd, r, r, 2), (fd, 2 * r, r, 2), (fd, 0, r, 7),
-                         ("drop", fd, 0, r), (fd, 3 * r, r, 2), (fd, r, r, 7),
-                         ("drop", fd, r, r)]
+                         (fd, 3 * r, r, 2), (fd, r, r, 7)]
     assert (tmp_path / "img").stat().st_size == 1 << 20
     calls.clear()
     r, wfd = os.pipe()
@@ -307,26 +304,6 @@ def _resident_pages(path) -> List[int]:
 def _mib_resident(path, lo_mib: int, hi_mib: int) -> float:
     pages = _resident_pages(path)[lo_mib * 256:hi_mib * 256]
     return sum(pages) / 256
-
-
-@pytest.mark.skipif(binio._sync_file_range is None, reason="no sync_file_range")
-def test_a_streamed_image_leaves_only_its_tail_in_the_page_cache(tmp_path):
-    """Xen's discard_file_cache, with the kernel's own bookkeeping as the witness:
-    writing 160 MiB keeps about WRITEBACK_RANGES + 1 ranges of it cached (the
-    pages it frees are what the next range takes), and the bytes are all there."""
-    path = tmp_path / "img"
-    block = os.urandom(1 << 20)
-    with open(path, "wb", buffering=0) as f:
-        w = StreamWriter(f)
-        for _ in range(160):
-            w.write(block)
-        w.flush()
-        os.fsync(f.fileno())
-    wb = binio.WRITEBACK_BYTES >> 20
-    assert _mib_resident(path, 0, 160 - (binio.WRITEBACK_RANGES + 1) * wb) < 4
-    with open(path, "rb") as f:
-        assert all(f.read(1 << 20) == block for _ in range(160))
-        assert f.read(1) == b""
 
 
 def test_drop_behind_reads_everything_and_keeps_little_cached(tmp_path):

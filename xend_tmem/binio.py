@@ -103,12 +103,14 @@ class DropBehind:
     """A read-through regular file that drops what was read from the page cache,
     ``WRITEBACK_BYTES`` at a time and one such range behind the position.
 
-    A restore reads a multi-gigabyte image once, front to back; cached, it
-    would take that much memory (in this VM memory that has been free a moment
+    A restore reads a multi-gigabyte image once, front to back. Read from the
+    disk, it would otherwise take page cache the size of the image, memory
+    that must be free at once (in this VM memory that has been free a moment
     costs a host fault per page: an uncached 1.5 GiB image read in 0.65-1.94 s,
-    0.62-0.76 s dropping behind, benchmarks/README.md PERF6h). Data is never
-    at stake: only clean pages are dropped, and a range read again comes from
-    the disk."""
+    0.62-0.76 s dropping behind, benchmarks/README.md PERF6h); what it pushes
+    out of the cache is other domains' and services' data. An image still
+    cached (just saved) reads as fast either way. Data is never at stake: only
+    clean pages are dropped, and a range read again comes from the disk."""
 
     def __init__(self, f: Any) -> None:
         self._f = f
@@ -405,17 +407,13 @@ class StreamWriter:
     without waiting took 0.88-1.52 s (one 2.7 s). Durability is unchanged
     (the fsync still decides); pipes and sockets are left alone.
 
-    A range that has reached the disk is dropped from the page cache, as
-    Xen's ``xc_domain_save`` did (``discard_file_cache`` every 16 MiB): the
-    image then holds about ``WRITEBACK_RANGES + 1`` ranges of page cache
-    instead of its whole size, and the pages it frees are the ones the next
-    range takes. A page cache the size of the image needs that much free
-    memory at once, and in this VM memory left free is soon handed back to
-    the host and costs a host fault per page on its next touch: writing
-    1.5 GiB and fsyncing it took 0.56-2.88 s depending on how long ago the
-    memory was freed, 0.64-0.82 s dropping behind (benchmarks/README.md,
-    PERF6h). A restore reads the image back from the disk then; it drops
-    what it has read too (:class:`DropBehind`).
+    The written ranges stay in the page cache. Dropping them once on the disk,
+    as Xen's ``discard_file_cache`` did, needs no free memory the size of the
+    image (writing and fsyncing 1.5 GiB: 0.64-0.82 s dropping, 0.56-2.88 s
+    not, by how long ago the memory was freed), but the restore that follows
+    must then read the image from the disk: ``seam_engine.py`` restores took
+    0.99-1.52 s instead of 0.52-0.96 s, and through ``xm`` neither side moved
+    beyond the noise (benchmarks/README.md, PERF6h).
 
     Writing a pipe, it copies a large buffer into a ``PIPE_BOUNCE`` buffer
     of its own, a piece at a time, and writes that. The kernel copies a pipe
@@ -466,8 +464,6 @@ class StreamWriter:
             at, size = self._wb_sent.pop(0)
             if fn(fd, at, size, _SYNC_FILE_RANGE_WAIT) != 0:
                 self._wb_fd = -1
-                return
-            _drop_cached(fd, at, size)       # on the disk now: its pages serve the next range
 
     def write(self, data: Buffer) -> None:
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
