@@ -321,7 +321,8 @@ def test_drop_behind_reads_everything_and_keeps_little_cached(tmp_path):
             pass
     assert _mib_resident(path, 0, 64) > 48          # the control: a plain read caches
     got = bytearray()
-    with open(path, "rb") as raw, binio.DropBehind(raw) as f:
+    with open(path, "rb") as raw:
+        f = binio.DropBehind(raw)
         assert f.fileno() == raw.fileno()
         buf = bytearray(3 << 20)
         while True:
@@ -330,5 +331,7 @@ def test_drop_behind_reads_everything_and_keeps_little_cached(tmp_path):
                 break
             got += buf[:n]
             got += f.read(12345)
+        f.close()
+        assert raw.closed
     assert got == data
     assert _mib_resident(path, 0, 128 - 2 * (binio.WRITEBACK_BYTES >> 20)) < 4

@@ -141,12 +141,6 @@ class DropBehind:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "DropBehind":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 class StreamReader:
     """Buffered reader with a running offset.
