@@ -130,32 +130,6 @@ def test_shell_is_paused_empty_and_clientless(sim: SimHypervisor) -> None:
             sim.create_domain_shell("s", bad, 1)
 
 
-def test_a_shell_commits_its_ram_behind_the_stream_and_keeps_what_was_written(
-        sim: SimHypervisor) -> None:
-    """A restore's domain gets its RAM committed on a helper thread (PERF6i):
-    all of it ends up allocated, pages the stream wrote meanwhile keep their
-    bytes, the rest read as zero; a shell destroyed while committing is gone
-    at once and frees its RAM when the helper is done."""
-    import os
-    pages = 16384                                       # 64 MiB
-    d = sim.create_domain_shell("r", pages, 1)
-    fd = sim._domains[d].ram_fd
-    mine = [bytes([i + 1]) * 4096 for i in range(4)]
-    sim.write_pages(d, [0, 5000, 9000, pages - 1], b"".join(mine))   # racing the commit
-    for t in list(sim._freeing):
-        t.join(timeout=30)
-    assert os.fstat(fd).st_blocks * 512 >= pages * 4096        # all of it committed
-    assert sim.read_pages(d, [0, 5000, 9000, pages - 1]) == b"".join(mine)
-    assert sim.read_pages(d, [1, 4999, 12000]) == bytes(3 * 4096)
-    gone = sim.create_domain_shell("s", pages, 1)
-    sim.destroy_domain(gone)
-    with pytest.raises(NoSuchDomain):
-        sim.domain_info(gone)
-    for t in list(sim._freeing):
-        t.join(timeout=30)
-    assert not any(t.is_alive() for t in sim._freeing)
-
-
 @both
 def test_guest_memory(sim: SimHypervisor) -> None:
     d = make(sim, [], memory=2)

@@ -264,7 +264,7 @@ class SimHypervisor:
         self._guest_processes = bool(guest_processes)
         self.guest_ack_timeout = ACK_TIMEOUT_S   # a guest slower than this to stop is hung
         self._io_thread: Optional[threading.Thread] = None
-        self._freeing: List[threading.Thread] = []     # RAM being freed or committed
+        self._freeing: List[threading.Thread] = []     # RAM of destroyed domains being freed
         self._io_wake: Optional[Tuple[int, int]] = None     # pipe: guest set changed
         self._closed = False
         self._t0 = time.monotonic()
@@ -895,11 +895,9 @@ class SimHypervisor:
             cfg["name"] = name
             workload = (workload_from_image(cfg["workload"], f"domain {name} config")
                         if "workload" in cfg else None)
-            # the RAM is committed on a helper thread while the stream's first
-            # chunks arrive (_commit_ram_behind); the guest process starts when
-            # the domain first runs (unpause)
+            # lazy: no RAM is committed before the stream's pages arrive, and
+            # the guest process starts when the domain first runs (unpause)
             ram = self._alloc_ram(p2m_size, op, populate=False)
-            self._commit_ram_behind(ram[0], p2m_size * PAGE_SIZE)
             d = self._new_domain(name, memory, vcpus, p2m_size, ram, cfg)
             d.paused = True
             d.arrived = True
@@ -925,43 +923,6 @@ class SimHypervisor:
             del self._domains[domid]
             self._release_ram_later(d)
             self._printk(f"domain {domid} ({d.name}) destroyed")
-
-    def _commit_ram_behind(self, fd: int, size: int) -> None:
-        """Commit a restored domain's RAM (``fallocate`` of its memfd) on a helper
-        thread, beside the stream's first chunks (tmem comes before the page
-        batches in a save's image), rather than page by page inside the
-        toolstack's ``pwrite``s of the batches. Xen's free memory is resident;
-        a fresh memfd's is not, and in a VM committing it costs a host fault
-        per page. Measured through a hypervisor process (``seam_engine.py``,
-        512 MiB RAM + 1 GiB tmem, alternated): restore with page checks
-        0.97-0.98 s against 1.19 s; ``xm restore`` 0.81-0.85 s against
-        0.85-0.94 s (benchmarks/README.md, PERF6i). Pages already written are
-        left as they are (``fallocate`` allocates only holes), a committed page
-        the stream never writes reads as zero as a hole does, and the thread
-        works on its own descriptor: a domain destroyed meanwhile frees its RAM
-        when the thread is done. Where the kernel refuses (memory short), pages
-        are committed as they are written, as before."""
-        try:
-            dup = os.dup(fd)
-        except OSError:
-            return
-
-        def commit() -> None:
-            try:
-                os.posix_fallocate(dup, 0, size)
-            except OSError:
-                pass
-            finally:
-                os.close(dup)
-
-        self._freeing = [t for t in self._freeing if t.is_alive()]
-        t = threading.Thread(target=commit, name="sim-commit-ram", daemon=True)
-        try:
-            t.start()
-        except RuntimeError:          # no thread to be had: committed as written
-            os.close(dup)
-            return
-        self._freeing.append(t)
 
     def _release_ram_later(self, d: _Domain) -> None:
         """Free a destroyed domain's RAM on a helper thread: the kernel's freeing of
