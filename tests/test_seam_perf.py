@@ -273,7 +273,6 @@ def test_writer_streams_from_where_the_file_stands(monkeypatch, tmp_path):
         assert calls == [(f.fileno(), 4, 64 << 10, 2)]
 
 
-
 def _resident_pages(path) -> List[int]:
     """Which of the file's pages are in the page cache (mincore of a mapping)."""
     import ctypes

@@ -173,12 +173,11 @@ def _expected_lines(result: Dict[str, Any]) -> List[str]:
     # the rule (as the policy grid's): the two differ by at most AGREEMENT of the
     # larger (or 5 ms); the figure printed is that same fraction, named after
     # what it is a fraction of, so "+30 %" never stands beside "within 25 %"
-    larger = max(actual, est)
-    off = (actual - est) / larger if larger > 0 else 0.0
-    agree = abs(actual - est) <= max(AGREEMENT * larger, 5.0)
+    larger, diff = max(actual, est), abs(actual - est)
+    agree = diff <= max(AGREEMENT * larger, 5.0)
     of = "the actual" if actual >= est else "the estimate"
     lines.append(f"downtime {actual:.1f} ms against {est:.1f} ms expected before the suspend "
-                 f"(off by {abs(actual - est):.0f} ms, {abs(off):.0%} of {of}): "
+                 f"(off by {diff:.0f} ms, {diff / larger if larger > 0 else 0.0:.0%} of {of}): "
                  f"{'within' if agree else 'NOT within'} {AGREEMENT:.0%}")
     return lines
 
