@@ -7,11 +7,27 @@ Each run moves the same number of bytes through a pipe in 1 MiB blocks
 saves a simulated domain's persistent tmem (``--mib`` of 4 KiB pages) as a
 ``-5`` chunk into a pipe while a second process restores it into its own
 simulated hypervisor. Setup (generating the pages) is outside the timing.
+
+The baseline starts where the tmem pair it is held against starts: beside
+children that have just taken the memory that pair's setup takes, and keep it
+(``raw_s``: the sender's pages, as before the cold pair; ``raw_prealloc_s``:
+those and the receiving heap, as before the preallocated pair). In this VM
+memory taken a moment ago leaves the free lists on pages the host has
+reclaimed, and the pipe's own buffers are then allocated from those: the
+first few hundred MiB through the pipe pay a host fault per page, whoever
+writes them (a raw pipe right after a 2.2 GiB allocation took 0.51-1.12 s
+against 0.38-0.48 s, benchmarks/README.md PERF9l). ``raw_unheld_s`` is the
+baseline with nothing held, and ``ratio_unheld``/``ratio_prealloc_unheld``
+the ratios against it.
+
 Reported per run and as the median: throughput of both, the ratio
 tmem/raw, the time a fresh process takes to commit the same number of bytes and
 nothing else, started where the cold receiver starts (``commit_s``;
 ``ratio_commit_floor`` = raw / max(raw, commit): what a cold receiver could reach
-if committing were all it did), both again on recycled memory (``*_recycled*``:
+if committing were all it did; ``commit_beside_pipe_s`` and
+``ratio_commit_floor_beside_pipe``: the same commit while the raw pipe moves
+the bytes beside it, as a cold receiver's stream does: in this VM the two
+slow each other down), both again on recycled memory (``*_recycled*``:
 see ``_recycle``), and each side's
 memory: ``*_held_mib`` is the whole resident size (VmRSS, interpreter
 included) of the process holding the pages (the sender after setup, the
@@ -24,12 +40,14 @@ preallocated one has it committed at startup (Xen's resident heap).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from typing import Iterator, Sequence, Tuple
 
 MiB = 1 << 20
 BLOCK = MiB
@@ -133,12 +151,16 @@ def role_save(fd: int, pages: int) -> None:
              "held_kib": held, "rss_before_kib": before, "peak_kib": _rss_kib("VmHWM")})
 
 
+def _prealloc_mib(pages: int) -> int:
+    return (pages * 4124 >> 20) + 16
+
+
 def role_restore(fd: int, pages: int, prealloc: bool) -> None:
     from xend_tmem.binio import StreamReader
     from xend_tmem.hypervisor.sim import SimHypervisor
     from xend_tmem.tmem.restore import TmemRestorer
     hv = SimHypervisor(tmem_version=1, tmem_capacity_pages=pages + 1024,
-                       tmem_prealloc_mib=(pages * 4124 >> 20) + 16 if prealloc else 0)
+                       tmem_prealloc_mib=_prealloc_mib(pages) if prealloc else 0)
     domid = hv.create_domain_shell("bench", 256, 1)
     inp = os.fdopen(fd, "rb", buffering=0)
     _reset_peak()
@@ -163,6 +185,15 @@ def role_hold(fd: int, pages: int) -> None:
     from xend_tmem.hypervisor.sim import SimHypervisor
     hv = SimHypervisor(tmem_version=1, tmem_capacity_pages=pages + 1024)
     hv.suspend(hv.create_domain(_domain_config(pages)))
+    _ready_and_wait({})
+
+
+def role_hold_heap(fd: int, pages: int) -> None:
+    """The preallocated receiver's setup and nothing else: its committed heap,
+    held until killed."""
+    from xend_tmem.hypervisor.sim import SimHypervisor
+    hv = SimHypervisor(tmem_version=1, tmem_capacity_pages=pages + 1024,  # noqa: F841 - held
+                       tmem_prealloc_mib=_prealloc_mib(pages))
     _ready_and_wait({})
 
 
@@ -204,9 +235,12 @@ def _ready(p) -> None:
         raise SystemExit(f"benchmark child {p.args[3]} died during setup")
 
 
-def _result(p) -> dict:
+def _go(p) -> None:
     p.stdin.write("go\n")
     p.stdin.flush()
+
+
+def _collect(p) -> dict:
     line = p.stdout.readline()
     p.wait()
     if p.returncode or not line:
@@ -214,7 +248,29 @@ def _result(p) -> dict:
     return json.loads(line)
 
 
+def _result(p) -> dict:
+    _go(p)
+    return _collect(p)
+
+
 F_SETPIPE_SZ = 1031
+
+
+@contextlib.contextmanager
+def _holding(holds: Sequence[Tuple[str, int]]) -> Iterator[None]:
+    """Children that take memory as a pair's setup takes it (``role_hold``:
+    the sender's pages, ``role_hold_heap``: a preallocated receiver's heap), in
+    that order, and keep it until the block ends."""
+    holders = []
+    try:
+        for role, pages in holds:
+            holders.append(_spawn(role, -1, pages))
+            _ready(holders[-1])
+        yield
+    finally:
+        for h in holders:           # they hold memory and nothing else: no result to wait for
+            h.kill()
+            h.wait()
 
 
 def _alone(role: str, arg: int, recycle: int = 0, after_hold: int = 0) -> dict:
@@ -222,22 +278,25 @@ def _alone(role: str, arg: int, recycle: int = 0, after_hold: int = 0) -> dict:
     sender of that many pages takes (``role_hold``) and keeps it meanwhile, so
     the child starts where a cold receiver starts; ``recycle``: that many bytes
     are touched and freed just before its timing (``_recycle``)."""
-    holder = _spawn("hold", -1, after_hold) if after_hold else None
-    try:
-        if holder is not None:
-            _ready(holder)
+    with _holding([("hold", after_hold)] if after_hold else []):
         p = _spawn(role, -1, arg)
         _ready(p)
         if recycle:
             _recycle(recycle)
         return _result(p)
-    finally:
-        if holder is not None:      # it holds memory and nothing else: no result to wait for
-            holder.kill()
-            holder.wait()
 
 
-def _pair(send_role: str, recv_role: str, arg: int, recycle: int = 0):
+def _pair(send_role: str, recv_role: str, arg: int, recycle: int = 0,
+          holds: Sequence[Tuple[str, int]] = ()):
+    """``holds``: the pair runs beside children holding that memory
+    (``_holding``), taken just before its own setup."""
+    with _holding(holds):
+        return _pair_now(send_role, recv_role, arg, recycle)
+
+
+def _pair_now(send_role: str, recv_role: str, arg: int, recycle: int, beside=None):
+    """``beside``: a child, ready, told to go when the pair is (its result is
+    the caller's to collect)."""
     r, w = os.pipe()
     try:   # both the baseline and tmem get the same 1 MiB pipe (the default is 64 KiB)
         import fcntl
@@ -252,16 +311,9 @@ def _pair(send_role: str, recv_role: str, arg: int, recycle: int = 0):
         _ready(p)
     if recycle:
         _recycle(recycle)
-    for p in (receiver, sender):
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    res = []
-    for p in (sender, receiver):
-        line = p.stdout.readline()
-        p.wait()
-        if p.returncode or not line:
-            raise SystemExit(f"benchmark child {p.args[3]} failed (exit {p.returncode})")
-        res.append(json.loads(line))
+    for p in (receiver, sender) + ((beside,) if beside is not None else ()):
+        _go(p)
+    res = [_collect(p) for p in (sender, receiver)]
     elapsed = max(x["t1"] for x in res) - min(x["t0"] for x in res)
     return elapsed, res[0], res[1]
 
@@ -274,6 +326,7 @@ ROLES = {
     "restore-prealloc": lambda fd, arg: role_restore(fd, arg, prealloc=True),
     "commit": lambda fd, arg: role_commit(arg),
     "hold": lambda fd, arg: role_hold(fd, arg),
+    "hold-heap": lambda fd, arg: role_hold_heap(fd, arg),
 }
 
 
@@ -312,6 +365,27 @@ def _run_role(args) -> None:
     ROLES[args.role](args.fd, args.arg)
 
 
+def _commit_beside_pipe(nbytes: int, pages: int) -> float:
+    """``role_commit`` started where the cold receiver starts (the sender's
+    memory just taken and held), committing while the raw pipe moves the same
+    bytes, as a cold receiver commits while its stream flows: in this VM the
+    pipe's own first touches and the commit's are both host faults, and they
+    slow each other down (PERF9l). The raw pair's time is not used."""
+    with _holding([("hold", pages)]):
+        p = _spawn("commit", -1, nbytes)
+        _ready(p)
+        _pair_now("raw-send", "raw-recv", nbytes, 0, beside=p)
+        res = _collect(p)
+    return float(res["t1"] - res["t0"])
+
+
+def _raw_pair(nbytes: int, holds: Sequence[Tuple[str, int]]) -> float:
+    t_raw, _, raw_recv = _pair("raw-send", "raw-recv", nbytes, holds=holds)
+    if raw_recv["bytes"] != nbytes:
+        raise SystemExit(f"raw pipe moved {raw_recv['bytes']} of {nbytes} bytes")
+    return t_raw
+
+
 def _tmem_run(pages: int, restore_role: str, recycle: int = 0) -> dict:
     t_tmem, save, restore = _pair("save", restore_role, pages, recycle)
     if restore["pages"] != pages or save["pages"] != pages:
@@ -345,12 +419,16 @@ def main(argv=None) -> int:
         nbytes = cold["bytes"]
         recycle = nbytes * 5 // 4
         recycled = _tmem_run(pages, "restore", recycle)
-        t_raw, _, raw_recv = _pair("raw-send", "raw-recv", nbytes)
-        assert raw_recv["bytes"] == nbytes
+        # the baselines start as the tmem pairs start: right after the same
+        # setup took the same memory (module doc), and once with nothing held
+        t_raw = _raw_pair(nbytes, [("hold", pages)])
+        t_raw_prealloc = _raw_pair(nbytes, [("hold", pages), ("hold-heap", pages)])
+        t_raw_unheld = _raw_pair(nbytes, [])
         commit = _alone("commit", nbytes, after_hold=pages)
         commit_recycled = _alone("commit", nbytes, recycle=recycle)
         t_commit = commit["t1"] - commit["t0"]
         t_commit_recycled = commit_recycled["t1"] - commit_recycled["t0"]
+        t_commit_beside = _commit_beside_pipe(nbytes, pages)
         save, restore = cold["save"], cold["restore"]
         run = {
             "bytes": nbytes, "raw_s": t_raw, "tmem_s": cold["s"], "tmem_prealloc_s": warm["s"],
@@ -358,7 +436,11 @@ def main(argv=None) -> int:
             "tmem_mib_s": nbytes / MiB / cold["s"],
             "tmem_prealloc_mib_s": nbytes / MiB / warm["s"],
             "ratio": t_raw / cold["s"],
-            "ratio_prealloc": t_raw / warm["s"],
+            "ratio_prealloc": t_raw_prealloc / warm["s"],
+            "raw_prealloc_s": t_raw_prealloc,
+            "raw_unheld_s": t_raw_unheld,
+            "ratio_unheld": t_raw_unheld / cold["s"],
+            "ratio_prealloc_unheld": t_raw_unheld / warm["s"],
             "save_cpu_s": save["cpu_s"], "restore_cpu_s": restore["cpu_s"],
             "restore_prealloc_cpu_s": warm["restore"]["cpu_s"],
             "save_held_mib": save["held_kib"] / 1024,
@@ -367,6 +449,8 @@ def main(argv=None) -> int:
             "restore_peak_over_held_mib": (restore["peak_kib"] - restore["rss_end_kib"]) / 1024,
             "commit_s": t_commit,
             "ratio_commit_floor": t_raw / max(t_raw, t_commit),
+            "commit_beside_pipe_s": t_commit_beside,
+            "ratio_commit_floor_beside_pipe": t_raw / max(t_raw, t_commit_beside),
             "tmem_recycled_s": recycled["s"],
             "ratio_recycled": t_raw / recycled["s"],
             "commit_recycled_s": t_commit_recycled,
@@ -383,8 +467,10 @@ def main(argv=None) -> int:
             print(f"run {i + 1}: {nbytes / MiB:.0f} MiB  raw pipe {run['raw_mib_s']:.0f} MiB/s  "
                   f"tmem {run['tmem_mib_s']:.0f} MiB/s (ratio {run['ratio']:.2f}), with a "
                   f"preallocated tmem heap {run['tmem_prealloc_mib_s']:.0f} MiB/s (ratio "
-                  f"{run['ratio_prealloc']:.2f}), cold on recycled memory ratio "
-                  f"{run['ratio_recycled']:.2f}; commit alone {run['commit_s']:.2f} s "
+                  f"{run['ratio_prealloc']:.2f}), against the raw pipe with nothing held "
+                  f"{run['ratio_unheld']:.2f} and {run['ratio_prealloc_unheld']:.2f}; cold on "
+                  f"recycled memory ratio {run['ratio_recycled']:.2f}; commit alone "
+                  f"{run['commit_s']:.2f} s "
                   f"({run['commit_recycled_s']:.2f} s recycled); peak over held: save "
                   f"+{run['save_peak_over_held_mib']:.1f} of {run['save_held_mib']:.0f} MiB, "
                   f"restore +{run['restore_peak_over_held_mib']:.1f} of "
@@ -397,8 +483,10 @@ def main(argv=None) -> int:
         print(f"median of {len(runs)}: raw pipe {summary['raw_mib_s']:.0f} MiB/s; tmem "
               f"{summary['tmem_mib_s']:.0f} MiB/s = ratio {summary['ratio']:.2f}; with a "
               f"preallocated tmem heap {summary['tmem_prealloc_mib_s']:.0f} MiB/s = ratio "
-              f"{summary['ratio_prealloc']:.2f}; cold on recycled memory ratio "
-              f"{summary['ratio_recycled']:.2f}; commit alone {summary['commit_s']:.2f} s "
+              f"{summary['ratio_prealloc']:.2f}; against the raw pipe with nothing held "
+              f"{summary['ratio_unheld']:.2f} and {summary['ratio_prealloc_unheld']:.2f}; "
+              f"cold on recycled memory ratio {summary['ratio_recycled']:.2f}; commit alone "
+              f"{summary['commit_s']:.2f} s "
               f"({summary['commit_recycled_s']:.2f} s recycled); "
               f"memory, whole process at its peak: save {summary['save_total_mib']:.0f} MiB, "
               f"restore {summary['restore_total_mib']:.0f} MiB (limit "

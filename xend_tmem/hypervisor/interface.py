@@ -117,6 +117,10 @@ class PageLending:
     batch_bytes: int     # records per request, in bytes, the backend serves best
     in_flight: int       # batches it can hold lent at once (requests queue behind them)
     immediate: bool      # lending costs no copy or round trip: nothing to overlap
+    # a batch lent from a frozen client's private pool stays unchanged until the
+    # save ends, released or not (the store itself is lent), so the toolstack may
+    # hand its pages on by reference (StreamWriter.stable); else only until released
+    in_place: bool = False
 
 
 class DomainControl(Protocol):

@@ -1328,8 +1328,13 @@ class SimHypervisor:
 
     def save_pages_lending(self) -> Optional[PageLending]:
         """The store itself is lent: a segment's run of records at a time, as
-        many at once as asked, each free to hand out (no copy, no round trip)."""
-        return PageLending(batch_bytes=SEGMENT_BYTES, in_flight=1, immediate=True)
+        many at once as asked, each free to hand out (no copy, no round trip),
+        and unchanged while the client is frozen: a frozen client puts nothing,
+        a flush leaves the slot's bytes as they are, and a store emptied during
+        a walk keeps its memory from reuse (a shared pool's other clients may
+        still put: the toolstack copies those, see ``in_place``)."""
+        return PageLending(batch_bytes=SEGMENT_BYTES, in_flight=1, immediate=True,
+                           in_place=True)
 
     def save_get_pages_held(self, domid: int, pool_id: int, max_pages: int,
                             crcs: Optional["array[int]"] = None

@@ -24,6 +24,7 @@ state than the one saved:
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from array import array
 from collections import deque
@@ -262,32 +263,37 @@ class TmemWriter:
                     done: "Future[Tuple[int, Buffer]]" = Future()
                     done.set_result(get_queued(n))
                     queue.append((done, n))
+        # a frozen client's private pool lent in place stays as it is until the
+        # save ends: its pages may go into a pipe by reference (StreamWriter.stable)
+        in_place = lending is not None and lending.in_place and not pool.shared
         try:
             ask_more()
-            while queue:
-                future, n = queue.popleft()
-                count, records = future.result()
-                outstanding -= n
-                release = held.pop(id(records), None)
-                if not count:
-                    if release is not None:
-                        release()
-                    break
-                try:
-                    sent += count
-                    ask_more()                  # before writing: the fetch overlaps it
-                    if self.page_log is not None:
-                        # (write_page_records checks the records (T4) before they
-                        # go out; a batch that fails fails the save, log and all)
-                        crcs = crc_batches.pop(id(records))
-                        self.page_log.tmem(pool_id, version, records, count, pool.page_size,
-                                           w.offset, crcs=crcs[:count])
-                    tc.write_page_records(w, version, records, count, pool.page_size, pool_id)
-                finally:
-                    if release is not None:
-                        release()
-                if self.progress is not None:
-                    self.progress(w.offset)
+            with w.stable() if in_place else contextlib.nullcontext():
+                while queue:
+                    future, n = queue.popleft()
+                    count, records = future.result()
+                    outstanding -= n
+                    release = held.pop(id(records), None)
+                    if not count:
+                        if release is not None:
+                            release()
+                        break
+                    try:
+                        sent += count
+                        ask_more()                  # before writing: the fetch overlaps it
+                        if self.page_log is not None:
+                            # (write_page_records checks the records (T4) before they
+                            # go out; a batch that fails fails the save, log and all)
+                            crcs = crc_batches.pop(id(records))
+                            self.page_log.tmem(pool_id, version, records, count,
+                                               pool.page_size, w.offset, crcs=crcs[:count])
+                        tc.write_page_records(w, version, records, count, pool.page_size,
+                                              pool_id)
+                    finally:
+                        if release is not None:
+                            release()
+                    if self.progress is not None:
+                        self.progress(w.offset)
         finally:
             if fetcher is not None:
                 fetcher.shutdown(wait=True)  # requests in flight end before SAVE_END
