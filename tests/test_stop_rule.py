@@ -212,7 +212,8 @@ def test_the_hypervisor_logs_suspend_and_unpause_on_the_monotonic_clock(caplog):
         seen = {m.group(1): float(m.group(2)) for r in caplog.records
                 for m in [re.fullmatch(rf"domain {d} (\w+) at mono=([0-9.]+)", r.getMessage())]
                 if m}
-        assert set(seen) == {"suspended", "resumed", "unpaused"}
-        assert before <= seen["suspended"] <= seen["resumed"] <= seen["unpaused"] <= after
+        assert set(seen) == {"suspended", "stopped", "resumed", "unpaused"}
+        assert (before <= seen["suspended"] <= seen["stopped"] <= seen["resumed"]
+                <= seen["unpaused"] <= after)
     finally:
         hv.close()

@@ -69,11 +69,16 @@ def test_json_has_every_figure_and_the_three_downtimes_agree(xends, tmp_path: Pa
     assert policy["inputs"]
     assert rep["rate_cap_mbit"] == 300.0
     down, guest = rep["downtime_ms"], rep["guest_downtime_ms"]
-    sus, unp = mono(a, "suspended"), mono(b, "unpaused")
-    assert sus and unp
+    sus, stopped, unp = mono(a, "suspended"), mono(a, "stopped"), mono(b, "unpaused")
+    assert sus and stopped and unp
     logs = (unp[-1] - sus[-1]) * 1000.0
-    assert close(down, guest), (down, guest, logs)
     assert close(down, logs), (down, guest, logs)
+    # the guest beats until it acknowledges the suspend barrier (``stopped``),
+    # which under load can come several ms after the call began: its gap lies
+    # between the two, give or take close()'s tolerance
+    tol = max(0.10 * down, 5.0)
+    after_stop = (unp[-1] - stopped[-1]) * 1000.0
+    assert after_stop - tol <= guest <= logs + tol, (down, guest, logs, after_stop)
     assert rep["handshake_ms"] < down and rep["restore_ms"] < down
     assert "downtime: " in "\n".join(rep["report_lines"])
 

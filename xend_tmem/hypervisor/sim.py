@@ -1000,6 +1000,10 @@ class SimHypervisor:
                 log.info("domain %d %s at mono=%.6f", domid,
                          "suspended" if op == "suspend" else op + "d",
                          called if op == "suspend" else time.monotonic())
+                if op == "suspend":
+                    # the guest runs on until it acknowledges the barrier: the
+                    # gap in its own heartbeat starts up to here, not at the call
+                    log.info("domain %d stopped at mono=%.6f", domid, time.monotonic())
 
     def pause(self, domid: int) -> None:
         """Returns once the guest has stopped writing (its acknowledgement)."""
