@@ -54,3 +54,19 @@ def test_b_is_the_fixed_plan_meeting_the_limit_with_the_least_freeze(grid) -> No
     # auto on precopy against that B: its freeze window is far over B's + 10 %
     rows[2] = _row("auto", 235, 4937, 5175)
     assert grid.check_cell(cell, rows, None)["auto vs B=late-freeze"] is False
+
+
+def test_the_guest_gap_may_fall_short_by_the_suspend_barrier_and_no_more(grid) -> None:
+    cell = grid.Cell("busy-1g", "1g", 256, 256, "busy")
+
+    def agrees(guest: float, barrier: Any) -> Any:
+        row = _row("precopy", 37.0, 10, 100, guest_downtime_ms=guest)
+        if barrier is not None:
+            row["barrier_ms"] = barrier
+        return grid.check_cell(cell, [row], None)["downtime agrees (guest, logs)"]
+
+    assert agrees(37.0, None) is True
+    assert agrees(31.0, None) is False          # 6 ms short, no barrier seen: over 5 ms
+    assert agrees(31.0, 4.0) is True            # the guest acknowledged 4 ms after the call
+    assert agrees(25.0, 4.0) is False           # short by more than the barrier + 5 ms
+    assert agrees(43.0, 4.0) is False           # a barrier never makes the gap longer
