@@ -510,7 +510,8 @@ class StreamWriter:
         self._bounce: Optional[memoryview] = None
         self._to_pipe = widen_pipe(f)
         self._stable = 0                  # depth of stable() blocks open
-        self._piped = 0                   # bytes put into a pipe (counted while splicing)
+        self._piped = 0                   # bytes handed to the sink: a splice learns from
+                                          # it how much of its pipe the reader has taken
         # spliced objects the reader may not have taken yet: (_piped at their end, object)
         self._held: Deque[Tuple[int, object]] = collections.deque()
 
