@@ -25,7 +25,7 @@ from .errors import StreamError
 CHUNK = 1 << 20          # largest single read from the underlying file
 WRITEBACK_BYTES = 32 << 20   # a regular file's dirty pages are sent to the disk this often
 WRITEBACK_RANGES = 2         # ranges on their way to the disk before the oldest is waited for
-PIPE_BOUNCE = 128 << 10      # a large pipe read or write is copied through this much
+PIPE_BOUNCE = 128 << 10      # a large pipe write not spliced is copied through this much
 _SETTLE_POLL_S = 0.0002      # how often StreamWriter.settle looks at the pipe
 _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
@@ -232,8 +232,7 @@ class StreamReader:
         self._base = offset          # stream offset of buf[0]
         self._eof = False
         self._spare: List[bytearray] = []   # buffers given back after a :meth:`lend`
-        self._bounce: Optional[memoryview] = None
-        self._from_pipe = widen_pipe(f)
+        widen_pipe(f)
 
     # -- position ---------------------------------------------------------
     @property
@@ -339,35 +338,19 @@ class StreamReader:
         return got
 
     def _read_direct_into(self, mv: memoryview) -> int:
+        """Straight into ``mv``, from a pipe too: a tmem save into a pipe
+        splices its pages (:meth:`StreamWriter.stable`), so this read is the
+        transfer's one copy, out of the sender's own pages. (Through a buffer of
+        the reader's own, as PERF9k had it against a copying writer, it took
+        1.25-1.98 s for a cold receiver of 1 GiB where straight took
+        0.76-1.18 s, alternated, benchmarks/README.md PERF9l; against a copying
+        writer a straight read costs that writer some spinning on the pipe's
+        lock: 0.58-0.88 s where the buffer took 0.45-0.55 s.)"""
         if self._readinto is not None:
-            if self._from_pipe and mv.nbytes > PIPE_BOUNCE:
-                return self._read_bounced(mv)
             return self._readinto(mv) or 0
         data = self._f.read(min(mv.nbytes, CHUNK))
         mv[:len(data)] = data
         return len(data)
-
-    def _read_bounced(self, mv: memoryview) -> int:
-        """A pipe read into a ``PIPE_BOUNCE`` buffer of the reader's own, then
-        copied where it goes: the mirror of :class:`StreamWriter`'s bounce. The
-        kernel copies a pipe read while it holds the pipe's lock, which the
-        writer needs to copy in; read straight into memory that is not in the
-        cache (a tmem store's fresh slots) the lock is held for every miss
-        while the writer spins on it. Read into a buffer that stays in the
-        cache, the misses are paid by the second copy, outside the lock and
-        beside the writer's next one. Measured in this VM, 1 GiB of tmem
-        records through a 1 MiB pipe into a preallocated store
-        (``benchmarks/tmem_pipe.py``, 4 runs alternated): 0.58-0.88 s read
-        straight into the slots, 0.45-0.55 s through 128 KiB; the raw pipe
-        0.38-0.51 s. Files and sockets are read straight: no writer waits on
-        a lock the reader holds while it copies."""
-        bounce = self._bounce
-        if bounce is None:
-            bounce = self._bounce = memoryview(bytearray(PIPE_BOUNCE))
-        assert self._readinto is not None
-        k = self._readinto(bounce[:min(mv.nbytes, PIPE_BOUNCE)]) or 0
-        mv[:k] = bounce[:k]
-        return k
 
     def unread(self, data: Buffer) -> None:
         """Put ``data`` (bytes consumed last, e.g. by :meth:`read_direct`) back in
