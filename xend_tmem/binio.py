@@ -492,6 +492,7 @@ class StreamWriter:
         self._wb_sent: List[Tuple[int, int]] = []   # ranges on their way to the disk
         self._bounce: Optional[memoryview] = None
         self._to_pipe = widen_pipe(f)
+        self._pipe_fd = _fd_of(f, stat.S_ISFIFO) if self._to_pipe else -1
         self._stable = 0                  # depth of stable() blocks open
         self._piped = 0                   # bytes handed to the sink: a splice learns from
                                           # it how much of its pipe the reader has taken
@@ -572,16 +573,16 @@ class StreamWriter:
         if not self._held:
             return
         self.flush()
-        fd = _fd_of(self._f, stat.S_ISFIFO)
+        fd = self._pipe_fd
         while fd >= 0 and _pipe_unread(fd):
             time.sleep(_SETTLE_POLL_S)
         self._held.clear()
 
     def _splice_fd(self) -> int:
         """The pipe to splice this write into, or -1 to copy it."""
-        if not (self._stable and self._to_pipe and _vmsplice is not None):
+        fd = self._pipe_fd
+        if not (self._stable and fd >= 0 and _vmsplice is not None):
             return -1
-        fd = _fd_of(self._f, stat.S_ISFIFO)
         try:
             return fd if fd >= 0 and os.get_blocking(fd) else -1
         except OSError:
